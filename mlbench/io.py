@@ -1,0 +1,228 @@
+"""One careful image loader with a declared policy.
+
+The common readers fail silently in different ways (cv2 returns None or grey rows,
+PIL opens 16-bit RGB as 8-bit, tifffile has no size limit). :func:`read_image` sniffs
+the format from the bytes, checks the pixel count from the header before decoding,
+keeps the container dtype (16-bit, 12-bit-in-16 and float stay as they are), applies
+EXIF orientation, drops alpha, and raises :class:`ImageError` naming the file, what is
+wrong and what to do. Every decision it takes is written into the :class:`ImageReport`.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from .errors import ImageError
+
+__all__ = ["read_image", "ImageReport", "Problem", "sniff_format", "DEFAULT_MAX_PIXELS", "ImageSource",
+           "effective_bit_depth", "value_range", "percentiles", "check_pixels", "load_bytes"]
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
+DEFAULT_MAX_PIXELS = 64_000_000
+PERCENTILES = (1.0, 50.0, 99.0)
+PERCENTILES_NAMES = ("p1", "p50", "p99")
+_MAGIC = [
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+    (b"II+\x00", "tiff"),
+    (b"MM\x00+", "tiff"),
+    (b"BM", "bmp"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+]
+_EXTENSIONS = {"png": {".png"}, "jpeg": {".jpg", ".jpeg", ".jpe"}, "tiff": {".tif", ".tiff"},
+               "bmp": {".bmp"}, "gif": {".gif"}, "webp": {".webp"}}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding about an image: a stable ``code`` and a human ``message``."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ImageReport:
+    """What :func:`read_image` found and decided. The text repr is the report.
+
+    ``dtype`` is the container's, ``bit_depth`` the bits actually used (12 for 12-bit camera data
+    in a 16-bit container); ``pages``/``page_used`` count planes of a stack (channels excluded);
+    ``axes`` and ``compression`` come from TIFF headers; ``percentiles`` are p1, p50, p99;
+    ``served`` holds what the ``as_served`` decode would do (filled by :func:`mlbench.check_image`).
+    """
+
+    name: str
+    format: str
+    dtype: str
+    shape: tuple[int, ...]
+    bit_depth: int
+    channels: int
+    pages: int = 1
+    page_used: int = 0
+    mode: str = ""
+    orientation: int = 1
+    value_range: tuple[float, float] = (0.0, 0.0)
+    problems: tuple[Problem, ...] = field(default_factory=tuple)
+    axes: str = ""
+    compression: str = ""
+    percentiles: tuple[float, ...] = ()
+    alpha: bool = False
+    served: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing was found that changes what a model sees."""
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (problems as ``{code, message}``)."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "problems"}
+        out["shape"] = list(self.shape)
+        out["value_range"] = [round(v, 4) for v in self.value_range]
+        out["percentiles"] = dict(zip(PERCENTILES_NAMES, (round(v, 4) for v in self.percentiles)))
+        out["served"] = list(self.served)
+        out["ok"] = self.ok
+        out["problems"] = [{"code": p.code, "message": p.message} for p in self.problems]
+        return out
+
+    def __str__(self) -> str:
+        lo, hi = self.value_range
+        if not self.shape:
+            return "\n".join([f"ImageReport({self.name})", f"  format {self.format}, not decoded"]
+                              + [f"  problem [{p.code}] {p.message}" for p in self.problems])
+        lines = [
+            f"ImageReport({self.name})",
+            f"  format {self.format}, dtype {self.dtype}, {self.bit_depth}-bit effective, shape {self.shape}",
+            f"  channels {self.channels}, page {self.page_used + 1} of {self.pages}, values {lo:.4g}..{hi:.4g}",
+        ]
+        extra = [f"axes {self.axes}" if self.axes else "", f"compression {self.compression}" if self.compression else "",
+                 f"orientation {self.orientation}" if self.orientation != 1 else "", "alpha dropped" if self.alpha else ""]
+        if self.percentiles:
+            extra.append("percentiles " + ", ".join(f"{n} {v:.4g}" for n, v in zip(PERCENTILES_NAMES, self.percentiles)))
+        if any(extra):
+            lines.append("  " + ", ".join(e for e in extra if e))
+        lines += [f"  as_served: {note}" for note in self.served]
+        lines += [f"  problem [{p.code}] {p.message}" for p in self.problems] or ["  no problems"]
+        return "\n".join(lines)
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The image format from its first bytes, or None when they match no known format."""
+    for magic, fmt in _MAGIC:
+        if head.startswith(magic):
+            return fmt
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def load_bytes(source: ImageSource) -> tuple[bytes, str]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), "<bytes>"
+    path = Path(source)
+    if not path.exists():
+        raise ImageError(
+            f"{path}: no such file (absolute path tried: {path.resolve()}, working directory: {Path.cwd()}); "
+            "check the path or pass an absolute one"
+        )
+    if path.is_dir():
+        raise ImageError(f"{path}: is a directory, expected an image file; pass the path of one image")
+    return path.read_bytes(), str(path)
+
+
+def effective_bit_depth(array: np.ndarray) -> int:
+    """Bits actually used: 8 for uint8, 12 for 16-bit data whose maximum is <= 4095, 32 for floats."""
+    if array.dtype == np.bool_:
+        return 1
+    if np.issubdtype(array.dtype, np.floating):
+        return 32 if array.dtype == np.float32 else 64
+    top = int(array.max()) if array.size else 0
+    container = array.dtype.itemsize * 8
+    return min(container, max(8, int(np.ceil(np.log2(top + 1))) if top > 0 else 8))
+
+
+def read_image(source: ImageSource, *, page: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, ImageReport]:
+    """Decode an image file or its bytes, keeping its data as it is.
+
+    Parameters
+    ----------
+    source : path or bytes
+        The image file, or its raw bytes (as uploaded to the service).
+    page : int
+        Which page of a multi-page TIFF to use (default the first).
+    max_pixels : int
+        Refuse images with more pixels than this, checked from the header before decoding.
+
+    Returns
+    -------
+    image : (H, W) or (H, W, 3) array
+        Container dtype kept (uint8, uint16, float32 ...); alpha dropped; orientation applied.
+    report : ImageReport
+        Format, dtype, effective bit depth, pages and every problem found.
+    """
+    data, name = load_bytes(source)
+    if not data:
+        raise ImageError(f"{name}: the file is empty (0 bytes); the upload or copy failed, send the file again")
+    fmt = sniff_format(data[:16])
+    if fmt is None:
+        hint = "it looks like text or HTML (an error page saved as an image?)" if data[:1] in b"<{ \t\r\n" else f"first bytes {data[:8]!r}"
+        raise ImageError(f"{name}: not a recognised image (PNG, JPEG, TIFF, BMP, GIF, WebP); {hint}; check how the file was produced")
+    problems: list[Problem] = []
+    suffix = Path(name).suffix.lower() if name != "<bytes>" else ""
+    if suffix and suffix not in _EXTENSIONS.get(fmt, set()):
+        problems.append(Problem("name_mismatch", f"the name ends in {suffix} but the content is {fmt.upper()}"))
+    from .decoders import decode
+
+    image, info = decode(data, fmt, name, page, max_pixels)
+    problems.extend(info.pop("problems"))
+    report = ImageReport(
+        name=name, format=fmt, dtype=str(image.dtype), shape=tuple(image.shape),
+        bit_depth=effective_bit_depth(image), channels=1 if image.ndim == 2 else image.shape[2],
+        value_range=value_range(image), percentiles=percentiles(image), problems=tuple(problems), **info,
+    )
+    return image, report
+
+
+def value_range(image: np.ndarray) -> tuple[float, float]:
+    """(min, max) ignoring NaN; (0, 0) for an empty array."""
+    if not image.size:
+        return (0.0, 0.0)
+    if np.issubdtype(image.dtype, np.floating):
+        finite = image[np.isfinite(image)]
+        return (float(finite.min()), float(finite.max())) if finite.size else (float("nan"), float("nan"))
+    return (float(image.min()), float(image.max()))
+
+
+def percentiles(image: np.ndarray, limit: int = 1 << 20) -> tuple[float, ...]:
+    """The 1st, 50th and 99th percentiles of the values (a strided subsample of at most ``limit`` values)."""
+    flat = image.reshape(-1)
+    if not flat.size:
+        return ()
+    flat = flat[:: max(1, flat.size // limit)]
+    if np.issubdtype(flat.dtype, np.floating):
+        flat = flat[np.isfinite(flat)]
+    return tuple(float(v) for v in np.percentile(flat, PERCENTILES)) if flat.size else ()
+
+
+def check_pixels(name: str, height: int, width: int, max_pixels: int) -> None:
+    """Raise before decoding when the header announces more pixels than allowed."""
+    if height * width > max_pixels:
+        raise ImageError(
+            f"{name}: {width}x{height} = {height * width:,} pixels exceeds the limit of {max_pixels:,} "
+            "(checked from the header, nothing decoded); downscale or tile the image, or raise max_pixels "
+            "if you trust the file"
+        )
+
+
+def bytes_io(data: bytes) -> _io.BytesIO:
+    """A seekable in-memory file over ``data``."""
+    return _io.BytesIO(data)

@@ -1,0 +1,37 @@
+"""The model zoo: the service's three segmentation networks at full and small widths.
+
+>>> from mlbench.models import build_model, list_models
+>>> list_models()
+['cbam_resunet', 'hrnet', 'ma_resunet']
+"""
+
+from mlbench.models.blocks import SegmentationNet
+from mlbench.models.cbam_resunet import CbamConfig, CbamResUNet
+from mlbench.models.hrnet import HRNet, HrnetConfig
+from mlbench.models.ma_resunet import MaConfig, MaResUNet
+from mlbench.models.registry import (
+    ALIASES,
+    SIZES,
+    build_model,
+    config_from_state_dict,
+    list_models,
+    model_config,
+    resolve_name,
+)
+
+__all__ = [
+    "ALIASES",
+    "SIZES",
+    "CbamConfig",
+    "CbamResUNet",
+    "HRNet",
+    "HrnetConfig",
+    "MaConfig",
+    "MaResUNet",
+    "SegmentationNet",
+    "build_model",
+    "config_from_state_dict",
+    "list_models",
+    "model_config",
+    "resolve_name",
+]

@@ -1,0 +1,100 @@
+"""``mb.segment``: one call from an image to a mask, polygons and the service's JSON.
+
+The response builder reproduces the service's ``POST /api/v1/segment`` body, so the
+CLI, the reference service and the notebooks emit the same schema.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .pipeline import Pipeline, Run
+
+__all__ = ["Segmentation", "segment", "build_response"]
+
+
+def build_response(run: Run) -> dict[str, Any]:
+    """The service's response body for a completed run.
+
+    Keys: polygons, model_used, threshold_used, image_size {width, height},
+    processing_time, inference_time, preprocessing_time (seconds, 3 decimals), device,
+    success, and ``warning`` when no polygon was found.
+    """
+    timings = run.timings
+    height, width = run.output("decode").image.shape[:2]
+    polygons = run.output("polygons")
+    response: dict[str, Any] = {
+        "success": True,
+        "polygons": polygons,
+        "model_used": run.pipeline.model_name,
+        "threshold_used": float(run.options.threshold),
+        "image_size": {"width": int(width), "height": int(height)},
+        "processing_time": round(sum(timings.values()), 3),
+        "inference_time": round(timings.get("forward", 0.0), 3),
+        "preprocessing_time": round(timings.get("decode", 0.0) + timings.get("preprocess", 0.0), 3),
+        "device": run.options.device,
+    }
+    if not polygons:
+        response["warning"] = "No polygons detected; try a lower threshold or check the image"
+    return response
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """The result of segmenting one image.
+
+    Attributes
+    ----------
+    mask : (H, W) bool
+        Foreground at the original image's size.
+    probability : (H, W) float32
+        Foreground probability at the original image's size.
+    polygons : list of dict
+        The service's polygons.
+    response : dict
+        The service's JSON response body.
+    run : Run
+        The run, with every stage's output and time.
+    """
+
+    mask: np.ndarray
+    probability: np.ndarray
+    polygons: list
+    response: dict
+    run: Run
+
+    @classmethod
+    def from_run(cls, run: Run) -> "Segmentation":
+        post = run.output("postprocess")
+        return cls(post.mask, post.probability, run.output("polygons"), build_response(run), run)
+
+    def __repr__(self) -> str:
+        height, width = self.mask.shape
+        n_ext = sum(p["type"] == "external" for p in self.polygons)
+        return (f"Segmentation({self.response['model_used']}, {width}x{height}, foreground {self.mask.mean():.4f}, "
+                f"{len(self.polygons)} polygon(s) ({n_ext} external), "
+                f"max probability {float(self.probability.max()):.4f})")
+
+
+def segment(image: Any, model: torch.nn.Module | str = "hrnet", preset: str = "fixed", **options: Any) -> Segmentation:
+    """Segment one image with one model.
+
+    Parameters
+    ----------
+    image : path, bytes or (H, W[, C]) array
+    model : nn.Module or str
+        A model or a name / service id (the bundled small weights are loaded).
+    preset : "fixed" or "as_served"
+    **options
+        Pipeline options overriding the preset (threshold, detect_holes, input_size, ...).
+
+    Raises
+    ------
+    StageError
+        When a stage fails; ``.stage`` names it and ``__cause__`` is the original error.
+    """
+    return Pipeline(model, preset=preset, **options).start(image).result()

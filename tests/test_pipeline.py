@@ -1,0 +1,165 @@
+"""The pipeline, the Run, mb.segment, the response schema and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import mlbench as mb
+from mlbench.cli import main as cli_main
+
+POLYGON_KEYS = {"id", "points", "type", "class", "confidence", "vertices_count"}
+RESPONSE_KEYS = {"success", "polygons", "model_used", "threshold_used", "image_size", "processing_time",
+                 "inference_time", "preprocessing_time", "device"}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """An untrained small CBAM-ResUNet run at 64 px: fast, deterministic."""
+    model = mb.build_model("cbam_resunet", "small", seed=3).eval()
+    model.mlbench_input_size = 64
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return mb.load_model("cbam_resunet")
+
+
+def test_run_steps_stage_by_stage(tiny):
+    run = mb.Pipeline(tiny).start(mb.load_sample("spheroids_8bit").path)
+    assert run.next_stage == "decode"
+    record = run.step()
+    assert record.name == "decode" and record.status == "done" and record.seconds >= 0
+    assert run.output("decode").image.shape == (512, 512)
+    with pytest.raises(mb.MlbenchError, match="stage 'forward' is pending"):
+        run.output("forward")
+    run.run_until("forward")
+    assert tuple(run.output("preprocess").shape) == (1, 3, 64, 64)
+    assert run.records["postprocess"].status == "pending"
+    run.run()
+    assert run.done and run.next_stage is None
+    with pytest.raises(mb.MlbenchError, match="the run is complete"):
+        run.step()
+
+
+def test_failure_is_recorded_with_stage_and_input(tiny):
+    model = mb.build_model("ma_resunet", "small").eval()
+    run = mb.Pipeline(model, input_size=1000).start(np.full((40, 40), 128, np.uint8)).run()
+    assert run.failed_stage == "forward" and run.records["polygons"].status == "pending"
+    assert "tensor(1, 3, 1000, 1000)" in run.records["forward"].input_summary
+    message = "The size of tensor a (124) must match the size of tensor b (125) at non-singleton dimension 3"
+    assert str(run.error) == message
+    with pytest.raises(mb.StageError, match=r"stage 'forward' failed: RuntimeError: The size of tensor a \(124\)") as info:
+        run.raise_for_error()
+    assert info.value.stage == "forward" and isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_with_options_reuses_the_forward_pass(tiny):
+    run = mb.Pipeline(tiny).start(mb.load_sample("spheroids_8bit").path).run()
+    lower = run.with_options(threshold=0.2)
+    assert lower.records["forward"] is run.records["forward"]
+    assert lower.records["postprocess"].status == "pending"
+    lower.run()
+    assert lower.output("postprocess").mask.sum() >= run.output("postprocess").mask.sum()
+    assert run.options.threshold == 0.5  # the original run is untouched
+    redecoded = run.with_options(decoder="pil")
+    assert all(r.status == "pending" for r in redecoded.records.values())
+
+
+def test_as_served_clips_16_bit_while_fixed_keeps_it(tiny):
+    path = mb.load_sample("spheroids_16bit").path
+    served = mb.Pipeline(tiny, preset="as_served").start(path).run_until("preprocess")
+    fixed = mb.Pipeline(tiny).start(path).run_until("preprocess")
+    served_image = served.output("decode").image
+    assert served_image.dtype == np.uint8 and (served_image == 255).mean() > 0.99
+    fixed_image = fixed.output("decode").image
+    assert fixed_image.dtype == np.uint16 and fixed_image.max() > 255
+    assert float(served.output("preprocess").std()) < 1e-6  # a flat white input
+    assert float(fixed.output("preprocess").std()) > 0.3
+
+
+@pytest.mark.parametrize("preset", ["fixed", "as_served"])
+def test_grayscale_works_under_both_presets(tiny, preset):
+    seg = mb.segment(mb.load_sample("spheroids_8bit").path, tiny, preset=preset)
+    assert seg.mask.shape == (512, 512) and seg.mask.dtype == bool
+
+
+def test_grayscale_without_rgb_conversion_crashes_like_the_refactor(tiny):
+    run = mb.Pipeline(tiny, preset="as_served", convert_rgb=False, normalize="imagenet").start(
+        mb.load_sample("spheroids_8bit").path).run()
+    assert run.failed_stage == "preprocess"
+    assert "output with shape [1, 64, 64] doesn't match the broadcast shape [3, 64, 64]" in str(run.error)
+
+
+def test_segment_response_schema_and_sizes(trained):
+    sample = mb.load_sample("spheroids_rgb")
+    seg = mb.segment(sample.path, trained)
+    assert seg.mask.shape == (480, 640) and seg.probability.shape == (480, 640)
+    assert RESPONSE_KEYS <= set(seg.response)
+    assert seg.response["image_size"] == {"width": 640, "height": 480}
+    assert seg.response["model_used"] == "cbam_resunet" and seg.response["success"] is True
+    assert seg.polygons and all(POLYGON_KEYS <= set(p) for p in seg.polygons)
+    assert all(p["type"] in ("external", "internal") for p in seg.polygons)
+    json.dumps(seg.response)  # JSON-ready
+
+
+def test_trained_model_segments_the_8bit_sample_well(trained):
+    sample = mb.load_sample("spheroids_8bit")
+    seg = mb.segment(sample.path, trained)
+    truth = sample.mask > 0
+    iou = (seg.mask & truth).sum() / (seg.mask | truth).sum()
+    assert iou > 0.85
+
+
+class ConstantLogits(torch.nn.Module):
+    """A model that is sure of nothing: every logit is ``value``."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return torch.full((x.shape[0], 1, *x.shape[2:]), self.value)
+
+
+def test_no_polygons_gives_a_warning():
+    seg = mb.segment(np.full((64, 64), 200, np.uint8), ConstantLogits(-5.0), input_size=32)
+    assert seg.polygons == [] and "No polygons detected" in seg.response["warning"]
+    assert seg.response["model_used"] == "ConstantLogits"
+
+
+def test_served_sigmoid_heuristic_reads_in_range_logits_as_probabilities():
+    image = np.full((32, 32), 100, np.uint8)
+    served = mb.segment(image, ConstantLogits(0.4), preset="as_served", input_size=32)
+    fixed = mb.segment(image, ConstantLogits(0.4), input_size=32)
+    assert not served.mask.any() and np.allclose(served.probability, 0.4)
+    assert fixed.mask.all() and np.allclose(fixed.probability, 1 / (1 + np.exp(-0.4)))
+
+
+def test_pipeline_rejects_bad_arguments():
+    with pytest.raises(mb.OptionsError, match="model must be a torch.nn.Module or a model name"):
+        mb.Pipeline(42)
+    with pytest.raises(mb.ModelError, match="unknown model 'unet'"):
+        mb.Pipeline("unet")
+
+
+def test_cli_segment_json(capsys):
+    path = mb.load_sample("spheroids_8bit").path
+    assert cli_main(["segment", str(path), "--model", "resunet_small", "--json"]) == 0
+    response = json.loads(capsys.readouterr().out)
+    assert RESPONSE_KEYS <= set(response) and response["model_used"] == "cbam_resunet"
+
+
+def test_cli_segment_overlay_and_failure(tmp_path, capsys):
+    path = mb.load_sample("spheroids_8bit").path
+    out = tmp_path / "overlay.png"
+    assert cli_main(["segment", str(path), "--model", "ma_resunet", "--preset", "as_served", "--overlay", str(out)]) == 0
+    image, _ = mb.read_image(out)
+    assert image.shape == (512, 512, 3)
+    assert cli_main(["segment", str(path), "--model", "ma_resunet", "--input-size", "1000"]) == 1
+    assert "FAILED at stage forward" in capsys.readouterr().out
+    assert cli_main(["segment", str(tmp_path / "nope.png")]) == 1

@@ -1,0 +1,194 @@
+"""The careful reader on awkward files generated here: every format quirk has a known answer."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import time
+import tracemalloc
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+import mlbench as mb
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def _tiff(array: np.ndarray, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, array, **kwargs)
+    return buf.getvalue()
+
+
+def _gradient(height: int = 48, width: int = 64) -> np.ndarray:
+    return (np.add.outer(np.arange(height), np.arange(width)) * 2 % 256).astype(np.uint8)
+
+
+def png_bomb(width: int = 60000, height: int = 60000) -> bytes:
+    """A few hundred bytes of valid PNG whose header announces width x height pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_jpeg_and_png_raise(fmt):
+    data = _encode(Image.fromarray(_gradient(256, 256)), fmt)
+    with pytest.raises(mb.ImageError, match="truncated"):
+        mb.read_image(data[: len(data) // 2])
+
+
+def test_truncated_jpeg_that_cv2_accepts_is_refused(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 255, (256, 256, 3)).astype(np.uint8)
+    data = _encode(Image.fromarray(noise), "JPEG")
+    path = tmp_path / "half.jpg"
+    path.write_bytes(data[: len(data) // 2])
+    grey_rows = cv2.imread(str(path))  # cv2 hands back a full array, the lost half grey
+    assert grey_rows.shape == (256, 256, 3) and grey_rows[-1].mean() == 128
+    with pytest.raises(mb.ImageError, match="half.jpg: the image is truncated"):
+        mb.read_image(path)
+
+
+def test_truncated_tiff_raises():
+    data = _tiff(np.zeros((128, 128), np.uint16))
+    with pytest.raises(mb.ImageError, match="the TIFF cannot be decoded.*export it again"):
+        mb.read_image(data[: len(data) // 2])
+
+
+def test_missing_file_names_absolute_path_and_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(mb.ImageError, match=f"absolute path tried: {tmp_path}/nope.png, working directory: {tmp_path}"):
+        mb.read_image("nope.png")
+    with pytest.raises(mb.ImageError, match="is a directory"):
+        mb.read_image(tmp_path)
+
+
+def test_html_and_unknown_content_raise(tmp_path):
+    page = tmp_path / "mask.png"
+    page.write_text("<!DOCTYPE html><html><body>504 Gateway Time-out</body></html>")
+    with pytest.raises(mb.ImageError, match="mask.png: not a recognised image.*HTML"):
+        mb.read_image(page)
+    with pytest.raises(mb.ImageError, match=r"first bytes b'%PDF-1.7"):
+        mb.read_image(b"%PDF-1.7\n% not an image")
+
+
+def test_png_bomb_refused_from_header_without_allocating():
+    bomb = png_bomb()
+    assert len(bomb) < 1000
+    tracemalloc.start()
+    started = time.perf_counter()
+    with pytest.raises(mb.ImageError, match="60000x60000 = 3,600,000,000 pixels exceeds the limit of 64,000,000"):
+        mb.read_image(bomb)
+    elapsed = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert elapsed < 0.5 and peak < 5_000_000
+
+
+def test_jpeg_size_is_read_from_the_sof_marker():
+    data = _encode(Image.fromarray(_gradient(300, 200)), "JPEG")
+    with pytest.raises(mb.ImageError, match="200x300 = 60,000 pixels exceeds the limit of 50,000"):
+        mb.read_image(data, max_pixels=50_000)
+
+
+def test_16_bit_rgb_png_keeps_16_bits_and_rgb_order():
+    rgb = np.zeros((20, 30, 3), np.uint16)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 60000, 30000, 1000
+    rgb[5, 7] = (1, 2, 3)
+    data = cv2.imencode(".png", rgb[..., ::-1])[1].tobytes()  # cv2 writes BGR
+    assert Image.open(io.BytesIO(data)).mode == "RGB"  # Pillow would give 8 bits
+    image, report = mb.read_image(data)
+    assert image.dtype == np.uint16 and np.array_equal(image, rgb)
+    assert report.bit_depth == 16 and report.mode == "RGB;16" and report.ok
+
+
+def test_12_bit_in_16_and_float32_tiff_kept():
+    twelve = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)
+    image, report = mb.read_image(_tiff(twelve))
+    assert np.array_equal(image, twelve) and report.dtype == "uint16" and report.bit_depth == 12
+    floats = np.linspace(-0.5, 2.5, 40 * 50, dtype=np.float32).reshape(40, 50)
+    image, report = mb.read_image(_tiff(floats))
+    assert image.dtype == np.float32 and np.array_equal(image, floats)
+    assert report.bit_depth == 32 and report.value_range == (-0.5, 2.5)
+
+
+def test_palette_png_gives_indices():
+    indices = (np.arange(32 * 32).reshape(32, 32) % 5).astype(np.uint8)
+    pal = Image.fromarray(indices, mode="P")
+    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255] + [0] * (3 * 251))
+    image, report = mb.read_image(_encode(pal, "PNG"))
+    assert image.shape == (32, 32) and np.array_equal(image, indices)
+    assert [p.code for p in report.problems] == ["palette"]
+
+
+def test_cmyk_jpeg_becomes_rgb():
+    cmyk = Image.new("CMYK", (40, 30), (255, 0, 0, 0))  # pure cyan
+    image, report = mb.read_image(_encode(cmyk, "JPEG", quality=95))
+    assert image.shape == (30, 40, 3) and report.mode == "CMYK"
+    assert image[..., 0].mean() < 10 and image[..., 1:].mean() > 245
+    assert "cmyk" in [p.code for p in report.problems]
+
+
+def test_exif_rotated_jpeg_is_turned_upright():
+    stored = np.zeros((40, 60), np.uint8)
+    stored[:10, :20] = 255  # bright block top-left as stored
+    pil = Image.fromarray(stored)
+    exif = pil.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    image, report = mb.read_image(_encode(pil, "JPEG", exif=exif.tobytes(), quality=95))
+    assert image.shape == (60, 40) and report.orientation == 6
+    assert np.abs(image.astype(int) - np.rot90(stored, -1)).mean() < 5
+    assert [p.code for p in report.problems] == ["exif_rotated"]
+
+
+def test_multi_page_tiff_pages_and_bad_page():
+    pages = np.stack([np.full((16, 24), 10 * (i + 1), np.uint16) for i in range(3)])
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as writer:
+        for page in pages:
+            writer.write(page)
+    image, report = mb.read_image(buf.getvalue(), page=1)
+    assert np.array_equal(image, pages[1]) and report.pages == 3 and report.page_used == 1
+    assert [p.code for p in report.problems] == ["multi_page"]
+    with pytest.raises(mb.ImageError, match=r"page 5 requested but the file has 3 page\(s\); pass page=0..2"):
+        mb.read_image(buf.getvalue(), page=5)
+
+
+@pytest.mark.parametrize("kind", ["imagej", "ome"])
+def test_channels_first_tiff_is_moved_last(kind):
+    planes = np.stack([np.full((20, 30), v, np.uint16) for v in (100, 2000, 4000)])
+    data = _tiff(planes, **{kind: True}, metadata={"axes": "CYX"})
+    image, report = mb.read_image(data)
+    assert image.shape == (20, 30, 3) and list(image[0, 0]) == [100, 2000, 4000]
+    assert report.axes == "CYX" and report.pages == 1
+    assert [p.code for p in report.problems] == ["channels_first"]
+
+
+def test_imagej_z_stack_of_channels_picks_one_plane():
+    stack = np.arange(4 * 3 * 8 * 10, dtype=np.uint16).reshape(4, 3, 8, 10)
+    image, report = mb.read_image(_tiff(stack, imagej=True, metadata={"axes": "ZCYX"}), page=2)
+    assert np.array_equal(image, stack[2].transpose(1, 2, 0))
+    assert report.pages == 4 and report.page_used == 2
+
+
+def test_name_mismatch_and_report_to_dict(tmp_path):
+    path = tmp_path / "scan.tif"
+    path.write_bytes(_encode(Image.fromarray(_gradient()), "PNG"))
+    image, report = mb.read_image(path)
+    assert report.format == "png" and image.shape == (48, 64)
+    assert report.problems[0].code == "name_mismatch" and "ends in .tif but the content is PNG" in report.problems[0].message
+    as_json = json.loads(json.dumps(report.to_dict()))
+    assert as_json["ok"] is False and as_json["percentiles"]["p50"] == float(np.percentile(image, 50))
+    assert "problem [name_mismatch]" in str(report)

@@ -1,0 +1,195 @@
+"""check_weights / read_checkpoint on checkpoints with every defect, generated here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import unittest.mock
+import zipfile
+from collections import OrderedDict
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import mlbench as mb
+from mlbench.weights import add_check_weights_command, check_weights, read_checkpoint, strip_prefix
+
+
+@pytest.fixture(scope="module")
+def state_dict():
+    return mb.build_model("ma_resunet", "small", seed=1).state_dict()
+
+
+def codes(report):
+    return [p.code for p in report.problems]
+
+
+class Evil:
+    """A pickle that would run a shell command when unpickled."""
+
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.sentinel}",))
+
+
+def test_missing_reports_absolute_path_and_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    report = check_weights("weights/hrnet_best_model.pth")
+    assert codes(report) == ["missing"] and not report.exists
+    assert report.absolute_path == f"{tmp_path}/weights/hrnet_best_model.pth" and report.cwd == str(tmp_path)
+    assert f"working directory {tmp_path}" in report.problems[0].message
+
+
+def test_empty_truncated_and_html(tmp_path, state_dict):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    torch.save(state_dict, tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "page.pth").write_text("<html>404 Not Found</html>")
+    assert codes(check_weights(tmp_path / "empty.pth")) == ["empty"]
+    cut = check_weights(tmp_path / "cut.pth")
+    assert codes(cut) == ["truncated"] and "failed finding central directory" in cut.problems[0].message
+    assert codes(check_weights(tmp_path / "page.pth")) == ["not_a_checkpoint"]
+    with pytest.raises(RuntimeError, match="failed finding central directory"):
+        torch.load(tmp_path / "cut.pth", weights_only=True)  # what PyTorch says instead
+
+
+def test_flipped_byte_found_by_crc(tmp_path, state_dict):
+    path = tmp_path / "flip.pth"
+    torch.save(state_dict, path)
+    with zipfile.ZipFile(path) as archive:
+        member = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size > 1000)
+    data = bytearray(path.read_bytes())
+    offset = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra) + 100
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    torch.load(path, weights_only=True)  # PyTorch loads it silently
+    report = check_weights(path)
+    assert report.crc_ok is False and codes(report)[0] == "crc_mismatch" and member.filename in report.problems[0].message
+
+
+def test_legacy_pickle_and_safetensors_load(tmp_path, state_dict):
+    torch.save(state_dict, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    save_file(dict(state_dict), str(tmp_path / "w.safetensors"))
+    legacy = check_weights(tmp_path / "old.pth", model="ma_resunet")
+    assert legacy.format == "legacy_pickle" and legacy.ok and legacy.tensors == len(state_dict)
+    safe = check_weights(tmp_path / "w.safetensors")
+    assert safe.format == "safetensors" and safe.ok and safe.best_fit.model == "ma_resunet"
+    assert safe.best_fit.widths == "small" and safe.best_fit.score == 1.0
+
+
+def test_training_dict_with_namespace_loads_by_named_allowlist(tmp_path, state_dict):
+    path = tmp_path / "ma_resunet_best_model.pth"
+    torch.save({"model_state_dict": state_dict, "optimizer_state_dict": {}, "epoch": 7, "best_iou": 0.9,
+                "args": argparse.Namespace(lr=1e-3, batch_size=4)}, path)
+    with pytest.raises(Exception, match="Unsupported global: GLOBAL argparse.Namespace"):
+        torch.load(path, weights_only=True)
+    report = check_weights(path)
+    assert report.ok and report.unsafe_globals == ("argparse.Namespace",)
+    assert report.load == "weights_only=True with the named allowlist ['argparse.Namespace']"
+    assert "under 'model_state_dict'" in report.container
+    loaded, _ = read_checkpoint(path)
+    assert list(loaded) == list(state_dict)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "module.model."])
+def test_prefix_detected_and_repaired(tmp_path, state_dict, prefix):
+    path = tmp_path / "dp.pth"
+    torch.save(OrderedDict((prefix + k, v) for k, v in state_dict.items()), path)
+    model = mb.build_model("ma_resunet", "small", seed=5)
+    result = model.load_state_dict(torch.load(path, weights_only=True), strict=False)
+    assert len(result.missing_keys) == len(state_dict)  # strict=False loads nothing, silently
+    report = check_weights(path, model="ma_resunet")
+    assert codes(report) == ["prefix"] and report.prefix == prefix
+    repaired, _ = read_checkpoint(path, model="ma_resunet")
+    model.load_state_dict(repaired, strict=True)
+    key = next(k for k, v in state_dict.items() if v.is_floating_point() and v.unique().numel() > 1)
+    assert torch.equal(model.state_dict()[key], state_dict[key])
+
+
+def test_wrong_architecture_ranked(tmp_path, state_dict):
+    path = tmp_path / "w.pth"
+    torch.save(state_dict, path)
+    report = check_weights(path, model="hrnet")
+    assert codes(report) == ["no_keys_match"] and report.best_fit.model == "ma_resunet"
+    assert len(report.diff["missing"]) == len(mb.build_model("hrnet", device="meta").state_dict())
+    with pytest.raises(mb.WeightsError, match=r"cannot use .*w.pth: \['no_keys_match'\]"):
+        read_checkpoint(path, model="hrnet")
+
+
+def test_other_widths_detected_and_shape_mismatch(tmp_path):
+    path = tmp_path / "wide.pth"
+    wide = mb.build_model("ma_resunet", widths=(16, 32, 64, 128))
+    torch.save(wide.state_dict(), path)
+    report = check_weights(path, model=mb.build_model("ma_resunet", "small"))
+    assert "key_mismatch" in codes(report) and report.diff["shape"]
+    assert report.best_fit.model == "ma_resunet" and report.best_fit.score == 1.0
+    assert check_weights(path, model="ma_resunet").ok  # a name is built with the detected widths
+
+
+def test_nan_and_fp16(tmp_path, state_dict):
+    broken = OrderedDict((k, v.clone()) for k, v in state_dict.items())
+    first = next(k for k, v in broken.items() if v.is_floating_point() and v.numel() > 4)
+    broken[first][0] = float("nan")
+    torch.save(broken, tmp_path / "nan.pth")
+    report = check_weights(tmp_path / "nan.pth")
+    assert codes(report) == ["nonfinite"] and first in report.problems[0].message
+    half = OrderedDict((k, v.half() if v.is_floating_point() else v) for k, v in state_dict.items())
+    torch.save(half, tmp_path / "half.pth")
+    report = check_weights(tmp_path / "half.pth", model="ma_resunet")
+    assert codes(report) == ["dtype_mismatch"] and "float16" in report.dtypes
+
+
+def test_saved_on_cuda_detected_on_cpu(tmp_path, state_dict):
+    # Faked: torch.save asks torch.serialization.location_tag for each storage's device; patching
+    # it makes the storage records say "cuda:0", exactly as a file saved from a GPU does.
+    path = tmp_path / "gpu.pth"
+    with unittest.mock.patch("torch.serialization.location_tag", lambda storage: "cuda:0"):
+        torch.save(state_dict, path)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="Attempting to deserialize object on a CUDA device"):
+            torch.load(path, weights_only=True)
+    report = check_weights(path)
+    assert report.devices == ("cuda:0",) and report.tensors == len(state_dict)
+    assert codes(report) == ([] if torch.cuda.is_available() else ["saved_on_cuda"])
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_evil_pickle_detected_without_execution(tmp_path, legacy):
+    sentinel = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    if legacy:
+        path.write_bytes(pickle.dumps({"state_dict": Evil(sentinel)}))
+    else:
+        torch.save({"state_dict": Evil(sentinel)}, path)
+    report = check_weights(path)
+    assert codes(report) == ["code_execution"] and report.unsafe_globals == (f"{os.system.__module__}.system",)
+    assert report.load.startswith("refused") and not sentinel.exists()
+    with pytest.raises(mb.WeightsError, match="code_execution"):
+        read_checkpoint(path)
+    assert not sentinel.exists()
+
+
+def test_strip_prefix_and_bad_model_argument(tmp_path):
+    stripped, prefix = strip_prefix({"module.a": torch.zeros(1), "module.b": torch.zeros(1)})
+    assert list(stripped) == ["a", "b"] and prefix == "module."
+    assert strip_prefix({"a": torch.zeros(1), "module.b": torch.zeros(1)})[1] == ""
+    with pytest.raises(mb.OptionsError, match="model must be a model name or an nn.Module, got int"):
+        check_weights(tmp_path / "x.pth", model=3)
+
+
+def test_cli_json_and_exit_status(tmp_path, state_dict, capsys):
+    parser = argparse.ArgumentParser(prog="mlbench")
+    add_check_weights_command(parser.add_subparsers(dest="command", required=True))
+    torch.save(state_dict, tmp_path / "good.pth")
+    args = parser.parse_args(["check-weights", str(tmp_path / "good.pth"), "--model", "ma_resunet", "--json"])
+    assert args.run(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is True and out["fits"][0]["model"] == "ma_resunet"
+    args = parser.parse_args(["check-weights", str(tmp_path / "none.pth")])
+    assert args.run(args) == 1 and "problem [missing]" in capsys.readouterr().out

@@ -1,0 +1,42 @@
+"""``mlbench serve``: run the reference service in the foreground under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_serve_command"]
+
+
+def add_serve_command(sub) -> None:
+    """Add the ``serve`` sub-command to an argparse sub-parsers object."""
+    p = sub.add_parser("serve", help="run the reference segmentation service (FastAPI under uvicorn)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--preset", default="fixed", choices=["fixed", "as_served"],
+                   help="as_served reproduces the historic service (allow-list, blocking route, no limits)")
+    p.add_argument("--workers", type=int, default=1, help="inference worker threads")
+    p.add_argument("--queue-size", type=int, default=8)
+    p.add_argument("--max-wait", type=float, default=10.0, help="seconds a request may wait for a worker (503)")
+    p.add_argument("--timeout", type=float, default=60.0, help="per-request inference timeout in seconds (504)")
+    p.add_argument("--input-size", type=int, default=None, help="model input side (default: the model's own)")
+    p.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .logs import configure_logging
+    from .runner import DrainingServer
+    from .settings import ServiceSettings
+
+    options = {"input_size": args.input_size} if args.input_size else {}
+    common = dict(workers=args.workers, queue_size=args.queue_size, max_wait_s=args.max_wait,
+                  timeout_s=args.timeout, options=options)
+    settings = ServiceSettings.as_served(**common) if args.preset == "as_served" else ServiceSettings(**common)
+    configure_logging()
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=settings.drain_timeout_s)
+    DrainingServer(config).run()
+    return 0

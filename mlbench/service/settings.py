@@ -1,0 +1,129 @@
+"""The service's settings: one frozen dataclass, with ``fixed`` defaults and ``as_served``.
+
+``ServiceSettings()`` is the careful reference service (bounded queue, timeouts, breaker,
+size limits, inference off the event loop). ``ServiceSettings.as_served()`` reproduces
+the historic service: the ``as_served`` pipeline preset, the extension allow-list that
+forgot ``.tif``, the async route that ran the forward on the event loop, and none of
+the queue, breaker or size limits it claimed to have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..errors import OptionsError
+
+__all__ = ["ServiceSettings", "SERVICE_MODEL_IDS", "AS_SERVED_EXTENSIONS"]
+
+SERVICE_MODEL_IDS = ("hrnet", "resunet_small", "resunet_advanced")
+"""The ids the real service exposes (``resunet_*`` are aliases of the registry names)."""
+AS_SERVED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+"""The historic allow-list: it forgot ``.tif`` and ``.tiff``."""
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Every knob of the reference service.
+
+    Attributes
+    ----------
+    models : mapping id -> nn.Module or zero-argument factory, optional
+        The served models. None loads the bundled small models with
+        :func:`mlbench.load_model` under the service ids ``hrnet``, ``resunet_small``
+        and ``resunet_advanced``.
+    default_model : the ``model`` form field's default (the service used ``hrnet``).
+    preset : pipeline preset, ``"fixed"`` or ``"as_served"``.
+    options : extra pipeline options for every request (e.g. ``{"input_size": 128}``).
+    workers : inference worker threads (each model still runs one forward at a time).
+    queue_size : most requests waiting for a worker; more answer 429.
+    max_wait_s : most seconds a request waits for a worker; longer answers 503.
+    timeout_s : per-request inference timeout; longer answers 504 and the run is cancelled.
+    high_water : queue depth at or above which ``/readyz`` reports not ready.
+    breaker_failures, breaker_cooldown_s : consecutive failures that open a model's
+        breaker (0 disables it) and how long it stays open.
+    max_body_bytes : request body limit (413), None for no limit.
+    max_pixels : decoded pixel limit checked from the header (413), None for no limit.
+    max_batch : most files in one ``batch-segment`` request.
+    allowed_extensions : None sniffs the type from the content; a tuple reproduces the
+        historic extension allow-list (400 for anything else).
+    blocking_route : run the pipeline on the event loop, as the historic async route did.
+    warmup : run one small forward per model before ``/readyz`` turns ready.
+    drain_timeout_s : at shutdown, how long to wait for queued work to finish.
+    clock : the breaker clock (seconds), injectable for deterministic tests.
+    """
+
+    models: Mapping[str, Any] | None = None
+    default_model: str = "hrnet"
+    preset: str = "fixed"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    workers: int = 1
+    queue_size: int = 8
+    max_wait_s: float = 10.0
+    timeout_s: float = 60.0
+    high_water: int | None = None
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 30.0
+    max_body_bytes: int | None = 20 * 1024 * 1024
+    max_pixels: int | None = 36_000_000
+    max_batch: int = 8
+    allowed_extensions: tuple[str, ...] | None = None
+    blocking_route: bool = False
+    warmup: bool = True
+    drain_timeout_s: float = 10.0
+    clock: Callable[[], float] | None = None
+
+    def __post_init__(self) -> None:
+        checks = {"workers": self.workers >= 1, "queue_size": self.queue_size >= 1, "max_wait_s": self.max_wait_s > 0,
+                  "timeout_s": self.timeout_s > 0, "max_batch": self.max_batch >= 1,
+                  "max_body_bytes": self.max_body_bytes is None or self.max_body_bytes > 0,
+                  "max_pixels": self.max_pixels is None or self.max_pixels > 0}
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            values = {name: getattr(self, name) for name in bad}
+            raise OptionsError(f"service settings {values} are out of range; workers, queue_size and max_batch "
+                               "must be >= 1, times and limits > 0 (None disables a limit)")
+        if self.preset not in ("fixed", "as_served"):
+            raise OptionsError(f"preset={self.preset!r} is unknown; expected 'fixed' or 'as_served'")
+
+    @property
+    def high_water_mark(self) -> int:
+        """Queue depth at which ``/readyz`` turns not ready (default 3/4 of the queue)."""
+        return self.high_water if self.high_water is not None else max(1, (3 * self.queue_size) // 4)
+
+    @classmethod
+    def as_served(cls, **overrides: Any) -> "ServiceSettings":
+        """The historic service: preset, allow-list, blocking route, no limits, no breaker."""
+        served = dict(preset="as_served", allowed_extensions=AS_SERVED_EXTENSIONS, blocking_route=True,
+                      breaker_failures=0, max_body_bytes=None, max_pixels=None, queue_size=1_000_000,
+                      max_wait_s=3600.0, warmup=False)
+        return cls(**{**served, **overrides})
+
+    def with_changes(self, **changes: Any) -> "ServiceSettings":
+        """A copy with some settings changed."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (models listed by id, the clock left out)."""
+        out = {k: v for k, v in asdict(replace(self, models=None, clock=None)).items() if k not in ("models", "clock")}
+        out["models"] = sorted(self.models) if self.models is not None else list(SERVICE_MODEL_IDS)
+        out["options"] = dict(self.options)
+        return out
+
+
+def resolve_models(settings: ServiceSettings) -> dict[str, torch.nn.Module]:
+    """Instantiate the served models: injected modules/factories, or the bundled weights."""
+    if settings.models is None:
+        from ..zoo import load_model
+
+        return {sid: load_model(sid) for sid in SERVICE_MODEL_IDS}
+    models = {}
+    for sid, source in settings.models.items():
+        model = source if isinstance(source, torch.nn.Module) else source()
+        if not isinstance(model, torch.nn.Module):
+            raise OptionsError(f"service model {sid!r} must be an nn.Module or a factory returning one, "
+                               f"got {type(model).__name__}")
+        models[sid] = model.eval()
+    return models

@@ -1,0 +1,106 @@
+"""``mb.ServiceClient`` and the explanations of every error answer (canned and live)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+import mlbench as mb
+from mlbench.client import SegmentResult, ServiceClient, ServiceError, encode_image
+from mlbench.http_errors import explain_error, explain_success, retry_after_of
+from mlbench.service import ServiceSettings, create_app
+from mlbench.service.fakes import BrightModel, SlowModel, make_png
+
+torch.set_num_threads(1)
+PNG = make_png(96)
+
+
+@pytest.fixture(scope="module")
+def client():
+    settings = ServiceSettings(models={"hrnet": BrightModel(), "slow": SlowModel(2.0, steps=40)},
+                               options={"input_size": 64}, timeout_s=0.3, max_pixels=150 * 150, warmup=False)
+    with ServiceClient(create_app(settings), timeout=30) as c:
+        yield c
+
+
+def test_encode_image_accepts_paths_bytes_and_arrays(tmp_path):
+    path = tmp_path / "x.png"
+    path.write_bytes(PNG)
+    assert encode_image(path) == ("x.png", PNG)
+    assert encode_image(PNG)[0] == "image.png"
+    name, data = encode_image(np.zeros((8, 8), np.uint16))
+    assert name == "image.png" and mb.read_image(data)[0].dtype == np.uint16
+    name, data = encode_image(np.zeros((8, 8, 3), np.float32))
+    assert name == "image.tif" and mb.read_image(data)[0].dtype == np.float32
+    with pytest.raises(mb.OptionsError, match="must be a path, bytes or a numpy array, got list"):
+        encode_image([1, 2])
+
+
+def test_client_health_models_and_segment(client):
+    assert client.health()["models_loaded"] == ["hrnet", "slow"]
+    assert set(client.models()) == {"hrnet", "slow"}
+    result = client.segment(PNG, model="hrnet", threshold=0.4, detect_holes=False)
+    assert isinstance(result, SegmentResult) and result.threshold_used == 0.4 and result.warnings == ()
+    assert (result.width, result.height) == (96, 96) and result.polygons
+    assert "SegmentResult(hrnet, 96x96, threshold 0.4" in repr(result)
+    mask = result.to_mask()
+    assert mask.shape == (96, 96) and 0 < mask.mean() < 1
+    assert client.ready()[0] and client.metrics()["completed"] >= 1
+
+
+def test_client_errors_become_explanations(client):
+    with pytest.raises(ServiceError, match="field 'threshold'.*you sent threshold=0.05") as err:
+        client.segment(PNG, threshold=0.05)
+    assert err.value.status == 422 and err.value.sent["threshold"] == 0.05
+    with pytest.raises(ServiceError, match=r"200x200 = 40,000 pixels and the service accepts at most 22,500"):
+        client.segment(make_png(200))
+    with pytest.raises(ServiceError, match="model 'slow' did not finish this 96x96 image within 0.3 s") as err:
+        client.segment(PNG, model="slow")
+    assert err.value.code == "inference_timeout" and err.value.request_id.startswith("req-")
+
+
+def test_explanations_of_bare_real_service_answers():
+    tif = explain_error(400, {"detail": "Invalid file type. Allowed types: .png, .jpg, .jpeg, .bmp"},
+                        sent={"filename": "cells.tif"})
+    assert "allow-list refused it" in tif and "'cells.tif'" in tif
+    assert "(5,000,000 bytes) is larger than the service's body size limit" in explain_error(
+        413, "Content Too Large", sent={"body_bytes": 5_000_000})
+    missing = explain_error(422, {"detail": [{"type": "missing", "loc": ["body", "file"], "msg": "Field required",
+                                              "input": None}]}, sent={"threshold": 0.3})
+    assert "no 'file' form field was sent" in missing and "multipart file field named 'file'" in missing
+    busy = explain_error(429, {"detail": "x", "error": "queue_full", "queue_depth": 8, "queue_size": 8},
+                         {"retry-after": "3"})
+    assert "queue is full (8 of 8 waiting)" in busy and "retry after 3 s" in busy
+    assert "keeps the forward running" in explain_error(504, {"detail": "Inference timeout"})
+    assert "answers 500 for an unknown model" in explain_error(500, {"detail": "Model unet not found"})
+    assert retry_after_of({}, {"retry_after_s": 4}) == 4.0 and retry_after_of({}, "text") is None
+
+
+def test_explain_success_flags_ignored_query_parameters():
+    body = {"threshold_used": 0.5, "model_used": "hrnet", "polygons": []}
+    notes = explain_success(body, {"threshold": 0.8, "model": "resunet_small"})
+    assert len(notes) == 2 and "asked threshold=0.8 but the service used 0.5" in notes[0]
+    assert explain_success({"model_used": "resunet_small"}, {"model": "cbam_resunet"}) == []
+
+
+def test_explain_raw_response(client):
+    response = client.http.post("/api/v1/segment", params={"threshold": 0.8}, files={"file": ("a.png", PNG)})
+    text = client.explain(response, sent={"threshold": 0.8})
+    assert text.startswith("200: OK") and "asked threshold=0.8 but the service used 0.5" in text
+    missing = client.http.post("/api/v1/segment", data={"threshold": "0.3"})
+    assert "no 'file' form field was sent" in client.explain(missing, sent={"threshold": 0.3})
+    assert repr(client) == "ServiceClient(in-process app)"
+
+
+def test_client_against_a_live_url():
+    from mlbench.service import serve_in_thread
+
+    settings = ServiceSettings(models={"hrnet": BrightModel()}, warmup=False, options={"input_size": 64})
+    with serve_in_thread(create_app(settings)) as server, ServiceClient(server.url) as live:
+        assert live.segment(io.BytesIO(PNG).getvalue()).model_used == "hrnet"
+        assert repr(live) == f"ServiceClient({server.url})"
+    with pytest.raises(mb.OptionsError, match="not a loopback address"):
+        serve_in_thread(create_app(settings), host="0.0.0.0")

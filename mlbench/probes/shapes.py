@@ -1,0 +1,289 @@
+"""Shape traces of a forward pass: ``trace_shapes(model, x) -> ShapeTrace``.
+
+Forward pre- and post-hooks on every submodule record the module path and type, the shapes
+of its inputs and outputs (nested tuples, lists and dicts too), dtype, device, parameter
+count, time and, with ``stats=True``, min/max/mean and NaN/Inf counts of the outputs. The
+pre-hook puts each module on record before it runs, so when the forward raises, the trace
+knows which module failed and with which operands; :meth:`ShapeTrace.explain` turns that
+into the cause and the fix. Hooks are removed and ``model.training`` restored in any case.
+"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mlbench.probes._hooks import check_module, module_hooks
+from mlbench.probes.accounting import tensors_in
+from mlbench.probes.explain import Explanation, explain_error, explain_output_size
+
+__all__ = ["ModuleCall", "ShapeTrace", "trace_shapes", "shape_of"]
+
+
+def shape_of(value: Any) -> Any:
+    """Shapes inside ``value``: a tensor -> tuple; tuple/list -> list of those; dict -> dict; else the type name."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (list, tuple)):
+        return [shape_of(item) for item in value]
+    if isinstance(value, dict):
+        return {key: shape_of(item) for key, item in value.items()}
+    return type(value).__name__
+
+
+def _shape_text(shapes: Any) -> str:
+    if isinstance(shapes, list):
+        return ", ".join(_shape_text(s) for s in shapes) if len(shapes) != 1 else _shape_text(shapes[0])
+    if isinstance(shapes, dict):
+        return "{" + ", ".join(f"{k}: {_shape_text(v)}" for k, v in shapes.items()) + "}"
+    return str(shapes).replace(",)", ")")
+
+
+@dataclass(frozen=True)
+class ModuleCall:
+    """One call of one module, in the order the calls started.
+
+    ``status`` is "ok", "failed" (raised; the innermost one is where the error happened) or
+    "running" (an outer module of a failed call). Statistics are None without ``stats=True``.
+    """
+
+    index: int
+    path: str
+    type: str
+    depth: int
+    inputs: str
+    outputs: str
+    dtype: str
+    device: str
+    parameters: int
+    seconds: float
+    status: str
+    finished: int = -1
+    min: float | None = None
+    max: float | None = None
+    mean: float | None = None
+    nan: int | None = None
+    inf: int | None = None
+
+
+def _stats(tensors: list[torch.Tensor]) -> dict[str, Any]:
+    floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel() and t.device.type != "meta"]
+    if not floats:
+        return {}
+    nan = sum(int(torch.isnan(t).sum()) for t in floats)
+    inf = sum(int(torch.isinf(t).sum()) for t in floats)
+    finite = [t[torch.isfinite(t)] if nan or inf else t for t in floats]
+    finite = [t for t in finite if t.numel()]
+    if not finite:
+        return {"nan": nan, "inf": inf}
+    low = min(float(t.min()) for t in finite)
+    high = max(float(t.max()) for t in finite)
+    mean = sum(float(t.float().sum()) for t in finite) / sum(t.numel() for t in finite)
+    return {"min": round(low, 6), "max": round(high, 6), "mean": round(mean, 6), "nan": nan, "inf": inf}
+
+
+@dataclass
+class _Recorder:
+    stats: bool
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    open: list[int] = field(default_factory=list)
+    finished: int = 0
+
+    def pre(self, path: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.open.append(len(self.calls))
+        self.calls.append({"path": path, "module": module, "inputs": shape_of(list(args)), "status": "running",
+                           "start": time.perf_counter()})
+
+    def post(self, path: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        call = self.calls[self.open.pop()]
+        call["seconds"] = time.perf_counter() - call["start"]
+        call["status"] = "ok"
+        call["finished"] = self.finished
+        self.finished += 1
+        tensors = tensors_in(output)
+        call["outputs"] = shape_of(output)
+        call["dtype"] = str(tensors[0].dtype).replace("torch.", "") if tensors else ""
+        call["device"] = str(tensors[0].device) if tensors else ""
+        if self.stats:
+            call.update(_stats(tensors))
+
+
+class ShapeTrace:
+    """The record of one forward pass, module by module; the repr is a readable summary.
+
+    Attributes
+    ----------
+    calls : tuple of ModuleCall
+    input_shape, output_shape : tuple of int
+    error : BaseException or None
+        The exception the forward raised (the trace keeps it instead of raising).
+    failed : ModuleCall or None
+        The innermost module that was running when the error was raised.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, calls: tuple[ModuleCall, ...],
+                 output: Any, error: BaseException | None, operands: tuple[str, ...]) -> None:
+        self.model_name = getattr(model, "mlbench_name", "") or type(model).__name__
+        self._facts = SimpleNamespace(mlbench_name=self.model_name, input_multiple=getattr(model, "input_multiple", 1),
+                                      min_input_size=getattr(model, "min_input_size", 1))
+        self.calls = calls
+        self.input_shape = tuple(x.shape)
+        self.input_dtype = str(x.dtype).replace("torch.", "")
+        self.output_shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+        self.error = error
+        self.operands = operands
+        failed = [c for c in calls if c.status == "failed"]
+        self.failed = failed[-1] if failed else None
+        self.input_nonfinite = 0
+        self.nonfinite_parameters: dict[str, int] = {}
+
+    @property
+    def ok(self) -> bool:
+        """True when the forward pass finished."""
+        return self.error is None
+
+    @property
+    def table(self):
+        """A pandas DataFrame, one row per module call (columns as :class:`ModuleCall`)."""
+        import pandas as pd
+
+        return pd.DataFrame([asdict(c) for c in self.calls]).set_index("index")
+
+    @property
+    def first_nonfinite(self) -> ModuleCall | None:
+        """The module whose output held NaN or Inf first (in completion order: the producer)."""
+        bad = [c for c in self.calls if c.status == "ok" and (c.nan or 0) + (c.inf or 0) > 0]
+        return min(bad, key=lambda c: c.finished) if bad else None
+
+    def explain(self) -> Explanation:
+        """Explain the failure, the first NaN/Inf, or a silent size change; else say all is well."""
+        facts = self._facts
+        if self.error is not None:
+            where = f"{self.failed.path} ({self.failed.type})" if self.failed else ""
+            return explain_error(self.error, model=facts, input_shape=self.input_shape,
+                                 input_dtype=self.input_dtype, module=where, operands=self.operands)
+        nonfinite = _explain_nonfinite(self)
+        if nonfinite is not None:
+            return nonfinite
+        resized = explain_output_size(facts, self.input_shape, self.output_shape or ())
+        if resized is not None:
+            return resized
+        return Explanation("ok", f"{self.model_name}: {self.input_shape} -> {self.output_shape}, "
+                           "all outputs finite, output size matches the input")
+
+    def __repr__(self) -> str:
+        status = "ok" if self.ok else f"FAILED in {self.failed.path if self.failed else '?'}: {type(self.error).__name__}"
+        lines = [f"ShapeTrace({self.model_name}, input {self.input_shape} {self.input_dtype}, "
+                 f"{len(self.calls)} module calls, {status})"]
+        top = [c for c in self.calls if c.depth <= 1]
+        for call in top[:40]:
+            flag = "" if call.status == "ok" else f"  <- {call.status}"
+            lines.append(f"  {call.path:<24} {call.type:<22} {call.inputs:<28} -> {call.outputs}{flag}")
+        if len(top) > 40:
+            lines.append(f"  ... {len(top) - 40} more; see .table")
+        if self.failed is not None and self.failed.depth > 1:
+            lines.append(f"  failed module: {self.failed.path} ({self.failed.type}) with inputs {self.failed.inputs}")
+        return "\n".join(lines)
+
+
+def _explain_nonfinite(trace: ShapeTrace) -> Explanation | None:
+    call = trace.first_nonfinite
+    if call is None:
+        return None
+    bad_params = trace.nonfinite_parameters.get(call.path, 0)
+    if trace.input_nonfinite:
+        cause = f"the input already held {trace.input_nonfinite} non-finite value(s)"
+        fix = "clean the input (np.nan_to_num, or fix the decoder/normalisation that made them)"
+    elif bad_params:
+        cause = f"its own parameters hold {bad_params} non-finite value(s): the weights are corrupt"
+        fix = "reload the checkpoint (mb.check_weights) or retrain; torch.isfinite(p).all() for every parameter"
+    else:
+        cause = "its inputs and weights were finite: its arithmetic overflowed (float16?) or divided by ~0"
+        fix = "run in float32, clamp the input range, or add an eps where the module divides"
+    return Explanation(
+        "nan_output", f"{call.path} ({call.type}) is the first module whose output holds NaN/Inf",
+        (f"{call.path}: {call.nan} NaN, {call.inf} Inf in output {call.outputs}",
+         f"input {trace.input_shape} {trace.input_dtype}"), cause, fix, call.path)
+
+
+def _parameter_counts(model: nn.Module) -> dict[nn.Module, int]:
+    """Parameters of every submodule, recursive, in one pass (shared parameters counted once per module)."""
+    counts: dict[nn.Module, int] = {}
+
+    def visit(module: nn.Module) -> int:
+        if module not in counts:
+            own = sum(p.numel() for p in module._parameters.values() if p is not None)
+            counts[module] = own + sum(visit(child) for child in module.children())
+        return counts[module]
+
+    visit(model)
+    return counts
+
+
+def _freeze(model: nn.Module, calls: list[dict[str, Any]]) -> tuple[ModuleCall, ...]:
+    counts = _parameter_counts(model)
+    frozen = []
+    for index, call in enumerate(calls):
+        module = call["module"]
+        path = call["path"]
+        frozen.append(ModuleCall(
+            index=index, path=path, type=type(module).__name__, depth=0 if path == "(model)" else path.count(".") + 1,
+            inputs=_shape_text(call["inputs"]), outputs=_shape_text(call.get("outputs", "")),
+            dtype=call.get("dtype", ""), device=call.get("device", ""),
+            parameters=counts.get(module, 0), seconds=round(call.get("seconds", 0.0), 6),
+            status=call["status"], finished=call.get("finished", -1), **{k: call.get(k) for k in ("min", "max", "mean", "nan", "inf")}))
+    return tuple(frozen)
+
+
+def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool = True, eval: bool = True) -> ShapeTrace:
+    """Run ``model(x)`` once with hooks on every submodule and return the trace.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any model; it is not changed (hooks removed and ``training`` restored afterwards).
+    x : Tensor
+        The input, usually (N, C, H, W).
+    stats : bool
+        Also record min/max/mean and NaN/Inf counts of every output (costs a few reductions).
+    eval : bool
+        Run in eval mode (dropout off), under ``torch.no_grad()``.
+
+    Returns
+    -------
+    ShapeTrace
+        Never raises for a failing forward: the error is kept in ``.error`` and explained by
+        ``.explain()``.
+    """
+    model = check_module(model)
+    if not isinstance(x, torch.Tensor):
+        from mlbench.errors import OptionsError
+
+        raise OptionsError(f"x must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}; "
+                           "convert an image with torch.from_numpy(image).permute(2, 0, 1)[None].float().")
+    recorder = _Recorder(stats)
+    output, error = None, None
+    with module_hooks(model, recorder.pre, recorder.post), torch.no_grad():
+        if eval:
+            model.eval()
+        try:
+            output = model(x)
+        except Exception as exc:  # kept in the trace, explained by .explain()
+            error = exc
+    for index in recorder.open:
+        recorder.calls[index]["status"] = "failed" if index == recorder.open[-1] else "raised through"
+    operands = ()
+    if recorder.open:
+        operands = tuple(_shape_text(s) for s in recorder.calls[recorder.open[-1]]["inputs"])
+    trace = ShapeTrace(model, x, _freeze(model, recorder.calls), output, error, operands)
+    if stats:
+        trace.input_nonfinite = sum(_stats([x]).get(k, 0) for k in ("nan", "inf"))
+        trace.nonfinite_parameters = {
+            c["path"]: sum(int((~torch.isfinite(p)).sum()) for p in c["module"].parameters())
+            for c in recorder.calls if c.get("nan") or c.get("inf")}
+    return trace

@@ -1,0 +1,66 @@
+"""Tiny models with known answers for the probe, estimate and tiling tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ToyNet(nn.Sequential):
+    """conv3x3 (3->4) -> ReLU -> conv1x1 (4->1). Receptive-field radius 1.
+
+    For input (1, 3, H, W) float32 the live activations peak at the ReLU: conv output and
+    ReLU output, 2 * 4 * H * W * 4 = 32 * H * W bytes.
+    """
+
+    input_multiple = 1
+
+    def __init__(self) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            super().__init__(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 1))
+
+
+class StridedNet(ToyNet):
+    """ToyNet that declares a stride of 8 (for max_input_size)."""
+
+    input_multiple = 8
+
+
+class LocalNet(nn.Sequential):
+    """Two 3x3 convs, no normalisation: receptive-field radius 2, so tiling is exact."""
+
+    input_multiple = 1
+
+    def __init__(self) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            super().__init__(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1))
+
+
+class FlakyNet(LocalNet):
+    """LocalNet that raises ``torch.OutOfMemoryError`` for inputs wider than ``limit``, or, with
+    ``only_copies=True``, unless it runs on copied parameters (the CPU fallback)."""
+
+    def __init__(self, limit: int = 10**9, only_copies: bool = False) -> None:
+        super().__init__()
+        self.limit, self.only_copies = limit, only_copies
+        self.original = self[0].weight.data_ptr()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        copied = self[0].weight.data_ptr() != self.original
+        if x.shape[-1] > self.limit or (self.only_copies and not copied):
+            raise torch.OutOfMemoryError(f"simulated: out of memory at width {x.shape[-1]}")
+        return super().forward(x)
+
+
+class TupleNet(nn.Module):
+    """Returns a tuple and a dict, to check nested shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor):
+        y = self.conv(x)
+        return y, {"half": y[:, :1]}

@@ -1,0 +1,119 @@
+"""trace_shapes and the explanations: known failures with known fixes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mlbench as mb
+from mlbench.errors import OptionsError
+from mlbench.preprocess import normalize_tensor
+from mlbench.probes import explain_error, size_chain, trace_shapes, valid_sides
+from probe_toys import ToyNet, TupleNet
+
+REAL_MESSAGE = "The size of tensor a (124) must match the size of tensor b (125) at non-singleton dimension 3"
+
+
+def test_valid_sides_and_chain():
+    assert valid_sides(1000, 16) == (992, 1008)
+    assert valid_sides(1024, 16) == (1024,)
+    assert size_chain(1000, 16) == [1000, 500, 250, 125, 62]
+
+
+def test_ma_resunet_1000_is_explained_on_meta():
+    model = mb.build_model("ma_resunet", "small", device="meta")
+    trace = trace_shapes(model, torch.empty(1, 3, 1000, 1000, device="meta"))
+    assert not trace.ok and trace.failed.path == "att4"
+    assert trace.operands == ("(1, 64, 124, 124)", "(1, 64, 125, 125)")
+    why = trace.explain()
+    assert why.failure_class == "shape_mismatch" and why.valid_sizes == (992, 1008)
+    assert "992 or 1008" in why.fix and "125" in why.cause and "att4" in why.summary
+
+
+def test_real_message_is_explained():
+    why = explain_error(RuntimeError(REAL_MESSAGE), model=mb.build_model("ma_resunet", device="meta"),
+                        input_shape=(1, 3, 1000, 1000))
+    assert "124 and 125" in why.summary
+    assert "1000 -> 500 -> 250 -> 125 -> 62" in why.cause and "992 or 1008" in why.fix
+    assert "pad_to_multiple" in why.fix
+
+
+def test_hrnet_silent_resize():
+    model = mb.build_model("hrnet", "small", device="meta")
+    trace = trace_shapes(model, torch.empty(1, 3, 250, 250, device="meta"))
+    assert trace.ok and trace.output_shape == (1, 1, 252, 252)
+    why = trace.explain()
+    assert why.failure_class == "shape_mismatch" and "252x252" in why.summary and why.valid_sizes == (248, 252)
+
+
+@pytest.mark.parametrize("channels, word", [(1, "grayscale"), (4, "alpha")])
+def test_channel_mismatch(channels, word):
+    why = trace_shapes(ToyNet(), torch.zeros(1, channels, 8, 8)).explain()
+    assert why.failure_class == "shape_mismatch" and word in why.fix and f"got {channels}" in why.summary
+
+
+@pytest.mark.parametrize("dtype, hint", [(torch.uint8, "255"), (torch.float64, "x.float()")])
+def test_dtype_mismatch(dtype, hint):
+    why = trace_shapes(ToyNet(), torch.zeros(1, 3, 8, 8, dtype=dtype)).explain()
+    assert why.failure_class == "dtype_mismatch" and hint in why.fix
+
+
+def test_grayscale_broadcast_in_normalisation():
+    with pytest.raises(RuntimeError, match="doesn't match the broadcast shape") as info:
+        normalize_tensor(torch.zeros(1, 8, 8))
+    why = explain_error(info.value)
+    assert why.failure_class == "shape_mismatch" and "convert('RGB')" in why.fix
+
+
+def test_first_nan_from_weights():
+    model = ToyNet()
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    trace = trace_shapes(model, torch.rand(1, 3, 8, 8))
+    assert trace.first_nonfinite.path == "2"
+    why = trace.explain()
+    assert why.failure_class == "nan_output" and "parameters hold 1" in why.cause
+
+
+def test_first_nan_from_input():
+    x = torch.rand(1, 3, 8, 8)
+    x[0, 0, 0, 0] = float("nan")
+    trace = trace_shapes(ToyNet(), x)
+    assert trace.first_nonfinite.path == "0" and "input already held 1" in trace.explain().cause
+
+
+def test_hooks_removed_and_mode_restored_after_failure():
+    model = ToyNet().train()
+    trace = trace_shapes(model, torch.zeros(1, 2, 8, 8))
+    assert trace.error is not None and model.training
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    from torch.nn.modules import module as torch_module
+
+    assert not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks
+    assert [c.status for c in trace.calls] == ["raised through", "failed"]
+
+
+def test_table_and_nested_outputs():
+    trace = trace_shapes(TupleNet(), torch.ones(2, 3, 4, 5), stats=True)
+    table = trace.table
+    assert list(table["path"]) == ["(model)", "conv"]
+    assert table.loc[0, "outputs"] == "(2, 2, 4, 5), {half: (2, 1, 4, 5)}"
+    assert table.loc[1, "parameters"] == 8 and table.loc[1, "nan"] == 0
+    assert "ShapeTrace(TupleNet" in repr(trace) and trace.explain().failure_class == "ok"
+
+
+def test_without_stats_has_no_statistics():
+    trace = trace_shapes(ToyNet(), torch.ones(1, 3, 4, 4), stats=False)
+    assert trace.calls[1].min is None and trace.calls[1].outputs == "(1, 4, 4, 4)"
+
+
+def test_bad_arguments():
+    with pytest.raises(OptionsError, match="must be a torch.Tensor"):
+        trace_shapes(ToyNet(), [[1.0]])
+    with pytest.raises(OptionsError, match="must be a torch.nn.Module"):
+        trace_shapes("hrnet", torch.zeros(1))
+
+
+def test_unknown_error():
+    why = explain_error(KeyError("boom"))
+    assert why.failure_class == "unknown" and "trace_shapes" in why.fix

@@ -1,0 +1,100 @@
+"""predict_tiled: exact on a local model, the out-of-memory policy, and trained models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mlbench as mb
+from mlbench.errors import OptionsError
+from mlbench.metrics import pixel_scores
+from mlbench.paths import data_dir
+from mlbench.probes import record_memory
+from mlbench.tiling import TilingOutOfMemory, pad_to_multiple, predict_tiled, tile_starts
+from probe_toys import FlakyNet, LocalNet
+
+
+def test_tile_starts_cover_with_overlap():
+    assert tile_starts(100, 128, 16) == [0]
+    assert tile_starts(300, 128, 32) == [0, 96, 172]
+
+
+def test_pad_to_multiple():
+    x = torch.arange(2 * 3 * 10 * 13, dtype=torch.float32).reshape(2, 3, 10, 13)
+    padded, size = pad_to_multiple(x, 8)
+    assert padded.shape == (2, 3, 16, 16) and size == (10, 13)
+    assert torch.equal(padded[..., :10, :13], x)
+    same, _ = pad_to_multiple(x[..., :8, :8], 8)
+    assert same.shape == (2, 3, 8, 8)
+    tiny, _ = pad_to_multiple(torch.ones(1, 1, 3, 3), 16)
+    assert tiny.shape == (1, 1, 16, 16)
+
+
+def test_exact_on_a_local_model():
+    model, x = LocalNet(), torch.rand(1, 3, 150, 170)
+    with torch.no_grad():
+        whole = model(x)
+    tiled = predict_tiled(model, x, tile=64, overlap=16)
+    assert tiled.shape == whole.shape and torch.allclose(tiled, whole, atol=1e-5)
+
+
+def test_oom_halves_the_tile_and_marks_the_timeline():
+    model, x = FlakyNet(limit=40), torch.rand(1, 3, 100, 100)
+    with record_memory() as timeline:
+        tiled = predict_tiled(model, x, tile=128, overlap=16, min_tile=16)
+    assert [label for _, label in timeline.marks] == [
+        "out of memory at tile 128 on cpu: retry at tile 64", "out of memory at tile 64 on cpu: retry at tile 32"]
+    with torch.no_grad():
+        assert torch.allclose(tiled, LocalNet()(x), atol=1e-5)
+
+
+def test_oom_falls_back_to_cpu_with_copied_parameters():
+    model, x = FlakyNet(only_copies=True), torch.rand(1, 3, 40, 40)
+    with record_memory() as timeline:
+        tiled = predict_tiled(model, x, tile=32, overlap=8, min_tile=16)
+    assert timeline.marks[-1][1] == "out of memory at tile 16 on cpu: fall back to cpu at tile 32"
+    assert tiled.shape == (1, 1, 40, 40) and model[0].weight.data_ptr() == model.original
+
+
+def test_oom_everywhere_raises():
+    with pytest.raises(TilingOutOfMemory, match="every tile size from 32 down to 16"):
+        predict_tiled(FlakyNet(limit=0), torch.rand(1, 3, 40, 40), tile=32, overlap=8, min_tile=16, fallback=None)
+
+
+def test_other_errors_propagate_and_bad_arguments():
+    with pytest.raises(RuntimeError, match="3 channels"):
+        predict_tiled(LocalNet(), torch.rand(1, 2, 40, 40), tile=32, overlap=8)
+    with pytest.raises(OptionsError, match="overlap < tile / 2"):
+        predict_tiled(LocalNet(), torch.rand(1, 3, 40, 40), tile=32, overlap=16)
+    with pytest.raises(OptionsError, match="must be a \\(N, C, H, W\\) tensor"):
+        predict_tiled(LocalNet(), torch.rand(3, 40, 40))
+
+
+def _bundled() -> set[str]:
+    manifest = data_dir() / "weights" / "manifest.json"
+    return set(json.loads(manifest.read_text())["models"]) if manifest.exists() else set()
+
+
+_PER_TILE_NORM = pytest.mark.xfail(
+    strict=True,
+    reason="known gap: each tile gets its own InstanceNorm statistics, so tiles of 256 px differ from the whole "
+    "512 px image (measured IoU 0.988 cbam_resunet, 0.962 hrnet; 0.996 / 0.984 at tile 384); tiling with "
+    "whole-image normalisation statistics is not implemented yet",
+)
+
+
+@pytest.mark.parametrize("name", [pytest.param("cbam_resunet", marks=_PER_TILE_NORM),
+                                  pytest.param("hrnet", marks=_PER_TILE_NORM), "ma_resunet"])
+def test_trained_models_tiled_mask_iou(name):
+    if name not in _bundled():
+        pytest.skip(f"trained weights of {name} not bundled yet")
+    model = mb.load_model(name)
+    sample = mb.load_sample("spheroids_8bit")
+    x = mb.Pipeline(model, input_size=512).start(sample.image).run_until("preprocess").output("preprocess")
+    with torch.no_grad():
+        whole = model(x) > 0
+    tiled = predict_tiled(model, x, tile=256, overlap=64) > 0  # tiles at the size the model runs at
+    iou = pixel_scores(whole[0, 0].numpy(), tiled[0, 0].numpy()).iou
+    assert iou >= 0.99, f"{name}: tiled vs whole-image mask IoU {iou:.4f}"

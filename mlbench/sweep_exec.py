@@ -1,0 +1,294 @@
+"""The worker side of :func:`mlbench.sweep`: one task in, one row out, and the executors.
+
+:func:`run_task` runs in whatever process the executor chose; it never raises (failures,
+timeouts and bad ground truth become the row's ``status`` and ``error``). Each process keeps
+its models in :data:`_MODELS`, so a worker loads a model once, not once per image.
+A process pool whose worker dies (a native decoder segfault) is recreated and the tasks that
+were in flight are re-run one at a time in a fresh single process, so the crash is recorded
+against the image that caused it and only that one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from .errors import MlbenchError
+
+__all__ = ["SweepTask", "SweepTimeout", "run_task", "run_tasks", "sweep_executor", "CrashIf"]
+
+_MODELS: dict[tuple[str, str], Any] = {}
+STAGE_COLUMNS = ("decode", "preprocess", "forward", "postprocess", "polygons")
+
+
+class SweepTimeout(MlbenchError, TimeoutError):
+    """A task ran longer than the sweep's ``timeout``."""
+
+
+@dataclass(frozen=True)
+class SweepTask:
+    """One (image, model, preset) cell of a sweep, small and picklable."""
+
+    key: str
+    path: str
+    name: str
+    image_sha: str
+    model: str
+    weights: str
+    weights_sha: str
+    preset: str
+    options: dict = field(default_factory=dict)
+    truth: str | None = None
+    timeout: float | None = None
+    hook: Callable[["SweepTask"], None] | None = None
+
+    def base_row(self) -> dict[str, Any]:
+        """The identifying columns every row starts with."""
+        return {"key": self.key, "image": self.name, "path": self.path, "image_sha": self.image_sha[:16],
+                "model": self.model, "weights_sha": self.weights_sha[:16], "preset": self.preset,
+                "options": json.dumps(self.options, sort_keys=True)}
+
+
+@dataclass(frozen=True)
+class CrashIf:
+    """Fault injection for sweeps: kill the worker when the image name contains ``marker``.
+
+    ``how="exit"`` calls ``os._exit(70)``; ``how="segfault"`` dereferences NULL through ctypes,
+    which is what a crashing native decoder does. Pass as ``mb.sweep(..., hook=CrashIf("crash"))``.
+    """
+
+    marker: str
+    how: str = "exit"
+
+    def __call__(self, task: SweepTask) -> None:
+        if self.marker not in task.name:
+            return
+        if self.how == "segfault":
+            import ctypes
+
+            ctypes.string_at(0)
+        os._exit(70)
+
+
+def _model(task: SweepTask):
+    """The task's model from this process's cache, loaded on first use."""
+    key = (task.model, task.weights)
+    if key not in _MODELS:
+        from .models import build_model
+        from .zoo import load_model
+
+        _MODELS[key] = load_model(task.model) if task.weights == "trained" else build_model(task.model, "small").eval()
+    return _MODELS[key]
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _alarm(seconds: float | None) -> bool:
+    """Arm SIGALRM when possible (main thread of a Unix process); True when armed."""
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        return False
+
+    def expire(signum, frame):
+        raise SweepTimeout(f"task ran longer than timeout={seconds} s; raise the timeout or skip this image")
+
+    signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, float(seconds))
+    return True
+
+
+def _error_columns(exc: BaseException, status: str, stage: str | None) -> dict[str, Any]:
+    from .triage import triage
+
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return {"status": status, "stage": stage, "error_type": type(exc).__name__, "error": first[:300],
+            "failure_class": "queue_timeout" if status == "timeout" else triage(exc, casebook=False).failure_class}
+
+
+def _metrics(task: SweepTask, mask) -> dict[str, Any]:
+    """Pixel and object scores against the task's ground truth (empty without one)."""
+    if task.truth is None:
+        return {}
+    from .io import read_image
+    from .metrics import match_objects, pixel_scores, to_labels
+
+    try:
+        truth = to_labels(read_image(task.truth)[0])
+        pixel, objects = pixel_scores(truth > 0, mask), match_objects(truth, mask > 0, table=False)
+    except MlbenchError as exc:
+        return {"metrics_error": str(exc)[:300]}
+    return {"iou": round(pixel.iou, 4), "dice": round(pixel.dice, 4), "precision": round(objects.precision, 4),
+            "recall": round(objects.recall, 4), "f1": round(objects.f1, 4), "pq": round(objects.panoptic_quality, 4),
+            "n_true": objects.n_true, "n_pred": objects.n_pred}
+
+
+def _image_columns(path: str) -> dict[str, Any]:
+    from .imagecheck import check_image
+
+    report = check_image(path)
+    return {"problems": ",".join(p.code for p in report.problems), "shape": "x".join(map(str, report.shape)),
+            "bit_depth": report.bit_depth}
+
+
+def _pipeline_columns(task: SweepTask) -> dict[str, Any]:
+    """Run the pipeline; columns for status, per-stage seconds, polygons and metrics."""
+    from .pipeline import Pipeline
+
+    run = Pipeline(_model(task), preset=task.preset, **task.options).start(task.path).run()
+    cols = {f"t_{n}": round(r.seconds, 4) for n, r in run.records.items() if r.seconds is not None}
+    if run.failed:
+        return {**cols, **_error_columns(run.error, "failed", run.failed_stage)}
+    mask = run.output("postprocess").mask
+    return {**cols, "status": "ok", "n_polygons": len(run.output("polygons")), **_metrics(task, mask)}
+
+
+def run_task(task: SweepTask) -> dict[str, Any]:
+    """Run one sweep task in this process and return its row; never raises (except a crash)."""
+    import torch
+
+    torch.set_num_threads(1)
+    row, start, rss = {**task.base_row(), **_image_columns(task.path)}, time.perf_counter(), _rss_mb()
+    armed = _alarm(task.timeout)
+    try:
+        if task.hook is not None:
+            task.hook(task)
+        row.update(_pipeline_columns(task))
+    except SweepTimeout as exc:
+        row.update(_error_columns(exc, "timeout", None))
+    except Exception as exc:  # a model that does not load, a hook that raises: record, never stop the sweep
+        row.update(_error_columns(exc, "failed", "load"))
+    finally:
+        if armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    row.update({"t_total": round(time.perf_counter() - start, 4), "rss_delta_mb": round(_rss_mb() - rss, 1),
+                "worker_peak_rss_mb": round(_peak_rss_mb(), 1), "worker": os.getpid()})
+    return row
+
+
+def _crashed_row(task: SweepTask, exc: BaseException) -> dict[str, Any]:
+    row = {**task.base_row(), **_image_columns(task.path), "status": "crashed", "stage": None,
+           "error_type": type(exc).__name__, "error": f"the worker process died running this task: {exc}"[:300],
+           "failure_class": "unknown"}
+    return row
+
+
+def _isolated(task: SweepTask) -> dict[str, Any]:
+    """Re-run a suspect alone in a fresh process: its own row, or 'crashed' if it kills that one too."""
+    with ProcessPoolExecutor(max_workers=1) as single:
+        try:
+            return single.submit(run_task, task).result()
+        except BrokenProcessPool as exc:
+            return _crashed_row(task, exc)
+
+
+def _renew(executor: ProcessPoolExecutor) -> ProcessPoolExecutor:
+    """A fresh pool like a broken one (same size, start method and initializer)."""
+    return ProcessPoolExecutor(max_workers=getattr(executor, "_max_workers", 2),
+                               mp_context=getattr(executor, "_mp_context", None),
+                               initializer=getattr(executor, "_initializer", None),
+                               initargs=getattr(executor, "_initargs", ()))
+
+
+def _window(executor: Executor) -> int:
+    """How many tasks to keep in flight: few enough that a crash has few suspects."""
+    workers = getattr(executor, "_max_workers", None) or 2 * (os.cpu_count() or 1)
+    return 2 * int(workers)
+
+
+def _collect(done: Iterable[Future], pending: dict[Future, SweepTask], emit: Callable[[dict], None]) -> list[SweepTask]:
+    """Emit the rows of finished futures; return the tasks of a pool that broke under them."""
+    broken = []
+    for future in done:
+        task = pending.pop(future)
+        try:
+            emit(future.result())
+        except BrokenProcessPool:
+            broken.append(task)
+        except Exception as exc:  # Dask: KilledWorker names the task whose worker kept dying
+            if type(exc).__name__ not in ("KilledWorker", "CancelledError"):
+                raise
+            emit(_crashed_row(task, exc))
+    return broken
+
+
+def run_tasks(tasks: list[SweepTask], executor: Executor | None, emit: Callable[[dict], None]) -> None:
+    """Run every task (serially when ``executor`` is None) and pass each row to ``emit`` as it ends.
+
+    A broken process pool is replaced (the replacement is shut down at the end; the caller's
+    executor stays broken) and the tasks in flight when it broke are re-run one by one in
+    a fresh process each, so a crash is recorded against the image that caused it.
+    """
+    if executor is None:
+        for task in tasks:
+            emit(run_task(task))
+        return
+    queue, pending, suspects, own = list(reversed(tasks)), {}, [], []
+    try:
+        while queue or pending:
+            while queue and len(pending) < _window(executor):
+                task = queue.pop()
+                pending[executor.submit(run_task, task)] = task
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            broken = _collect(done, pending, emit)
+            if broken:
+                suspects += broken + list(pending.values())
+                pending.clear()
+                executor = _renew(executor)
+                own.append(executor)
+    finally:
+        for pool in own:
+            pool.shutdown(wait=True)
+    for task in suspects:
+        emit(_isolated(task))
+
+
+def sweep_executor(where: str = "local", *, n_workers: int = 2, threads_per_worker: int = 1) -> Executor:
+    """A Dask ``distributed`` executor for :func:`mlbench.sweep` (extra ``mlbench[dask]``).
+
+    Parameters
+    ----------
+    where : "local" starts a ``LocalCluster`` of ``n_workers`` processes on this machine; any
+        other value is a scheduler address (``tcp://host:8786``) of a running cluster, e.g. one
+        started by ``dask_jobqueue.SLURMCluster`` (pass ``cluster.scheduler_address``).
+    n_workers, threads_per_worker : size of the local cluster (ignored for an address).
+
+    Returns
+    -------
+    Executor
+        ``client.get_executor()``; ``executor.client`` is the Dask client (close it when done).
+
+    Raises
+    ------
+    MlbenchError
+        When ``distributed`` is not installed.
+    """
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as exc:
+        raise MlbenchError("mb.sweep_executor needs Dask: pip install 'mlbench[dask]' (or pip install distributed); "
+                           "without it use executor=None or a concurrent.futures.ProcessPoolExecutor") from exc
+    if where == "local":
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    else:
+        client = Client(where)
+    executor = client.get_executor()
+    executor.client = client
+    return executor

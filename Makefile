@@ -12,20 +12,32 @@ export MALLOC_MMAP_THRESHOLD_ := 4294967296
 export MALLOC_TRIM_THRESHOLD_ := 4294967296
 export PYTHONHASHSEED := 0
 
-.PHONY: setup lab test clean
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: setup lab test clean browser
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check -q "$(TORCH_SPEC)"
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[lab,service,test,gpu]"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[lab,service,test,gpu,dask]"
 	@touch $(STAMP)
 
 lab: setup
 	$(VENV)/bin/jupyter lab --no-browser --ip=127.0.0.1 --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-test: setup
+# Debian's Chromium for tests/test_browser.py: installed when missing and we are root;
+# otherwise that test is skipped and says why. Never a browser download of its own.
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium for the browser test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	    || echo "WARNING: could not install chromium; tests/test_browser.py will be skipped"; \
+	else echo "WARNING: $(CHROMIUM) missing and not root (or no apt-get); tests/test_browser.py will be skipped"; fi
+
+test: setup browser
 	$(PY) -m pytest
 
 clean:

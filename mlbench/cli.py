@@ -69,11 +69,57 @@ def _segment(args) -> int:
     return 0
 
 
+@command("lab")
+def _lab_parser(sub) -> None:
+    p = sub.add_parser("lab", help="start JupyterLab on the notebooks folder (prints the URL with its token)")
+    p.add_argument("--port", type=int, default=8888)
+    p.set_defaults(run=_lab)
+
+
+def _lab(args) -> int:
+    import os
+    import subprocess
+    from pathlib import Path
+
+    notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+    command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={args.port}",
+               f"--notebook-dir={notebooks}"] + (["--allow-root"] if hasattr(os, "getuid") and os.getuid() == 0 else [])
+    return subprocess.call(command)
+
+
+# Sub-commands that live beside the concept they inspect: (module, function that adds the parser).
+_EXTERNAL_COMMANDS = [
+    ("mlbench.imagecheck", "add_check_image_command"), ("mlbench.weights", "add_check_weights_command"),
+    ("mlbench.triage", "add_triage_command"), ("mlbench.doctor", "add_doctor_command"),
+    ("mlbench.report", "add_report_command"), ("mlbench.sweep", "add_sweep_command"),
+    ("mlbench.compare", "add_compare_command"), ("mlbench.probes.cli", "add_memory_command"),
+    ("mlbench.service.cli", "add_serve_command"),
+]
+
+
+def _missing_extra(sub, name: str, error: ImportError) -> None:
+    p = sub.add_parser(name, help=f"unavailable: {error}")
+    p.set_defaults(run=lambda args: _fail(f"`mlbench {name}` needs a missing package ({error}); "
+                                          "install the extra: pip install 'mlbench[service]'"))
+
+
+def _fail(message: str) -> int:
+    print(message, file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(prog="mlbench", description="Debug image-segmentation inference.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS.values():
         add(sub)
+    for module, function in _EXTERNAL_COMMANDS:
+        try:
+            getattr(importlib.import_module(module), function)(sub)
+        except ImportError as error:  # an optional extra (fastapi for serve) is not installed
+            _missing_extra(sub, "serve", error)
     return parser
 
 

@@ -151,7 +151,8 @@ def describe(value: Any) -> str:
             return f"tensor{tuple(value.shape)} {value.dtype} range {float(value.min()):.4g}..{float(value.max()):.4g}"
         return f"tensor{tuple(value.shape)} {value.dtype}"
     if isinstance(value, np.ndarray):
-        rng = f" range {float(value.min()):.4g}..{float(value.max()):.4g}" if value.size else ""
+        numeric = value.size and (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_)
+        rng = f" range {float(value.min()):.4g}..{float(value.max()):.4g}" if numeric else ""
         return f"array{value.shape} {value.dtype}{rng}"
     if isinstance(value, list):
         return f"{len(value)} polygon(s)"

@@ -127,3 +127,10 @@ def test_polygons_area_filter_and_no_holes():
     assert len(kept) == 1 and kept[0]["vertices_count"] == len(kept[0]["points"])
     ring = disk((100, 100), (50, 50), 40) & ~disk((100, 100), (50, 50), 15)
     assert [p["type"] for p in mask_to_polygons(ring, detect_holes=False)] == ["external"]
+
+
+def test_describe_survives_arrays_without_numbers():
+    from mlbench.stages import describe
+
+    assert describe(np.array(["a", None], dtype=object)) == "array(2,) object"
+    assert describe(np.array([1.5, -2.0], np.float32)) == "array(2,) float32 range -2..1.5"

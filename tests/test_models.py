@@ -194,11 +194,11 @@ def test_small_trains_on_a_batch(name):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def test_hrnet_upsamples_by_scale_factor(small_models, full_models):
+def test_hrnet_upsamples_by_scale_factor(small_models):
     assert run(small_models["hrnet"], 250).shape[-2:] == (252, 252)
     assert run(small_models["hrnet"], (64, 98)).shape[-2:] == (64, 100)
-    assert run(full_models["hrnet"], 250, "meta").shape[-2:] == (252, 252)
-    assert run(full_models["hrnet"], 1024, "meta").shape[-2:] == (1024, 1024)
+    tiny = build_model("hrnet", widths=HrnetConfig(4, 4, (2, 2, 2, 2))).eval()  # same head, cheap
+    assert run(tiny, 1024).shape[-2:] == (1024, 1024)
 
 
 @pytest.mark.parametrize("side", [64, 65, 250])
@@ -212,8 +212,9 @@ def test_cbam_guards_keep_1000(full_models):
 
 
 def test_ma_resunet_rejects_1000_like_the_service(small_models):
+    # 1000 x 1000 fails first on W (dimension 3); 64 x 1000 gives the same message, 16x cheaper.
     with pytest.raises(RuntimeError, match=re.escape(MA_MISMATCH)):
-        run(small_models["ma_resunet"], 1000)
+        run(small_models["ma_resunet"], (64, 1000))
 
 
 def test_ma_resunet_runs_multiples_of_16(small_models, full_models):

@@ -8,6 +8,7 @@ it was given. :class:`mlbench.Pipeline` runs them in order and records each one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -41,7 +42,8 @@ class Decoded:
 
     def __repr__(self) -> str:
         lo, hi = self.report.value_range
-        return (f"Decoded({self.report.name}: shape={self.image.shape}, dtype={self.image.dtype}, "
+        name = self.report.name if self.report.name.startswith("<") else Path(self.report.name).name
+        return (f"Decoded({name}: shape={self.image.shape}, dtype={self.image.dtype}, "
                 f"{self.report.bit_depth}-bit, values {lo:.4g}..{hi:.4g})")
 
 

@@ -18,6 +18,15 @@ from nbclient import NotebookClient
 KEEP_CELL_METADATA = {"tags"}
 
 
+REPO = str(Path(__file__).resolve().parents[1]) + "/"
+
+
+def _relative_tracebacks(out: nbformat.NotebookNode) -> None:
+    """Tracebacks name files relative to the repository (nbval ignores them; readers and git do not)."""
+    if out.get("output_type") == "error":
+        out.traceback = [line.replace(REPO, "") for line in out.traceback]
+
+
 def scrub(nb: nbformat.NotebookNode) -> None:
     nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
                    "language_info": {"name": "python"}}
@@ -28,6 +37,7 @@ def scrub(nb: nbformat.NotebookNode) -> None:
             count += 1
             cell.execution_count = count
             for out in cell.outputs:
+                _relative_tracebacks(out)
                 if "execution_count" in out:
                     out.execution_count = count
                 out.pop("metadata", None) if out.get("output_type") == "stream" else None

@@ -164,7 +164,7 @@ def test_detection_names_the_missing_key_and_the_prefix(small_models):
 
 @pytest.mark.parametrize(
     ("name", "multiple", "minimum"),
-    [("cbam_resunet", 1, 64), ("hrnet", 4, 33), ("ma_resunet", 16, 32)],
+    [("cbam_resunet", 1, 32), ("hrnet", 4, 33), ("ma_resunet", 16, 32)],
 )
 def test_model_attributes(name, multiple, minimum, small_models):
     model = small_models[name]
@@ -223,7 +223,7 @@ def test_ma_resunet_runs_multiples_of_16(small_models, full_models):
 
 
 @pytest.mark.parametrize(
-    ("name", "side"), [("cbam_resunet", 63), ("hrnet", 32), ("ma_resunet", 16)]
+    ("name", "side"), [("cbam_resunet", 31), ("hrnet", 32), ("ma_resunet", 16)]
 )
 def test_below_min_input_size_instance_norm_refuses(name, side, small_models):
     model = small_models[name]
@@ -231,6 +231,11 @@ def test_below_min_input_size_instance_norm_refuses(name, side, small_models):
     with pytest.raises(ValueError, match=ONE_PIXEL):
         run(model, side)
     run(model, model.min_input_size)
+
+
+@pytest.mark.parametrize("side", [32, 33, 47, 63])
+def test_cbam_guard_accepts_32_to_63(side, small_models):
+    assert run(small_models["cbam_resunet"], side).shape[-2:] == (side, side)
 
 
 def test_bottleneck_attention_is_plain_and_ignores_the_bias_table(small_models, monkeypatch):

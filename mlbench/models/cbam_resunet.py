@@ -120,10 +120,11 @@ class CbamGate(AttentionGate):
 
 
 class CbamResUNet(SegmentationNet):
-    """CBAM-ResUNet: (N, 3, H, W) -> (N, 1, H, W) raw logits, for any H, W >= 64.
+    """CBAM-ResUNet: (N, 3, H, W) -> (N, 1, H, W) raw logits, for any H, W >= 32.
 
-    ``min_input_size`` is 64, not 32: at 32..63 px the bottleneck map is 1x1 and
-    ``InstanceNorm2d`` refuses a single spatial element, in eval mode too.
+    A side of 32..63 px would leave a 1x1 bottleneck map, which ``InstanceNorm2d`` refuses
+    (in eval mode too), so the input guard stretches such inputs to 64 px (bilinear) and the
+    output guard resizes the logits back; below 32 px the norm's error surfaces as it is.
 
     Parameters
     ----------
@@ -133,7 +134,9 @@ class CbamResUNet(SegmentationNet):
 
     mlbench_name = NAME
     input_multiple = 1
-    min_input_size = 64
+    min_input_size = 32
+    guard_side = 64
+    """Inputs with a side in [min_input_size, guard_side) are stretched to ``guard_side``."""
     sizes = {"full": FULL, "small": SMALL}
 
     def __init__(self, config: CbamConfig = FULL) -> None:
@@ -161,6 +164,8 @@ class CbamResUNet(SegmentationNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Segment ``x`` (N, 3, H, W); returns logits (N, 1, H, W)."""
         size = x.shape[-2:]
+        if self.min_input_size <= min(size) < self.guard_side:
+            x = resize_to(x, (max(size[0], self.guard_side), max(size[1], self.guard_side)))
         skips = []
         y = self.init_conv(x)
         for down in self.downs:

@@ -265,7 +265,11 @@ def _diagnosis(run: Run, failure_class: str | None) -> dict[str, Any]:
 def _traceback(error: BaseException | None) -> str:
     import traceback
 
-    return "".join(traceback.format_exception(type(error), error, error.__traceback__)) if error is not None else ""
+    from .report_sections import cut_machine_paths
+
+    if error is None:
+        return ""
+    return cut_machine_paths("".join(traceback.format_exception(type(error), error, error.__traceback__)))
 
 
 def _write(target: Path, files: dict[str, bytes]) -> None:

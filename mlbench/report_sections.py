@@ -7,13 +7,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["case_sections", "exception_sections", "short_traceback"]
+__all__ = ["case_sections", "exception_sections", "short_traceback", "cut_machine_paths"]
+
+
+def cut_machine_paths(text: str) -> str:
+    """A traceback with every ``File "..."`` path cut to its last two parts (no machine paths)."""
+    return re.sub(r'File "(?:[^"]*[/\\])?([^"/\\]+[/\\][^"/\\]+)"', r'File ".../\1"', text)
 
 
 def short_traceback(text: str, last: int = 10) -> str:
-    """The last lines of a traceback with file paths cut to their last two parts (no machine paths)."""
-    lines = [re.sub(r'File "(?:[^"]*[/\\])?([^"/\\]+[/\\][^"/\\]+)"', r'File ".../\1"', ln) for ln in text.rstrip().splitlines()]
-    return "\n".join(lines[-last:])
+    """The last ``last`` lines of a traceback, machine paths cut."""
+    return "\n".join(cut_machine_paths(text.rstrip()).splitlines()[-last:])
 
 
 def _analysis(diagnosis: dict[str, Any], traceback_text: str, extra: list[str]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,6 +47,8 @@ def test_failed_run_round_trip_and_replay(tmp_path, failing_run):
     assert meta["failure_class"] == "shape_mismatch" and meta["outcome"]["failed_stage"] == "forward"
     assert meta["diagnosis"]["numbers"] == {"size_a": 8, "size_b": 9, "dimension": 3}
     assert set(meta["files"]) == {"image.png", "previews/decoded.png"}
+    repo = str(Path(mb.__file__).resolve().parents[1])
+    assert 'File ".../mlbench/stages.py"' in meta["traceback"] and repo not in meta["traceback"]
     case = load_case(path)
     assert case.replay.same and case.replay.differences == ()
     assert case.image_bytes == failing_run.source

@@ -90,6 +90,7 @@ def training_reference(model: str | None = None, n: int = 8, size: int = 128, se
 def _hypotheses(ref: Reference) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]]:
     """Mistake code -> (function that undoes it, fix)."""
     m, s = torch.tensor(ref.mean)[:, None, None], torch.tensor(ref.std)[:, None, None]
+    c = torch.round(m * 255)  # the mean as uint8, as subtracted by uint8 arithmetic
     return {
         "ok": (lambda x: x, "nothing to fix"),
         "no_mean_std": (lambda x: (x - m) / s, "apply the training mean/std after scaling (normalize='imagenet')"),
@@ -97,6 +98,10 @@ def _hypotheses(ref: Reference) -> dict[str, tuple[Callable[[torch.Tensor], torc
         "range_0_255": (lambda x: (x / 255 - m) / s, "divide by 255 (or the bit depth's maximum), then mean/std"),
         "mean_std_on_0_255": (lambda x: ((x * s + m) / 255 - m) / s, "divide by 255 before mean/std, not after"),
         "channel_swap": (lambda x: x.flip(0), "feed RGB, not BGR (cv2 reads BGR: convert with cv2.cvtColor)"),
+        "scaled_twice": (lambda x: ((x * s + m) * 255 - m) / s,
+                         "divide by 255 once (ToTensor already divides uint8 by 255), then mean/std"),
+        "uint8_wraparound": (lambda x: ((torch.round(x * s * 255) + c) % 256 / 255 - m) / s,
+                             "convert to float before subtracting the mean: (image.astype(np.float32) / 255 - mean) / std"),
     }
 
 
@@ -182,6 +187,8 @@ _MESSAGES = {
     "range_0_255": "values span 0..255: the /255 (or bit-depth) scaling is missing",
     "mean_std_on_0_255": "mean/std applied to 0..255 values: scale to 0..1 first",
     "channel_swap": "channel order reversed (BGR fed as RGB)",
+    "scaled_twice": "the /255 scaling was applied twice before mean/std: the image spans 1/255 of the expected range",
+    "uint8_wraparound": "the mean was subtracted in uint8 arithmetic: dark pixels wrapped around to bright ones",
 }
 
 
@@ -231,7 +238,7 @@ def check_normalization(x: Any, model: str | None = None, *, reference: Referenc
     -------
     NormReport
         ``diagnosis`` is "ok" or one of no_mean_std, mean_std_twice, range_0_255,
-        mean_std_on_0_255, channel_swap; ``problems`` also flag constant, saturated and NaN inputs.
+        mean_std_on_0_255, channel_swap, scaled_twice, uint8_wraparound; ``problems`` also flag constant, saturated and NaN inputs.
 
     Raises
     ------

@@ -28,7 +28,17 @@ MISTAKES = {
     "range_0_255": lambda x: x * 255,
     "mean_std_on_0_255": lambda x: normalize_tensor(x * 255),
     "channel_swap": lambda x: normalize_tensor(x).flip(1),
+    "scaled_twice": lambda x: normalize_tensor(x / 255),
+    "uint8_wraparound": lambda x: _uint8_mean_subtracted(x),
 }
+
+
+def _uint8_mean_subtracted(x: torch.Tensor) -> torch.Tensor:
+    """(image_uint8 - mean_uint8) / (std * 255) in NumPy uint8 arithmetic, as a buggy loader does it."""
+    image = np.round(x[0].numpy() * 255).astype(np.uint8)
+    mean = np.round(np.array([0.485, 0.456, 0.406]) * 255).astype(np.uint8)[:, None, None]
+    std = np.array([0.229, 0.224, 0.225], dtype=np.float32)[:, None, None]
+    return torch.from_numpy((image - mean) / (std * 255)).float()[None]
 
 
 @pytest.mark.parametrize("mistake", sorted(MISTAKES))

@@ -113,6 +113,7 @@ def decode_tiff(data: bytes, name: str, page: int, max_pixels: int) -> tuple[np.
             channel, others = _plane_layout(series.axes, series.shape)
             pages = pages or (int(np.prod(others)) if others else 1)
             compression = tif.pages[0].compression.name.lower()
+            info["alpha"] = _tiff_has_alpha(tif.pages[0])
     except ImageError:
         raise
     except Exception as exc:  # tifffile raises many types for damaged files
@@ -121,9 +122,10 @@ def decode_tiff(data: bytes, name: str, page: int, max_pixels: int) -> tuple[np.
     if pages > 1:
         problems.append(Problem("multi_page", f"{pages} pages; page {page} used, the others ignored"))
     array = _to_channels_last(np.asarray(array), info["axes"])
-    array, alpha = _drop_alpha(array)
+    array, alpha = _drop_alpha(array, known_alpha=info["alpha"])
     if alpha:
         problems.append(Problem("alpha_dropped", "an alpha channel was present and dropped"))
+    array = _keep_first_channel(array, problems)
     return array, {"pages": pages, "page_used": page, "mode": info["axes"], "axes": info["axes"],
                    "compression": compression, "orientation": 1, "alpha": alpha, "problems": problems}
 
@@ -138,10 +140,34 @@ def _to_channels_last(array: np.ndarray, axes: str) -> np.ndarray:
     return array
 
 
-def _drop_alpha(array: np.ndarray) -> tuple[np.ndarray, bool]:
-    if array.ndim == 3 and array.shape[2] in (2, 4):
+def _tiff_has_alpha(page) -> bool:
+    """Whether a TIFF's extra sample is alpha (ExtraSamples 1 or 2, or RGB with a fourth sample)."""
+    extra = tuple(int(v) for v in (getattr(page, "extrasamples", ()) or ()))
+    rgb_plus_one = getattr(page.photometric, "name", "") == "RGB" and page.samplesperpixel == 4
+    return any(v in (1, 2) for v in extra) or rgb_plus_one
+
+
+def _drop_alpha(array: np.ndarray, known_alpha: bool = True) -> tuple[np.ndarray, bool]:
+    """Drop the alpha of a grey+alpha or RGBA array; ``known_alpha=False`` when the format says it is not alpha."""
+    if known_alpha and array.ndim == 3 and array.shape[2] in (2, 4):
         return (array[..., :-1] if array.shape[2] == 4 else array[..., 0]), True
     return array, False
+
+
+def _others(n: int) -> str:
+    return "channel 1" if n == 2 else f"channels 1..{n - 1}"
+
+
+def _keep_first_channel(array: np.ndarray, problems: list[Problem]) -> np.ndarray:
+    """Channels that are neither grey nor RGB (e.g. two fluorescence stains): keep channel 0 and say so."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        return array[..., 0]
+    if array.ndim == 3 and array.shape[2] != 3:
+        problems.append(Problem("channels_dropped", f"{array.shape[2]} channels that are neither RGB nor alpha: "
+                                f"channel 0 used as grey, {_others(array.shape[2])} ignored; export the "
+                                "stain the model was trained on as a single-channel image"))
+        return np.ascontiguousarray(array[..., 0])
+    return array
 
 
 _PIL_ARRAY_MODES = {"I;16": np.uint16, "I;16B": np.uint16, "I;16L": np.uint16, "I": np.int32, "F": np.float32}

@@ -8,6 +8,8 @@ the differences into the report: "16-bit clipped at 255: 94% of pixels saturate"
 
 from __future__ import annotations
 
+import re
+
 import argparse
 import json
 import os
@@ -112,7 +114,8 @@ def check_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     try:
         problems, notes = _served_findings(image, report, served_decode(data))
     except Exception as exc:  # PIL cannot open what the careful reader can: the service answers 500
-        problems = [Problem("served_fails", f"the as_served decode fails ({type(exc).__name__}: {exc}); "
+        reason = re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc))  # "<_io.BytesIO object at 0x7f...>": no addresses
+        problems = [Problem("served_fails", f"the as_served decode fails ({type(exc).__name__}: {reason}); "
                             "the service would answer 500")]
         notes = ["decode fails"]
     return replace(report, problems=report.problems + tuple(problems), served=tuple(notes))

@@ -104,6 +104,7 @@ def test_read_image_refuses_huge_header_before_decoding():
 
 def test_read_image_drops_alpha_and_reports_it():
     rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., :3] = np.arange(32, dtype=np.uint8)[:, None, None]
     rgba[..., 3] = 255
     image, report = mb.read_image(_png_bytes(rgba, "RGBA"))
     assert image.shape == (32, 32, 3)

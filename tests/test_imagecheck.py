@@ -56,7 +56,7 @@ def test_float_tiff_turns_black_as_served():
 
 
 def test_exif_orientation_ignored_as_served():
-    pil = Image.fromarray(np.zeros((40, 60), np.uint8))
+    pil = Image.fromarray(np.tile(np.arange(60, dtype=np.uint8) * 4, (40, 1)))
     exif = pil.getexif()
     exif[0x0112] = 6
     buf = io.BytesIO()
@@ -68,7 +68,7 @@ def test_exif_orientation_ignored_as_served():
 
 def test_good_8_bit_png_is_ok_with_notes(tmp_path):
     path = tmp_path / "ok.png"
-    path.write_bytes(_png(np.full((30, 40), 120, np.uint8)))
+    path.write_bytes(_png(np.tile(np.arange(40, dtype=np.uint8) + 100, (30, 1))))
     report = check_image(path)
     assert report.ok and report.served[-2] == "stretched to a square input: aspect 40:30 becomes 1:1"
     assert "as_served: then /255 without ImageNet mean/std" in str(report)
@@ -104,7 +104,7 @@ def test_check_image_rejects_bad_argument():
 
 def test_cli_exit_status_and_json_lines(tmp_path, capsys):
     good = tmp_path / "good.png"
-    good.write_bytes(_png(np.full((32, 32), 100, np.uint8)))
+    good.write_bytes(_png(np.tile(np.arange(32, dtype=np.uint8) + 100, (32, 1))))
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"")
     assert _run_cli(["check-image", str(good)]) == 0

@@ -155,6 +155,7 @@ def test_exif_rotated_jpeg_is_turned_upright():
 
 def test_multi_page_tiff_pages_and_bad_page():
     pages = np.stack([np.full((16, 24), 10 * (i + 1), np.uint16) for i in range(3)])
+    pages[:, 0, 0] = 0
     buf = io.BytesIO()
     with tifffile.TiffWriter(buf) as writer:
         for page in pages:
@@ -192,3 +193,34 @@ def test_name_mismatch_and_report_to_dict(tmp_path):
     as_json = json.loads(json.dumps(report.to_dict()))
     assert as_json["ok"] is False and as_json["percentiles"]["p50"] == float(np.percentile(image, 50))
     assert "problem [name_mismatch]" in str(report)
+
+
+def test_two_fluorescence_channels_are_not_taken_for_alpha():
+    planes = np.stack([_gradient(), np.full((48, 64), 200, np.uint8)])
+    image, report = mb.read_image(_tiff(planes, ome=True, metadata={"axes": "CYX"}))
+    assert np.array_equal(image, planes[0]) and not report.alpha
+    assert [p.code for p in report.problems] == ["channels_first", "channels_dropped"]
+    assert "channel 0 used as grey, channel 1 ignored" in report.problems[1].message
+
+
+def test_rgba_tiff_alpha_is_dropped():
+    rgba = np.dstack([_gradient()] * 3 + [np.full((48, 64), 255, np.uint8)])
+    image, report = mb.read_image(_tiff(rgba, photometric="rgb", extrasamples=["unassalpha"]))
+    assert image.shape == (48, 64, 3) and report.alpha
+    assert [p.code for p in report.problems] == ["alpha_dropped"]
+
+
+def test_binary_tiff_becomes_0_255_and_is_flagged():
+    image, report = mb.read_image(_tiff(_gradient() > 100))
+    assert image.dtype == np.uint8 and set(np.unique(image)) == {0, 255}
+    assert [p.code for p in report.problems] == ["binary"] and "looks like a mask" in report.problems[0].message
+
+
+def test_nan_pixels_and_constant_image_are_flagged():
+    values = np.linspace(0, 1, 48 * 64, dtype=np.float32).reshape(48, 64)
+    values[3, 4] = np.nan
+    _, report = mb.read_image(_tiff(values))
+    assert [p.code for p in report.problems] == ["nonfinite"]
+    assert report.problems[0].message.startswith("1 NaN/Inf pixels (0.03%)")
+    _, report = mb.read_image(_tiff(np.full((10, 10), 7, np.uint8)))
+    assert [p.code for p in report.problems] == ["constant"] and "the value 7:" in report.problems[0].message

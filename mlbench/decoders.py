@@ -117,6 +117,9 @@ def decode_tiff(data: bytes, name: str, page: int, max_pixels: int) -> tuple[np.
     except ImageError:
         raise
     except Exception as exc:  # tifffile raises many types for damaged files
+        if "requires the 'imagecodecs' package" in str(exc):
+            raise ImageError(f"{name}: the TIFF is compressed ({exc}); the codec is missing here, not the file "
+                             "damaged: pip install imagecodecs") from exc
         raise ImageError(f"{name}: the TIFF cannot be decoded ({type(exc).__name__}: {exc}); "
                          "the file is damaged or truncated, export it again") from exc
     if pages > 1:

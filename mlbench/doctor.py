@@ -24,10 +24,11 @@ __all__ = ["EnvReport", "PackageCheck", "doctor", "check_import", "check_imports
 # (distribution, import name, required range, extra it belongs to: "" = core)
 REQUIREMENTS: tuple[tuple[str, str, str, str], ...] = (
     ("torch", "torch", ">=2.6", ""), ("numpy", "numpy", ">=1.24", ""), ("pillow", "PIL.Image", ">=12.2", ""),
-    ("tifffile", "tifffile", ">=2023.7", ""), ("opencv-python-headless", "cv2", ">=4.8", ""),
+    ("tifffile", "tifffile", ">=2023.7", ""), ("imagecodecs", "imagecodecs", ">=2024.1", ""),
+    ("opencv-python-headless", "cv2", ">=4.8", ""),
     ("scipy", "scipy.ndimage", ">=1.10", ""), ("pandas", "pandas", ">=2.0", ""), ("safetensors", "safetensors.torch", ">=0.4", ""),
     ("matplotlib", "matplotlib", ">=3.7", ""), ("psutil", "psutil", ">=5.9", ""),
-    ("nvidia-ml-py", "pynvml", ">=12.0", "gpu"), ("fastapi", "fastapi", ">=0.115", "service"),
+    ("nvidia-ml-py", "pynvml", ">=12.0", "gpu"), ("fastapi", "fastapi", ">=0.164", "service"),
     ("uvicorn", "uvicorn", ">=0.30", "service"), ("python-multipart", "python_multipart", ">=0.0.27", "service"),
     ("httpx", "httpx", ">=0.27", "service"), ("ipywidgets", "ipywidgets", ">=8.0", "lab"),
 )

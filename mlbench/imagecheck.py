@@ -23,7 +23,7 @@ from .io import DEFAULT_MAX_PIXELS, ImageReport, ImageSource, Problem, load_byte
 
 __all__ = ["check_image", "served_decode", "add_check_image_command"]
 
-_ERROR_CODES = (("no such file", "missing"), ("is a directory", "missing"), ("is empty", "empty"),
+_ERROR_CODES = (("codec is missing", "codec_missing"), ("no such file", "missing"), ("is a directory", "missing"), ("is empty", "empty"),
                 ("not a recognised image", "not_an_image"), ("exceeds the limit", "too_large"),
                 ("decompression bomb", "too_large"), ("truncated", "truncated"))
 

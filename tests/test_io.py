@@ -224,3 +224,22 @@ def test_nan_pixels_and_constant_image_are_flagged():
     assert report.problems[0].message.startswith("1 NaN/Inf pixels (0.03%)")
     _, report = mb.read_image(_tiff(np.full((10, 10), 7, np.uint8)))
     assert [p.code for p in report.problems] == ["constant"] and "the value 7:" in report.problems[0].message
+
+
+@pytest.mark.parametrize("compression", ["tiff_lzw", "jpeg"])
+def test_compressed_tiffs_decode(compression):
+    """LZW (ImageJ/Fiji's default) and JPEG-in-TIFF need imagecodecs; both must decode."""
+    rgb = np.dstack([_gradient()] * 3)
+    image, report = mb.read_image(_encode(Image.fromarray(rgb), "TIFF", compression=compression))
+    assert image.shape == (48, 64, 3) and report.compression == ("lzw" if compression == "tiff_lzw" else "jpeg")
+    assert np.abs(image.astype(int) - rgb).max() <= (0 if compression == "tiff_lzw" else 8)
+
+
+def test_missing_codec_is_not_called_damage(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise KeyError("<COMPRESSION.LZW: 5> requires the 'imagecodecs' package")
+
+    monkeypatch.setattr(tifffile, "TiffFile", refuse)
+    with pytest.raises(mb.ImageError, match="the codec is missing here, not the file damaged: pip install imagecodecs"):
+        mb.read_image(_tiff(_gradient()))
+    assert mb.check_image(_tiff(_gradient())).problems[0].code == "codec_missing"

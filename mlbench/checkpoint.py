@@ -46,7 +46,7 @@ def sniff_checkpoint(head: bytes, size: int) -> str:
         return "empty"
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return "zip"
-    if len(head) >= 9 and struct.unpack("<Q", head[:8])[0] < size and head[8:9] == b"{":
+    if len(head) >= 10 and head[8:10] in (b'{"', b"{}", b"{ "):  # 8-byte header length, then JSON
         return "safetensors"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "legacy_pickle"
@@ -177,6 +177,11 @@ def inspect_file(path: Path, size: int) -> tuple[FileFacts, Any]:
     if facts.format == "safetensors":
         from safetensors.torch import load_file
 
+        announced = struct.unpack("<Q", head[:8])[0]
+        if announced + 8 > size:
+            facts.problems.append(("truncated", f"the safetensors header announces {announced:,} bytes of metadata but the "
+                                   f"file has only {size:,} bytes: the copy or download stopped early; copy it again"))
+            return facts, None
         try:
             obj = load_file(str(path))
         except Exception as exc:

@@ -211,6 +211,14 @@ def _decode_cv2_16(data: bytes, name: str) -> np.ndarray:
     return array
 
 
+def _apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn an (H, W[, C]) array upright from its EXIF orientation (1..8), as ``ImageOps.exif_transpose`` does."""
+    transposed = np.swapaxes(array, 0, 1)
+    upright = {2: array[:, ::-1], 3: array[::-1, ::-1], 4: array[::-1], 5: transposed,
+               6: transposed[:, ::-1], 7: transposed[::-1, ::-1], 8: transposed[::-1]}.get(orientation, array)
+    return np.ascontiguousarray(upright)
+
+
 def decode_pil(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, dict]:
     """Decode PNG, JPEG, BMP, GIF or WebP with Pillow, detecting truncation (16-bit colour PNG via OpenCV)."""
     from PIL import ImageOps
@@ -221,7 +229,7 @@ def decode_pil(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, dic
     orientation = int(image.getexif().get(0x0112, 1) or 1)
     mode = image.mode
     if _png_16bit_colour(data):
-        array, mode = _decode_cv2_16(data, name), "RGB;16"
+        array, mode = _apply_orientation(_decode_cv2_16(data, name), orientation), "RGB;16"
     else:
         if orientation != 1:
             image = ImageOps.exif_transpose(image)

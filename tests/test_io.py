@@ -243,3 +243,20 @@ def test_missing_codec_is_not_called_damage(monkeypatch):
     with pytest.raises(mb.ImageError, match="the codec is missing here, not the file damaged: pip install imagecodecs"):
         mb.read_image(_tiff(_gradient()))
     assert mb.check_image(_tiff(_gradient())).problems[0].code == "codec_missing"
+
+
+def test_16_bit_rgb_png_with_exif_orientation_is_turned_upright():
+    stored = np.zeros((20, 30, 3), np.uint16)
+    stored[..., 0] = np.arange(30, dtype=np.uint16) * 2000
+    stored[0, 0] = (1, 2, 3)
+    png = cv2.imencode(".png", stored[..., ::-1])[1].tobytes()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    payload = exif.tobytes()
+    payload = payload[6:] if payload.startswith(b"Exif\0\0") else payload
+    chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload + struct.pack(">I", zlib.crc32(b"eXIf" + payload))
+    data = png[:33] + chunk + png[33:]  # after the signature (8) and IHDR (25)
+    image, report = mb.read_image(data)
+    assert image.dtype == np.uint16 and image.shape == (30, 20, 3) and report.orientation == 6
+    assert np.array_equal(image, np.rot90(stored, k=-1))  # 6 = turn 90 degrees clockwise
+    assert "exif_rotated" in [p.code for p in report.problems]

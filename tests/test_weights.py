@@ -193,3 +193,16 @@ def test_cli_json_and_exit_status(tmp_path, state_dict, capsys):
     assert out["ok"] is True and out["fits"][0]["model"] == "ma_resunet"
     args = parser.parse_args(["check-weights", str(tmp_path / "none.pth")])
     assert args.run(args) == 1 and "problem [missing]" in capsys.readouterr().out
+
+
+def test_truncated_safetensors(tmp_path, state_dict):
+    save_file(dict(state_dict), str(tmp_path / "w.safetensors"))
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut_data.safetensors").write_bytes(data[: len(data) - 100])
+    (tmp_path / "cut_header.safetensors").write_bytes(data[:40])
+    cut_data = check_weights(tmp_path / "cut_data.safetensors")
+    assert cut_data.format == "safetensors" and not cut_data.ok
+    assert cut_data.problems[0].code == "load_failed" and "truncated or damaged" in cut_data.problems[0].message
+    cut_header = check_weights(tmp_path / "cut_header.safetensors")
+    assert cut_header.format == "safetensors" and cut_header.problems[0].code == "truncated"
+    assert "but the file has only 40 bytes" in cut_header.problems[0].message

@@ -166,6 +166,17 @@ def predict_tiled(
     ------
     TilingOutOfMemory
         If every tile size and the fallback ran out of memory.
+
+    Notes
+    -----
+    ``InstanceNorm2d`` (all three models) normalises each tile by that tile's own statistics,
+    so a tile that is small against the image departs from the whole-image output. Measured
+    on the 512 px samples with 256 px tiles: mask IoU 0.998 for MA-ResUNet, 0.988 to 0.997
+    for CBAM-ResUNet and 0.962 to 0.986 for HRNet; the larger the tile, the closer. Whole-
+    image statistics are not emulated: frozen exact statistics would give 0.993 to 0.999, but
+    gathering them tile by tile needs one pass per norm layer (306 in HRNet), because each
+    layer's statistics depend on the layers before it, and a cheaper fixed-point iteration
+    was measured to diverge. Use the largest tile that fits (``mb.max_input_size``).
     """
     model = check_module(model)
     multiple = _check_args(model, x, tile, overlap)

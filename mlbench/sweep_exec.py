@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 
 from .errors import MlbenchError
 
-__all__ = ["SweepTask", "SweepTimeout", "run_task", "run_tasks", "sweep_executor", "CrashIf"]
+__all__ = ["SweepTask", "SweepTimeout", "run_task", "run_image", "run_tasks", "sweep_executor", "CrashIf"]
 
 _MODELS: dict[tuple[str, str], Any] = {}
 STAGE_COLUMNS = ("decode", "preprocess", "forward", "postprocess", "polygons")
@@ -158,12 +158,16 @@ def _pipeline_columns(task: SweepTask) -> dict[str, Any]:
     return {**cols, "status": "ok", "n_polygons": len(run.output("polygons")), **_metrics(task, mask)}
 
 
-def run_task(task: SweepTask) -> dict[str, Any]:
-    """Run one sweep task in this process and return its row; never raises (except a crash)."""
+def run_task(task: SweepTask, image_columns: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one sweep task in this process and return its row; never raises (except a crash).
+
+    ``image_columns`` are the image report's columns when already computed for this image.
+    """
     import torch
 
     torch.set_num_threads(1)
-    row, start, rss = {**task.base_row(), **_image_columns(task.path)}, time.perf_counter(), _rss_mb()
+    image_columns = image_columns if image_columns is not None else _image_columns(task.path)
+    row, start, rss = {**task.base_row(), **image_columns}, time.perf_counter(), _rss_mb()
     armed = _alarm(task.timeout)
     try:
         if task.hook is not None:
@@ -179,6 +183,20 @@ def run_task(task: SweepTask) -> dict[str, Any]:
     row.update({"t_total": round(time.perf_counter() - start, 4), "rss_delta_mb": round(_rss_mb() - rss, 1),
                 "worker_peak_rss_mb": round(_peak_rss_mb(), 1), "worker": os.getpid()})
     return row
+
+
+def run_image(tasks: list[SweepTask]) -> list[dict[str, Any]]:
+    """Run the tasks of one image (every model and preset) in this process: one image check, one round trip."""
+    columns = _image_columns(tasks[0].path)
+    return [run_task(task, columns) for task in tasks]
+
+
+def by_image(tasks: list[SweepTask]) -> list[list[SweepTask]]:
+    """The tasks grouped by image, in first-seen order (a group is one unit of work for an executor)."""
+    groups: dict[str, list[SweepTask]] = {}
+    for task in tasks:
+        groups.setdefault(task.path, []).append(task)
+    return list(groups.values())
 
 
 def _crashed_row(task: SweepTask, exc: BaseException) -> dict[str, Any]:
@@ -206,51 +224,72 @@ def _renew(executor: ProcessPoolExecutor) -> ProcessPoolExecutor:
 
 
 def _window(executor: Executor) -> int:
-    """How many tasks to keep in flight: few enough that a crash has few suspects."""
-    workers = getattr(executor, "_max_workers", None) or 2 * (os.cpu_count() or 1)
-    return 2 * int(workers)
-
-
-def _collect(done: Iterable[Future], pending: dict[Future, SweepTask], emit: Callable[[dict], None]) -> list[SweepTask]:
-    """Emit the rows of finished futures; return the tasks of a pool that broke under them."""
-    broken = []
-    for future in done:
-        task = pending.pop(future)
+    """How many images to keep in flight: two per worker, few enough that a crash has few suspects."""
+    workers = getattr(executor, "_max_workers", None)
+    client = getattr(executor, "client", None)
+    if workers is None and client is not None:  # Dask: the cluster's threads, as the scheduler reports them
         try:
-            emit(future.result())
+            workers = sum(client.nthreads().values())
+        except Exception:  # a client that lost its scheduler: fall back to this machine's size
+            workers = None
+    return 2 * int(workers or os.cpu_count() or 1)
+
+
+def _collect(done: Iterable[Future], pending: dict[Future, list[SweepTask]],
+             emit: Callable[[dict], None]) -> tuple[list[SweepTask], list[SweepTask]]:
+    """Emit the rows of finished futures.
+
+    Returns the tasks of a process pool that broke under them (the pool is dead) and the
+    tasks whose Dask worker kept dying (``KilledWorker``; the cluster lives on).
+    """
+    broken, killed = [], []
+    for future in done:
+        group = pending.pop(future)
+        try:
+            rows = future.result()
         except BrokenProcessPool:
-            broken.append(task)
-        except Exception as exc:  # Dask: KilledWorker names the task whose worker kept dying
+            broken += group
+            continue
+        except Exception as exc:
             if type(exc).__name__ not in ("KilledWorker", "CancelledError"):
                 raise
-            emit(_crashed_row(task, exc))
-    return broken
+            killed += group
+            continue
+        for row in rows:
+            emit(row)
+    return broken, killed
 
 
 def run_tasks(tasks: list[SweepTask], executor: Executor | None, emit: Callable[[dict], None]) -> None:
     """Run every task (serially when ``executor`` is None) and pass each row to ``emit`` as it ends.
 
-    A broken process pool is replaced (the replacement is shut down at the end; the caller's
-    executor stays broken) and the tasks in flight when it broke are re-run one by one in
-    a fresh process each, so a crash is recorded against the image that caused it.
+    The tasks of one image travel together (:func:`run_image`: one image check and one round
+    trip for all its models). A broken process pool is replaced (the replacement is shut down
+    at the end; the caller's executor stays broken) and the tasks in flight when it broke, or
+    whose Dask worker was killed, are re-run one by one in a fresh process each, so a crash
+    is recorded against the image and model that caused it.
     """
+    groups = by_image(tasks)
     if executor is None:
-        for task in tasks:
-            emit(run_task(task))
+        for group in groups:
+            for row in run_image(group):
+                emit(row)
         return
-    queue, pending, suspects, own = list(reversed(tasks)), {}, [], []
+    queue, pending, suspects, own, window = list(reversed(groups)), {}, [], [], _window(executor)
     try:
         while queue or pending:
-            while queue and len(pending) < _window(executor):
-                task = queue.pop()
-                pending[executor.submit(run_task, task)] = task
+            while queue and len(pending) < window:
+                group = queue.pop()
+                pending[executor.submit(run_image, group)] = group
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            broken = _collect(done, pending, emit)
+            broken, killed = _collect(done, pending, emit)
+            suspects += killed
             if broken:
-                suspects += broken + list(pending.values())
+                suspects += broken + [task for group in pending.values() for task in group]
                 pending.clear()
-                executor = _renew(executor)
-                own.append(executor)
+                if isinstance(executor, ProcessPoolExecutor):
+                    executor = _renew(executor)
+                    own.append(executor)
     finally:
         for pool in own:
             pool.shutdown(wait=True)

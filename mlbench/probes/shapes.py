@@ -11,6 +11,7 @@ into the cause and the fix. Hooks are removed and ``model.training`` restored in
 from __future__ import annotations
 
 import time
+from functools import cached_property
 from types import SimpleNamespace
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -75,15 +76,20 @@ def _stats(tensors: list[torch.Tensor]) -> dict[str, Any]:
     floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel() and t.device.type != "meta"]
     if not floats:
         return {}
-    nan = sum(int(torch.isnan(t).sum()) for t in floats)
-    inf = sum(int(torch.isinf(t).sum()) for t in floats)
+    sums = [t.sum(dtype=torch.float64) for t in floats]  # NaN/Inf propagate: one pass decides the common case
+    nan = inf = 0
+    if not all(bool(torch.isfinite(s)) for s in sums):
+        nan = sum(int(torch.isnan(t).sum()) for t in floats)
+        inf = sum(int(torch.isinf(t).sum()) for t in floats)
     finite = [t[torch.isfinite(t)] if nan or inf else t for t in floats]
     finite = [t for t in finite if t.numel()]
     if not finite:
         return {"nan": nan, "inf": inf}
-    low = min(float(t.min()) for t in finite)
-    high = max(float(t.max()) for t in finite)
-    mean = sum(float(t.float().sum()) for t in finite) / sum(t.numel() for t in finite)
+    extremes = [torch.aminmax(t) for t in finite]
+    low = min(float(e.min) for e in extremes)
+    high = max(float(e.max) for e in extremes)
+    total = sum(float(s) for s in sums) if not (nan or inf) else sum(float(t.sum(dtype=torch.float64)) for t in finite)
+    mean = total / sum(t.numel() for t in finite)
     return {"min": round(low, 6), "max": round(high, 6), "mean": round(mean, 6), "nan": nan, "inf": inf}
 
 
@@ -94,21 +100,25 @@ class _Recorder:
     open: list[int] = field(default_factory=list)
     finished: int = 0
 
+    # The hooks run once per module call (1,255 calls in a small HRNet forward): plain tensors take
+    # a fast path, and dtype/device are turned into text only when the trace is frozen.
     def pre(self, path: str, module: nn.Module, args: tuple[Any, ...]) -> None:
         self.open.append(len(self.calls))
-        self.calls.append({"path": path, "module": module, "inputs": shape_of(list(args)), "status": "running",
-                           "start": time.perf_counter()})
+        single = len(args) == 1 and type(args[0]) is torch.Tensor
+        self.calls.append({"path": path, "module": module, "status": "running", "start": time.perf_counter(),
+                           "inputs": [tuple(args[0].shape)] if single else shape_of(list(args))})
 
     def post(self, path: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        end = time.perf_counter()
         call = self.calls[self.open.pop()]
-        call["seconds"] = time.perf_counter() - call["start"]
-        call["status"] = "ok"
-        call["finished"] = self.finished
+        call["seconds"], call["status"], call["finished"] = end - call["start"], "ok", self.finished
         self.finished += 1
+        if type(output) is torch.Tensor and not self.stats:
+            call["outputs"], call["dtype"], call["device"] = tuple(output.shape), output.dtype, output.device
+            return
         tensors = tensors_in(output)
         call["outputs"] = shape_of(output)
-        call["dtype"] = str(tensors[0].dtype).replace("torch.", "") if tensors else ""
-        call["device"] = str(tensors[0].device) if tensors else ""
+        call["dtype"], call["device"] = (tensors[0].dtype, tensors[0].device) if tensors else ("", "")
         if self.stats:
             call.update(_stats(tensors))
 
@@ -126,21 +136,32 @@ class ShapeTrace:
         The innermost module that was running when the error was raised.
     """
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, calls: tuple[ModuleCall, ...],
+    def __init__(self, model: nn.Module, x: torch.Tensor, calls: list[dict[str, Any]],
                  output: Any, error: BaseException | None, operands: tuple[str, ...]) -> None:
         self.model_name = getattr(model, "mlbench_name", "") or type(model).__name__
         self._facts = SimpleNamespace(mlbench_name=self.model_name, input_multiple=getattr(model, "input_multiple", 1),
                                       min_input_size=getattr(model, "min_input_size", 1))
-        self.calls = calls
+        self._raw = (model, calls)  # frozen into ModuleCall records on first use, not inside the timed trace
         self.input_shape = tuple(x.shape)
         self.input_dtype = str(x.dtype).replace("torch.", "")
         self.output_shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
         self.error = error
         self.operands = operands
-        failed = [c for c in calls if c.status == "failed"]
-        self.failed = failed[-1] if failed else None
         self.input_nonfinite = 0
         self.nonfinite_parameters: dict[str, int] = {}
+
+    @cached_property
+    def calls(self) -> tuple[ModuleCall, ...]:
+        """Every module call, in the order the calls started."""
+        calls = _freeze(*self._raw)
+        self._raw = None
+        return calls
+
+    @cached_property
+    def failed(self) -> ModuleCall | None:
+        """The innermost module that was running when the error was raised."""
+        failed = [c for c in self.calls if c.status == "failed"]
+        return failed[-1] if failed else None
 
     @property
     def ok(self) -> bool:
@@ -234,7 +255,7 @@ def _freeze(model: nn.Module, calls: list[dict[str, Any]]) -> tuple[ModuleCall, 
         frozen.append(ModuleCall(
             index=index, path=path, type=type(module).__name__, depth=0 if path == "(model)" else path.count(".") + 1,
             inputs=_shape_text(call["inputs"]), outputs=_shape_text(call.get("outputs", "")),
-            dtype=call.get("dtype", ""), device=call.get("device", ""),
+            dtype=str(call.get("dtype", "")).replace("torch.", ""), device=str(call.get("device", "")),
             parameters=counts.get(module, 0), seconds=round(call.get("seconds", 0.0), 6),
             status=call["status"], finished=call.get("finished", -1), **{k: call.get(k) for k in ("min", "max", "mean", "nan", "inf")}))
     return tuple(frozen)
@@ -268,9 +289,7 @@ def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool = True, eval:
                            "convert an image with torch.from_numpy(image).permute(2, 0, 1)[None].float().")
     recorder = _Recorder(stats)
     output, error = None, None
-    with module_hooks(model, recorder.pre, recorder.post), torch.no_grad():
-        if eval:
-            model.eval()
+    with module_hooks(model, recorder.pre, recorder.post, eval=eval), torch.no_grad():
         try:
             output = model(x)
         except Exception as exc:  # kept in the trace, explained by .explain()
@@ -280,7 +299,7 @@ def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool = True, eval:
     operands = ()
     if recorder.open:
         operands = tuple(_shape_text(s) for s in recorder.calls[recorder.open[-1]]["inputs"])
-    trace = ShapeTrace(model, x, _freeze(model, recorder.calls), output, error, operands)
+    trace = ShapeTrace(model, x, recorder.calls, output, error, operands)
     if stats:
         trace.input_nonfinite = sum(_stats([x]).get(k, 0) for k in ("nan", "inf"))
         trace.nonfinite_parameters = {

@@ -1,9 +1,12 @@
 """``mb.triage``: what kind of failure is this? From an exception or any pasted error text.
 
-The input is cut into error blocks (each Python traceback, each other log line); each
-block is scored against the weighted rules of :mod:`mlbench.triage_rules`; the best class
-per block becomes a :class:`Diagnosis` with the deciding line as evidence and the numbers
-pulled from the text. Several errors give several diagnoses, root cause first. Files and
+The input is cut into error blocks (each Python traceback, each other log line), after
+stripping quote, pytest, rich-box and docker-compose prefixes; each block is scored against
+the weighted rules of :mod:`mlbench.triage_rules` (the exception message counts most, stack
+frames least, weak hints only on lines that read as errors) and the context rules of
+:mod:`mlbench.triage_patterns` (tensor types, what a missing file is, the call that raised);
+the best class per block becomes a :class:`Diagnosis` with the deciding line as evidence and
+the numbers pulled from the text. Several errors give several diagnoses, root cause first. Files and
 streams larger than 2 MiB are read in chunks and only lines that look like errors are kept,
 so a 100 MB log takes seconds and constant memory.
 """
@@ -20,7 +23,8 @@ from typing import IO, Any, Union
 
 from . import triage_numbers
 from .errors import OptionsError
-from .triage_rules import CLASS_INFO, CONSEQUENCE_CLASSES, EXCEPTION_TYPES, RULES, WEAK_RULES
+from .triage_patterns import caused_by_earlier, context_scores, is_frame, is_frame_header, strip_prefix
+from .triage_rules import CLASS_INFO, CONSEQUENCE_CLASSES, RULES, WEAK_RULES
 from .triage_stream import clean as _clean
 from .triage_stream import read_stream as _read_stream
 
@@ -28,12 +32,15 @@ __all__ = ["Diagnosis", "triage", "triage_text", "triage_text_all", "make_diagno
 
 FAILURE_CLASSES = tuple(CLASS_INFO)
 _FLAGS = re.I | re.M | re.ASCII
-_COMPILED = [(cls, float(w), re.compile(p, _FLAGS)) for cls, w, p in RULES + WEAK_RULES]
+_COMPILED = [(cls, float(w), re.compile(p, _FLAGS), False) for cls, w, p in RULES]
+_COMPILED += [(cls, float(w), re.compile(p, _FLAGS), True) for cls, w, p in WEAK_RULES]
+# A weak hint counts only on a line that reads as an error, not on progress or config lines.
+_ERRORISH = re.compile(r"error|exception|fail|fatal|critical|warn|cannot|can't|could not|unable|invalid|not found|denied|refused"
+                       r"|killed|abort|traceback|timed out|\bnan\b|wrong|mismatch|missing|unexpected|expected|assert|problem|issue", re.I)
 _MAX_BLOCKS = 400
 _TB_START = re.compile(r"Traceback \(most recent call last\)")
 _CHAIN = re.compile(r"^(During handling of the above exception|The above exception was the direct cause)")
-_EXC_LINE = re.compile(r"^\s{0,4}([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Exceeded|Timeout|Full|Killed)\w*)\b(?::|$)")
-_FRAME = re.compile(r'^\s*File "[^"\n]{0,500}", line \d+|^\s*at [\w.$<>]+\(|^\s*#\d+ ')
+_EXC_LINE = re.compile(r"^\s{0,4}([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Exceeded|Timeout|Full|Killed)\w*)\b(?::|\uff1a|$)")
 _BARS = re.compile(r"^\s*(?:\d+\|[\w-]+\s*)?(?:[\d/-]{8,10}[ T][\d:.,]{8,15}\s+)?(?:[|+]\s?)+(?=\s*\S)")
 _LOG_PREFIX = re.compile(r"^(\d{4}-\d\d-\d\d|\[\d{4}-|\[?(INFO|ERROR|WARNING|WARN|DEBUG|CRITICAL)\b|[IWEF]\d{4} )")
 
@@ -151,8 +158,18 @@ def triage_text_all(source: TriageInput) -> list[Diagnosis]:
     found = _merge(found)
     if not found:
         return [_unknown(text, note)]
-    order = sorted(range(len(found)), key=lambda i: (found[i].failure_class in CONSEQUENCE_CLASSES,
-                                                     found[i].confidence < 3.5, i))
+    return _root_cause_first(found)
+
+
+def _root_cause_first(found: list[Diagnosis]) -> list[Diagnosis]:
+    """Strong diagnoses before weak hints; among strong ones an error caused by an earlier one (a worker
+    killed after its timeout) and the usual consequences (timeouts, overload) last, else input order;
+    weak hints by confidence."""
+    caused = [caused_by_earlier(d.failure_class, d.evidence, [(e.failure_class, e.evidence) for e in found[:i]])
+              for i, d in enumerate(found)]
+    weak = [d.confidence < 4.5 for d in found]
+    order = sorted(range(len(found)), key=lambda i: (weak[i], caused[i], not weak[i] and found[i].failure_class in CONSEQUENCE_CLASSES,
+                                                     -found[i].confidence if weak[i] else 0.0, i))
     return [found[i] for i in order]
 
 
@@ -200,6 +217,7 @@ def _blocks(lines: list[str]) -> list[tuple[int, list[str]]]:
     in_traceback = seen_exception = False
     for i, line in enumerate(lines):
         line = _BARS.sub("", line) if "|" in line[:40] or "+" in line[:8] else line
+        line = strip_prefix(line)
         stripped = line.strip()
         if _TB_START.search(stripped):
             current, in_traceback, seen_exception = [line], True, False
@@ -207,6 +225,10 @@ def _blocks(lines: list[str]) -> list[tuple[int, list[str]]]:
             continue
         if _CHAIN.match(stripped) or not stripped:
             current = None
+            continue
+        if not in_traceback and is_frame_header(line):  # a traceback pasted without its header
+            current, in_traceback, seen_exception = [line], True, False
+            blocks.append((i, current))
             continue
         starts_record = bool(_LOG_PREFIX.match(line) or _EXC_LINE.match(line))
         if current is not None and in_traceback and not (seen_exception and _LOG_PREFIX.match(line)):
@@ -221,12 +243,16 @@ def _blocks(lines: list[str]) -> list[tuple[int, list[str]]]:
     return blocks
 
 
-def _line_factor(line: str, previous: str) -> float:
-    if _FRAME.match(line):
-        return 0.3
-    if previous and _FRAME.match(previous) and line.startswith("    "):
-        return 0.35  # the source line under a frame
-    return 1.25 if _EXC_LINE.match(line) else 1.0
+def _line_factor(line: str, previous: str, has_message: bool) -> float:
+    """How much a match on ``line`` counts: the exception line most, stack frames least (but more
+    when the traceback was cut before its message, so the frames are all there is)."""
+    if _EXC_LINE.match(line):
+        return 1.25
+    if is_frame(line):
+        return 0.3 if has_message else 0.6
+    if previous and is_frame_header(previous):
+        return 0.35 if has_message else 0.6  # the source line under a frame
+    return 1.0
 
 
 def _classify(block: list[str], first_line: int) -> Diagnosis | None:
@@ -235,19 +261,22 @@ def _classify(block: list[str], first_line: int) -> Diagnosis | None:
     for line in block[:-1]:
         starts.append(starts[-1] + len(line) + 1)
     best: dict[str, tuple[float, int, int]] = {}  # class -> (score, line index, hits)
-    for cls, weight, rx in _COMPILED:
+    in_traceback = any(_TB_START.search(line) or is_frame_header(line) for line in block[:60])
+    has_message = any(_EXC_LINE.match(line) for line in block)
+    for cls, weight, rx, weak in _COMPILED:
         for n, match in enumerate(rx.finditer(text)):
             if n == 4:
                 break
             idx = _index(starts, match.start())
-            score = weight * _line_factor(block[idx], block[idx - 1] if idx else "")
+            if weak and not in_traceback and not _ERRORISH.search(block[idx]):
+                continue
+            score = weight * _line_factor(block[idx], block[idx - 1] if idx else "", has_message)
             old = best.get(cls, (0.0, 0, 0))
             best[cls] = (max(old[0], score), idx if score > old[0] else old[1], old[2] + 1)
     exc_type = _exception_type(block)
-    if exc_type in EXCEPTION_TYPES:
-        cls = EXCEPTION_TYPES[exc_type]
+    for cls, score in context_scores(text, exc_type):
         old = best.get(cls, (0.0, _exc_index(block), 0))
-        best[cls] = (max(old[0], 3.0), old[1], old[2] + 1)
+        best[cls] = (max(old[0], score), old[1] if old[0] >= score else _exc_index(block), old[2] + 1)
     if not best:
         return None
     cls, (score, idx, hits) = max(best.items(), key=lambda kv: (kv[1][0] + 0.05 * min(kv[1][2], 6), -kv[1][1]))

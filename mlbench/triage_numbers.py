@@ -15,8 +15,8 @@ from .triage_rules import PIP_NAMES
 
 __all__ = ["extract", "describe", "specific_fix", "parse_bytes", "format_bytes"]
 
-_UNITS = {"b": 1, "bytes": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_SIZE = r"(\d+(?:\.\d+)?)\s?(bytes|[KMGT]i?B|B)\b"
+_UNITS = {"b": 1, "bytes": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = r"(\d+(?:\.\d*)?)\s?(bytes|[KMGT]i?B|[KMGT](?=\s?\(\d+ bytes\))|B)\b"
 
 
 def parse_bytes(number: str, unit: str) -> int:
@@ -40,10 +40,16 @@ def _first_size(text: str, *patterns: str) -> int | None:
     return None
 
 
+def _exact_bytes(text: str) -> int | None:
+    """The byte count TensorFlow prints next to a rounded size: 'allocate 2.12G (2282521344 bytes)'."""
+    match = re.search(r"allocate [\d.]+\s?\w* \((\d+) bytes\)", text, re.I)
+    return int(match.group(1)) if match else None
+
+
 def _memory(text: str) -> dict[str, Any]:
     out = {
-        "requested_bytes": _first_size(text, r"(?:tried to )?allocate SIZE", r"Unable to allocate SIZE"),
-        "total_bytes": _first_size(text, r"SIZE total capacity", r"total capacity of SIZE"),
+        "requested_bytes": _exact_bytes(text) or _first_size(text, r"(?:tried to )?allocate SIZE", r"Unable to allocate SIZE"),
+        "total_bytes": _first_size(text, r"SIZE total capacity", r"total capac\w{0,3}y of SIZE"),
         "free_bytes": _first_size(text, r"of which SIZE (?:is )?free", r"SIZE free"),
         "allocated_bytes": _first_size(text, r"SIZE already allocated", r"SIZE is allocated by PyTorch"),
         "reserved_bytes": _first_size(text, r"SIZE reserved in total", r"SIZE is reserved by PyTorch"),
@@ -108,8 +114,34 @@ def _dependency(text: str) -> dict[str, Any]:
     m = re.search(r"([\w.+-]+\.so(?:\.[\d.]+)?): cannot open shared object file", text)
     if m:
         out["library"] = m.group(1)
-    if re.search(r"NumPy 1\.x cannot be run in|_ARRAY_API not found|numpy\.dtype size changed", text):
+    if re.search(r"NumPy 1\.x cannot be run in|_ARRAY_API not found|numpy\.dtype size changed|multiarray failed to import|compiled against API version", text):
         out["abi"] = "numpy 1.x/2.x"
+    m = re.search(r"(?:site|dist)-packages[/\\]([\w-]+)[/\\][^\s:]*\.(?:so|pyd)[^\n]{0,20}?: undefined symbol", text)
+    if m:
+        out.update(module=m.group(1), pip_package=PIP_NAMES.get(m.group(1), m.group(1)), broken_extension=True)
+    m = re.search(r"module '([\w.]+)' has no attribute '(\w+)'", text)
+    if m and "module" not in out:
+        out.update(module=m.group(1), missing_attribute=m.group(2))
+    return out
+
+
+_LOAD_KEYS = {"v": "a Git LFS pointer (run git lfs pull)", "<": "an HTML page (a failed or redirected download)",
+              "\\x00": "zero-filled or truncated"}
+
+
+def _weights_file(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    m = re.search(r"invalid load key, '([^']{1,6})'", text)
+    if m:
+        out["load_key"] = m.group(1)
+        out["file_is"] = _LOAD_KEYS.get(m.group(1), "not a torch checkpoint")
+    elif re.search(r"failed finding central directory|unexpected EOF|Ran out of input|HeaderTooSmall|MetadataIncompleteBuffer", text, re.I):
+        out["file_is"] = "truncated or empty (an interrupted download or copy)"
+    elif re.search(r"HeaderTooLarge|header too large|version https://git-lfs", text, re.I):
+        out["file_is"] = "not a safetensors file (often a Git LFS pointer or an HTML page)"
+    m = re.search(r"(?:No such file or directory|Is a directory|does not exist)\W{0,3}'([^'\n]{1,300})'", text)
+    if m:
+        out["path"] = m.group(1)
     return out
 
 
@@ -122,6 +154,13 @@ def _devices(text: str) -> dict[str, Any]:
     m = re.search(r"NVML library version:? ?([\d.]+)", text)
     if m:
         out["nvml_library_version"] = m.group(1)
+    m = re.search(r"unsatisfied condition: cuda ?>= ?([\d.]+)", text)
+    if m:
+        out["required_cuda"] = m.group(1)
+    m = re.search(r"capability (sm_\d+) is not compatible", text)
+    if m:
+        out["gpu_capability"] = m.group(1)
+        out["supported_capabilities"] = re.findall(r"\bsm_\d+", text[m.end():m.end() + 300])
     return out
 
 
@@ -151,7 +190,7 @@ def _image(text: str) -> dict[str, Any]:
     return {"file": m.group(1)} if m else {}
 
 
-_EXTRACT = {"cuda_oom": _memory, "weights_mismatch": _weights, "shape_mismatch": _shape, "missing_dependency": _dependency,
+_EXTRACT = {"cuda_oom": _memory, "weights_missing": _weights_file, "weights_mismatch": _weights, "shape_mismatch": _shape, "missing_dependency": _dependency,
             "device_mismatch": _devices, "dtype_mismatch": _dtypes, "validation_error": _http, "queue_timeout": _http,
             "image_format": _image}
 
@@ -182,9 +221,17 @@ def describe(failure_class: str, numbers: dict[str, Any]) -> str:
         return f"the model expects {n['expected_channels']} channels, the input has {n['got_channels']}"
     if failure_class == "shape_mismatch" and "mat1" in n:
         return f"a ({n['mat1'][0]}x{n['mat1'][1]}) input meets a ({n['mat2'][0]}x{n['mat2'][1]}) weight"
+    if failure_class == "missing_dependency" and "missing_attribute" in n:
+        return f"{n['module']}.{n['missing_attribute']} does not exist in the installed version (removed or renamed)"
     if failure_class == "missing_dependency" and ("module" in n or "library" in n or "abi" in n):
         what = n.get("library") or n.get("module")
         return f"{what} cannot be imported" + (f" (a {n['abi']} ABI clash)" if "abi" in n else "")
+    if failure_class == "weights_missing" and ("file_is" in n or "path" in n):
+        return ", ".join(filter(None, [f"the file is {n['file_is']}" if "file_is" in n else "", f"path {n['path']}" if "path" in n else ""]))
+    if failure_class == "device_mismatch" and ("required_cuda" in n or "gpu_capability" in n):
+        if "required_cuda" in n:
+            return f"the container needs a driver for CUDA >= {n['required_cuda']}"
+        return f"this torch build has no kernels for the GPU's {n['gpu_capability']} (built for {' '.join(n['supported_capabilities']) or 'other GPUs'})"
     if failure_class == "dtype_mismatch" and n:
         return f"expected {n['expected']}, found {n['found']}"
     if failure_class == "device_mismatch" and n.get("devices"):
@@ -199,6 +246,11 @@ def describe(failure_class: str, numbers: dict[str, Any]) -> str:
 def specific_fix(failure_class: str, numbers: dict[str, Any]) -> str | None:
     """A fix naming the exact package, prefix or size, when the numbers allow one."""
     n = numbers
+    if failure_class == "missing_dependency" and n.get("broken_extension"):
+        return f"reinstall {n['pip_package']} built for the installed torch/numpy (pip install --force-reinstall {n['pip_package']}), then `mlbench doctor`"
+    if failure_class == "missing_dependency" and "missing_attribute" in n:
+        return (f"{n['module']}.{n['missing_attribute']} was removed in the installed version: pin the version the code was written "
+                f"for or update the call to the new API")
     if failure_class == "missing_dependency" and "pip_package" in n:
         return f"pip install {n['pip_package']} (into the same environment as the kernel/service), then `mlbench doctor`"
     if failure_class == "missing_dependency" and "abi" in n:
@@ -213,4 +265,21 @@ def specific_fix(failure_class: str, numbers: dict[str, Any]) -> str | None:
                 "better, re-save only the state_dict as safetensors")
     if failure_class == "shape_mismatch" and "size_a" in n:
         return "resize or pad the input so height and width are multiples of 16 (or 32), or use a model with a size guard"
+    return _FIXES[failure_class](n) if failure_class in _FIXES else None
+
+
+def _weights_file_fix(n: dict[str, Any]) -> str | None:
+    if "load_key" not in n:
+        return None
+    return f"the weights file is {n['file_is']}: fetch the real file again and verify its sha256 (mb.check_weights(path))"
+
+
+def _device_fix(n: dict[str, Any]) -> str | None:
+    if "required_cuda" in n:
+        return f"update the host NVIDIA driver to one that supports CUDA {n['required_cuda']}, or use an image built for an older CUDA"
+    if "gpu_capability" in n:
+        return f"install a torch build whose CUDA version supports {n['gpu_capability']} (see pytorch.org/get-started), then `mlbench doctor`"
     return None
+
+
+_FIXES = {"weights_missing": _weights_file_fix, "device_mismatch": _device_fix}

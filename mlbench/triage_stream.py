@@ -16,7 +16,9 @@ _SMALL = 2 << 20
 _CHUNK = 8 << 20
 _KEYWORDS = tuple(k.encode() for k in (  # every real error line we know holds one of these (lower case)
     "error", "exception", "traceback", "fail", "warn", "killed", "timeout", "timed out", "cuda", "memory", "nan",
-    "invalid", "cannot", "unable", "could not", "not found", "denied", "refused", "sigkill", '" 4', '" 5', "exited"))
+    "invalid", "cannot", "unable", "could not", "not found", "denied", "refused", "sigkill", '" 4', '" 5', "exited",
+    "exceed", "overload", "oom", "mismatch", "expected", "unsupported", "not supported", "missing", "no such", "too large",
+    "too many", "unavailable", "gateway", "unprocessable", "bad request"))
 
 
 def clean(text: str) -> str:

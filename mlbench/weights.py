@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -108,16 +108,41 @@ class WeightsReport:
         return "\n".join(lines)
 
 
-def strip_prefix(state_dict: Mapping[str, Any]) -> tuple[OrderedDict, str]:
-    """A copy of ``state_dict`` without the prefix every key shares (``module.``, ``model.`` ...), and that prefix."""
+def strip_prefix(state_dict: Mapping[str, Any], known_keys: Collection[str] = ()) -> tuple[OrderedDict, str]:
+    """A copy of ``state_dict`` without the prefix every key shares, and that prefix.
+
+    The usual wrappers (``module.``, ``model.``, ``net.``, ``_orig_mod.``) are stripped whenever
+    every key has them; any other first segment every key shares (``encoder_decoder.``) only when
+    stripping it turns the keys into ``known_keys`` (those of the registered architectures).
+    """
     out, removed = OrderedDict(state_dict), ""
     while out:
         prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in out)), None)
+        if prefix is None and known_keys:
+            prefix = _shared_wrapper(out, known_keys)
         if prefix is None:
             break
         torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(out, prefix)
         removed += prefix
     return out, removed
+
+
+def _shared_wrapper(state_dict: Mapping[str, Any], known_keys: Collection[str]) -> str | None:
+    """The first key segment every key shares, if without it most keys become known ones."""
+    first = {key.split(".", 1)[0] for key in state_dict}
+    if len(first) != 1 or not all("." in key for key in state_dict):
+        return None
+    prefix = first.pop() + "."
+    known = set(known_keys)
+    before = sum(key in known for key in state_dict)
+    after = sum(key[len(prefix):] in known for key in state_dict)
+    return prefix if after > max(before, len(state_dict) // 2) else None
+
+
+def _known_keys(model: Any) -> set[str]:
+    """Key names of every registered architecture (small widths), and of ``model`` when it is a module."""
+    keys = set().union(*(_shapes(name, model_config(name, "small")) for name in list_models()))
+    return keys | set(model.state_dict()) if isinstance(model, torch.nn.Module) else keys
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -239,7 +264,7 @@ def _analyse(obj: Any, facts: FileFacts, model: Any) -> tuple[dict[str, Any], li
     if state_dict is None:
         return {"container": container}, [Problem("no_state_dict", f"the file holds {container}; expected a state "
                                                   "dict or a training dict with 'model_state_dict'")], None
-    state_dict, prefix = strip_prefix(state_dict)
+    state_dict, prefix = strip_prefix(state_dict, _known_keys(model))
     fits = rank_architectures(state_dict)
     problems = _tensor_findings(state_dict, prefix, facts.devices)
     fields_ = {"container": container, "prefix": prefix, "tensors": len(state_dict), "fits": fits,

@@ -206,3 +206,13 @@ def test_truncated_safetensors(tmp_path, state_dict):
     cut_header = check_weights(tmp_path / "cut_header.safetensors")
     assert cut_header.format == "safetensors" and cut_header.problems[0].code == "truncated"
     assert "but the file has only 40 bytes" in cut_header.problems[0].message
+
+
+def test_unusual_shared_prefix_is_found_by_the_known_keys(tmp_path, state_dict):
+    """torch.compile's `_orig_mod.` and a wrapper named by its owner (`encoder_decoder.`) are stripped too."""
+    for prefix in ("_orig_mod.", "encoder_decoder."):
+        torch.save({prefix + k: v for k, v in state_dict.items()}, tmp_path / "w.pth")
+        report = check_weights(tmp_path / "w.pth", model="ma_resunet")
+        assert report.prefix == prefix and [p.code for p in report.problems] == ["prefix"]
+    torch.save({"backbone." + k: v for k, v in state_dict.items() if "conv" in k}, tmp_path / "partial.pth")
+    assert check_weights(tmp_path / "partial.pth", model="ma_resunet").prefix in ("", "backbone.")

@@ -22,7 +22,7 @@ from .zoo import load_model
 from . import viz, widgets
 from .casebook import Casebook
 from .casefile import Case, CaseError, load_case, save_case
-from .client import SegmentResult, ServiceClient, ServiceError
+from .client import BatchResult, SegmentResult, ServiceClient, ServiceError
 from .compare import compare_models, summarize_comparison
 from .doctor import EnvReport, doctor
 from .imagecheck import check_image
@@ -46,7 +46,7 @@ __all__ = [
     "ImageReport", "read_image", "build_model", "list_models", "resolve_name", "PRESETS", "PipelineOptions",
     "Pipeline", "Run", "mask_to_polygons", "Sample", "list_samples", "load_sample", "Segmentation",
     "build_response", "segment", "make_spheroids", "load_model", "viz", "widgets", "load_case", "save_case",
-    "SegmentResult", "ServiceClient", "ServiceError", "compare_models", "doctor", "check_image",
+    "BatchResult", "SegmentResult", "ServiceClient", "ServiceError", "compare_models", "doctor", "check_image",
     "load_ipython_extension", "unload_ipython_extension", "match_objects", "pixel_scores", "check_normalization",
     "overlay", "check_polygons", "estimate_memory", "max_input_size", "record_memory", "trace_shapes", "report",
     "sweep", "sweep_executor", "predict_tiled", "pad_to_multiple", "explain_error",

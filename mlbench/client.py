@@ -11,14 +11,14 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .errors import MlbenchError, OptionsError
 from .http_errors import explain_error, explain_success, retry_after_of
 
-__all__ = ["ServiceClient", "ServiceError", "SegmentResult"]
+__all__ = ["ServiceClient", "ServiceError", "SegmentResult", "BatchResult"]
 
 
 class ServiceError(MlbenchError, RuntimeError):
@@ -73,6 +73,54 @@ class SegmentResult:
         notes = "; ".join(self.warnings) or "none"
         return (f"SegmentResult({self.model_used}, {self.width}x{self.height}, threshold {self.threshold_used:g}, "
                 f"{len(self.polygons)} polygon(s) ({n_ext} external), warnings: {notes})")
+
+
+def _segment_result(body: Mapping[str, Any], sent: Mapping[str, Any]) -> SegmentResult:
+    """A :class:`SegmentResult` from one segment answer (also one item of a batch answer)."""
+    size = body.get("image_size", {})
+    return SegmentResult(body.get("polygons", []), body.get("model_used", "?"), float(body.get("threshold_used", 0)),
+                         int(size.get("width", 0)), int(size.get("height", 0)),
+                         float(body.get("processing_time", 0.0)), tuple(explain_success(body, sent)), dict(body))
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """A parsed ``/api/v1/batch-segment`` answer: one entry per file, in the order sent.
+
+    Attributes
+    ----------
+    filenames : the name each file was sent under.
+    items : a :class:`SegmentResult` for each file segmented, a :class:`ServiceError`
+        (with its explanation) for each file the service refused or failed on.
+    """
+
+    filenames: tuple[str, ...]
+    items: tuple[Any, ...]
+    response: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def results(self) -> dict[str, SegmentResult]:
+        """The segmented files by name."""
+        return {n: item for n, item in zip(self.filenames, self.items) if isinstance(item, SegmentResult)}
+
+    @property
+    def errors(self) -> dict[str, ServiceError]:
+        """The failed files by name, each with its explanation."""
+        return {n: item for n, item in zip(self.filenames, self.items) if isinstance(item, ServiceError)}
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        return dict(self.response)
+
+    def __repr__(self) -> str:
+        lines = [f"BatchResult: {len(self.results)} of {len(self.items)} file(s) segmented"]
+        for name, item in zip(self.filenames, self.items):
+            text = repr(item) if isinstance(item, SegmentResult) else item.explanation.splitlines()[0]
+            lines.append(f"- {name}: {text}")
+        return "\n".join(lines)
 
 
 def encode_image(image: Any, filename: str | None = None) -> tuple[str, bytes]:
@@ -185,10 +233,55 @@ class ServiceClient:
         if model is not None:
             sent["model"] = form["model"] = model
         body = self.check(self.http.post("/api/v1/segment", files={"file": (name, data)}, data=form), sent)
-        size = body.get("image_size", {})
-        return SegmentResult(body.get("polygons", []), body.get("model_used", "?"), float(body.get("threshold_used", 0)),
-                             int(size.get("width", 0)), int(size.get("height", 0)),
-                             float(body.get("processing_time", 0.0)), tuple(explain_success(body, sent)), body)
+        return _segment_result(body, sent)
+
+    def batch_segment(self, images: Sequence[Any], model: str | None = None, threshold: float = 0.5,
+                      detect_holes: bool = True) -> BatchResult:
+        """Segment several images (paths, bytes or arrays) in one ``/api/v1/batch-segment`` request.
+
+        A refusal of the whole request (too many files, an invalid field, overload) raises
+        :class:`ServiceError`; a file that fails on its own is a ServiceError *item* of the
+        returned :class:`BatchResult`, explained like :meth:`segment` would explain it.
+
+        Raises
+        ------
+        OptionsError
+            When ``images`` is empty or a single image instead of a sequence of them.
+        ServiceError
+            When the service refuses the whole batch.
+        """
+        if isinstance(images, (str, Path, bytes, bytearray, np.ndarray)):
+            raise OptionsError(f"images must be a list of images, got a single {type(images).__name__}; wrap it in a "
+                               "list, or use segment() for one image")
+        if not len(images):
+            raise OptionsError("images is an empty list; pass at least one image (a path, bytes or an array)")
+        uploads = [self._batch_upload(i, image) for i, image in enumerate(images)]
+        sent = {"filenames": [name for name, _ in uploads], "threshold": threshold, "detect_holes": detect_holes}
+        form = {"threshold": str(threshold), "detect_holes": str(bool(detect_holes)).lower()}
+        if model is not None:
+            sent["model"] = form["model"] = model
+        response = self.http.post("/api/v1/batch-segment", files=[("files", upload) for upload in uploads], data=form)
+        body = self.check(response, sent)
+        items = body.get("results", []) if isinstance(body, dict) else body
+        request_id = response.headers.get("x-request-id")
+        parsed = tuple(self._batch_item(item, name, sent, request_id) for (name, _), item in zip(uploads, items))
+        return BatchResult(tuple(name for name, _ in uploads), parsed, body if isinstance(body, dict) else {"results": body})
+
+    @staticmethod
+    def _batch_upload(index: int, image: Any) -> tuple[str, bytes]:
+        """``(filename, bytes)``: a path keeps its name, bytes and arrays are named image_<i>."""
+        name, data = encode_image(image)
+        return (name if isinstance(image, (str, Path)) else f"image_{index}{Path(name).suffix}"), data
+
+    @staticmethod
+    def _batch_item(item: Mapping[str, Any], name: str, sent: Mapping[str, Any], request_id: str | None) -> Any:
+        """One file's entry of a batch answer: a SegmentResult, or a ServiceError that explains it."""
+        one = {**{k: v for k, v in sent.items() if k != "filenames"}, "filename": name}
+        status = int(item.get("status", 200 if item.get("success", True) else 500))
+        if status < 400:
+            return _segment_result(item, one)
+        return ServiceError(status, explain_error(status, item, {}, one), dict(item), one,
+                            retry_after_of({}, item), request_id)
 
     def close(self) -> None:
         """Close the connection pool (and stop the in-process server, if any)."""

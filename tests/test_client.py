@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mlbench as mb
-from mlbench.client import SegmentResult, ServiceClient, ServiceError, encode_image
+from mlbench.client import BatchResult, SegmentResult, ServiceClient, ServiceError, encode_image
 from mlbench.http_errors import explain_error, explain_success, retry_after_of
 from mlbench.service import ServiceSettings, create_app
 from mlbench.service.fakes import BrightModel, SlowModel, make_png
@@ -62,6 +62,33 @@ def test_client_errors_become_explanations(client):
     assert err.value.code == "inference_timeout" and err.value.request_id.startswith("req-")
 
 
+def test_batch_segment_parses_each_file_and_explains_each_failure(client):
+    batch = client.batch_segment([PNG, b"hello", make_png(200), np.zeros((64, 64), np.uint8)], model="hrnet",
+                                 threshold=0.4)
+    assert isinstance(batch, BatchResult) and not batch.ok
+    assert batch.filenames == ("image_0.png", "image_1.bin", "image_2.png", "image_3.png")
+    assert set(batch.results) == {"image_0.png", "image_3.png"} and batch.results["image_0.png"].threshold_used == 0.4
+    flat = batch.results["image_3.png"]  # a flat image: logits 0, probability 0.5 > 0.4 everywhere
+    assert (flat.width, flat.height) == (64, 64) and flat.to_mask().all() and batch.results["image_0.png"].polygons
+    text, pixels = batch.errors["image_1.bin"], batch.errors["image_2.png"]
+    assert text.status == 415 and "not an image by its content" in str(text) and text.sent["filename"] == "image_1.bin"
+    assert pixels.status == 413 and "200x200 = 40,000 pixels and the service accepts at most 22,500" in str(pixels)
+    assert pixels.request_id.startswith("req-") and pixels.code == "too_many_pixels"
+    assert repr(batch).splitlines()[0] == "BatchResult: 2 of 4 file(s) segmented"
+    assert "- image_1.bin: 415: the upload is not an image" in repr(batch) and batch.to_dict()["total"] == 4
+
+
+def test_batch_segment_refusals_of_the_whole_request(client):
+    with pytest.raises(ServiceError, match="413: 9 files in one batch, the limit is 8. Fix: split the batch"):
+        client.batch_segment([PNG] * 9)
+    with pytest.raises(ServiceError, match="field 'threshold'.*you sent threshold=0.95"):
+        client.batch_segment([PNG], threshold=0.95)
+    with pytest.raises(mb.OptionsError, match="images is an empty list"):
+        client.batch_segment([])
+    with pytest.raises(mb.OptionsError, match="got a single bytes; wrap it in a list"):
+        client.batch_segment(PNG)
+
+
 def test_explanations_of_bare_real_service_answers():
     tif = explain_error(400, {"detail": "Invalid file type. Allowed types: .png, .jpg, .jpeg, .bmp"},
                         sent={"filename": "cells.tif"})
@@ -101,6 +128,8 @@ def test_client_against_a_live_url():
     settings = ServiceSettings(models={"hrnet": BrightModel()}, warmup=False, options={"input_size": 64})
     with serve_in_thread(create_app(settings)) as server, ServiceClient(server.url) as live:
         assert live.segment(io.BytesIO(PNG).getvalue()).model_used == "hrnet"
+        batch = live.batch_segment([PNG, PNG])
+        assert batch.ok and [r.model_used for r in batch.results.values()] == ["hrnet", "hrnet"]
         assert repr(live) == f"ServiceClient({server.url})"
     with pytest.raises(mb.OptionsError, match="not a loopback address"):
         serve_in_thread(create_app(settings), host="0.0.0.0")

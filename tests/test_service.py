@@ -139,6 +139,7 @@ def test_health_models_status_livez_readyz_metrics(served):
     assert status["queue"]["capacity"] == 8 and status["settings"]["timeout_s"] == 0.4
     text = client.get("/metrics").text
     assert "mlbench_queue_depth 0" in text and 'mlbench_breaker_state{model="hrnet"} 0' in text
+    assert "mlbench_requests_admitted 0" in text and "mlbench_worker_processes_killed_total 0" in text
     assert "p99" in client.get("/metrics", params={"format": "json"}).json()["latency_s"]
 
 
@@ -279,6 +280,7 @@ def test_as_served_rejects_tif_blocks_the_loop_and_answers_500_for_unknown_model
         assert _post(client, model="unet").status_code == 500
         statuses, health = asyncio.run(_burst(server.url, 1, "hrnet"))
     assert statuses == [200] and max(health) > 0.4  # /health stalled behind the forward
+    assert server.service.admitted == 0  # counted in and out, though the historic route has no queue
 
 
 def test_draining_turns_readyz_off_and_refuses_new_work(served):
@@ -340,3 +342,149 @@ def test_exit_signal_turns_readyz_off_then_shuts_down():
     assert server.service.draining is True
     server._thread.join(20)
     assert not server._thread.is_alive() and server.service._stopped  # the lifespan shutdown ran
+
+
+# ---- what kept /health slow during bursts (see bench/service_load.py) -----------------------------
+def test_keep_alive_answers_are_not_delayed_by_nagle(served):
+    import socket
+
+    server, client = served
+    assert server._socket.proto == socket.IPPROTO_TCP  # so asyncio sets TCP_NODELAY on each connection
+    times = []
+    for _ in range(15):
+        started = time.perf_counter()
+        client.get("/health")
+        times.append(time.perf_counter() - started)
+    assert float(np.median(times)) < 0.04, times  # with Nagle + delayed ACK every answer took >= 40 ms
+
+
+def test_admission_sheds_requests_at_arrival_and_releases_them():
+    from mlbench.service.core import Service
+
+    service = Service(ServiceSettings(models={"m": BrightModel()}, queue_size=1, workers=1))
+    assert service.admit() is None and service.admit() is None
+    refusal = service.admit()
+    assert refusal.status == 429 and refusal.code == "queue_full" and refusal.retry_after >= 1
+    assert "2 requests are already admitted (queue of 1 + 1 worker(s))" in refusal.message
+    service.release()
+    assert service.admit() is None
+    service.draining = True
+    assert service.admit().status == 503
+
+
+def test_a_full_service_answers_429_without_parsing_the_upload(served):
+    server, client = served
+    service = server.service
+    before = service.metrics.to_dict()["rejections"]["queue_full"]
+    service.admitted += service.settings.queue_size + service.settings.workers
+    try:  # a body that is not even multipart: a parsed request would answer 422
+        response = client.post("/api/v1/segment", content=b"not multipart", headers={"X-Request-ID": "shed-1"})
+    finally:
+        service.admitted -= service.settings.queue_size + service.settings.workers
+    assert response.status_code == 429 and response.json()["error"] == "queue_full"
+    assert response.headers["retry-after"] == "1" and response.headers["x-request-id"] == "shed-1"
+    assert response.json()["request_id"] == "shed-1"
+    assert service.metrics.to_dict()["rejections"]["queue_full"] == before + 1 and service.admitted == 0
+
+
+def test_start_up_freezes_the_heap_so_no_full_collection_lands_in_a_burst():
+    """`mlbench serve` freezes its own heap; an app hosted in a notebook or test process does not."""
+    import subprocess
+    import sys
+
+    assert ServiceSettings().freeze_gc is False
+    code = "import gc; from mlbench.service.work import freeze_heap; freeze_heap(); print(gc.get_freeze_count())"
+    frozen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert int(frozen.stdout.strip()) > 0
+
+
+def test_worker_threads_run_at_a_lower_priority_when_asked():
+    import os
+    import threading
+
+    from mlbench.service.queue import Job, WorkerPool
+
+    pool = WorkerPool(1, 2, nice=3)
+    pool.start()
+    try:
+        job = Job("m", lambda token: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), threading.Lock())
+        assert asyncio.run(pool.run(job, 5, 5)) == os.getpriority(os.PRIO_PROCESS, 0) + 3
+    finally:
+        pool.stop(1)
+    with pytest.raises(mb.OptionsError, match="worker_nice 0..19"):
+        ServiceSettings(worker_nice=25)
+
+
+def test_recent_median_is_the_retry_estimate_basis():
+    from mlbench.service.metrics import Metrics
+
+    metrics = Metrics()
+    assert metrics.recent_median() is None
+    for seconds in (5.0, 1.0, 3.0, 2.0, 4.0):
+        metrics.observe_inference(seconds, 0.0)
+    assert metrics.recent_median() == 3.0 and metrics.recent_median(n=2) == 4.0
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient` is deprecated")
+def test_in_process_apps_work_with_testclient_and_asgi_transport():
+    from fastapi.testclient import TestClient
+
+    settings = ServiceSettings(models={"hrnet": BrightModel()}, options={"input_size": 64}, warmup=False)
+    with TestClient(create_app(settings)) as client:
+        assert _post(client).json()["model_used"] == "hrnet"
+        assert client.get("/health").json()["status"] == "healthy"
+
+    async def no_lifespan() -> int:  # the service starts lazily on the first request
+        transport = httpx.ASGITransport(app=create_app(settings))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.post("/api/v1/segment", files={"file": ("a.png", PNG)})
+            return response.status_code
+
+    assert asyncio.run(no_lifespan()) == 200
+
+
+# ---- executor="process": inference in worker processes that can be killed ------------------------
+def test_process_workers_serve_cancel_kill_and_survive_a_crash():
+    from mlbench.service.fakes import DyingModel
+
+    models = {"hrnet": BrightModel(), "slow": SlowModel(5.0, steps=100), "hang": SlowModel(30.0, steps=1),
+              "dying": DyingModel()}
+    settings = ServiceSettings(executor="process", models=models, options={"input_size": 64}, timeout_s=1.0,
+                               kill_grace_s=0.2, max_wait_s=60, breaker_failures=0, warmup=False, worker_threads=1)
+    with serve_in_thread(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=90) as client:
+        _wait_ready(client, 90)  # a worker process imports torch and mlbench: 5-15 s on this machine
+        assert _post(client).json()["polygons"] and server.service.pipelines["hrnet"].model._forward_pre_hooks == {}
+        queue = lambda: client.get("/metrics", params={"format": "json"}).json()["queue"]  # noqa: E731
+        pid = queue()["worker_processes"][0]["pid"]
+        assert _post(client, model="slow").status_code == 504  # stops at the next layer: no kill
+        assert _post(client).status_code == 200 and queue()["killed_after_timeout"] == 0
+        started = time.perf_counter()
+        hang = _post(client, model="hang")  # one 30 s layer: only a kill stops it
+        assert hang.status_code == 504 and "killed 0.2 s after the cancel" in hang.json()["message"]
+        assert time.perf_counter() - started < 4 and _post(client).status_code == 200  # waits for the new process
+        after_kill = queue()["worker_processes"][0]
+        assert after_kill["killed_after_timeout"] == 1 and after_kill["pid"] != pid and len(after_kill["respawn_s"]) == 1
+        died = _post(client, model="dying")
+        assert died.status_code == 500 and died.json()["error"] == "worker_died" and "exit code 3" in died.json()["message"]
+        assert _post(client).status_code == 200 and queue()["worker_processes"][0]["died"] == 1
+
+
+def test_process_workers_refuse_models_that_cannot_be_pickled():
+    from mlbench.service.core import Service
+
+    class Local(BrightModel):  # a class defined in a function cannot be pickled
+        pass
+
+    service = Service(ServiceSettings(executor="process", models={"m": Local()}))
+    with pytest.raises(mb.OptionsError, match=r"\['m'\] cannot be pickled.*use executor='thread'"):
+        asyncio.run(service.start())
+    assert service.pool.worker_objects == [] and not service.loaded  # nothing was spawned
+    with pytest.raises(mb.OptionsError, match="executor='threads' is unknown"):
+        ServiceSettings(executor="threads")
+
+
+def test_a_worker_process_that_cannot_start_is_reported():
+    from mlbench.service.work import ProcessWorker, WorkerDied
+
+    with pytest.raises(WorkerDied, match=r"did not start \(exit code 1"):
+        ProcessWorker(b"not a pickle", "fixed", {}, start_timeout_s=60)

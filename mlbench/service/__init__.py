@@ -1,5 +1,7 @@
 """The reference segmentation service: FastAPI over the one Pipeline, with a bounded
 queue, per-model circuit breakers, limits, health/readiness/metrics and JSON logs.
+Inference runs in worker threads (``executor="thread"``, the default for in-process apps)
+or in worker processes that can be killed (``executor="process"``, ``mlbench serve``'s).
 
 >>> from mlbench.service import ServiceSettings, create_app
 >>> app = create_app(ServiceSettings(queue_size=8, timeout_s=30))

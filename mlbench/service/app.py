@@ -8,6 +8,7 @@ validation errors keep FastAPI's 422 detail schema.
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,12 +16,13 @@ from typing import Any
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .core import Service
-from .limits import Refusal
-from .logs import log_event, next_request_id
+from .limits import Refusal, body_limit
+from .logs import log_event
 from .metrics import to_prometheus
+from .middleware import ServiceMiddleware
 from .settings import ServiceSettings
 
 __all__ = ["create_app"]
@@ -51,50 +53,15 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="mlbench reference segmentation service", version="1.0", lifespan=lifespan)
     app.state.service = service
-    _add_middleware(app, service)
+    app.add_middleware(ServiceMiddleware, service=service)
     _add_error_handlers(app, service)
     _add_info_routes(app, service)
     _add_segment_routes(app, service)
     return app
 
 
-def _add_middleware(app: FastAPI, service: Service) -> None:
-    @app.middleware("http")
-    async def request_id_and_log(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or next_request_id()
-        request.state.request_id = request_id
-        started = time.perf_counter()
-        response = await call_next(request)
-        if response.status_code == 413 and response.headers.get("content-type", "").startswith("text/plain"):
-            response = _body_too_large(request, service)
-        response.headers["X-Request-ID"] = request_id
-        service.metrics.observe_request(request.url.path, response.status_code)
-        log_event("request", request_id=request_id, method=request.method, path=request.url.path,
-                  status=response.status_code, ms=round((time.perf_counter() - started) * 1000, 1),
-                  queue_depth=service.pool.depth)
-        return response
-
-
 def _request_id(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
-
-
-def _body_limit(service: Service, path: str) -> int | None:
-    """The body limit of ``path`` (the batch route allows ``max_batch`` images)."""
-    limit = service.settings.max_body_bytes
-    return limit * service.settings.max_batch if limit and path.endswith("batch-segment") else limit
-
-
-def _body_too_large(request: Request, service: Service) -> JSONResponse:
-    """Starlette's plain-text 413 made explicit: the size sent and the limit."""
-    limit = _body_limit(service, request.url.path)
-    sent = request.headers.get("content-length")
-    sent_bytes = int(sent) if sent and sent.isdigit() else None
-    refusal = Refusal(413, "body_too_large", f"the request body ({sent_bytes if sent_bytes is not None else 'unknown'} "
-                      f"bytes) is larger than the limit of {limit} bytes; send a smaller or compressed image, or tile it",
-                      limit=limit, sent=sent_bytes)
-    service.metrics.reject("body_too_large")
-    return JSONResponse(refusal.body(_request_id(request)), status_code=413)
 
 
 def _add_error_handlers(app: FastAPI, service: Service) -> None:
@@ -162,25 +129,26 @@ def _add_segment_routes(app: FastAPI, service: Service) -> None:
     async def segment(request: Request, file: UploadFile = File(...), model: str = Form(settings.default_model),
                       threshold: float = Form(0.5, ge=0.1, le=0.9), detect_holes: bool = Form(True)):
         data = await file.read()
-        response = await service.segment(data, file.filename, model, threshold, detect_holes)
-        ignored = _ignored_query(request, service)
-        if ignored:
-            response["warnings"] = [f"query parameter(s) {', '.join(ignored)} ignored: send them as multipart form "
-                                    f"fields; used model={response['model_used']}, threshold={response['threshold_used']}"]
-        return response
+        body = await service.segment(data, file.filename, model, threshold, detect_holes,
+                                     _ignored_query(request, service))
+        return Response(body, media_type="application/json")  # encoded by the worker, off the event loop
 
-    @app.post("/api/v1/batch-segment", max_body_size=_body_limit(service, "batch-segment"))
+    @app.post("/api/v1/batch-segment", max_body_size=body_limit(settings, "batch-segment"))
     async def batch_segment(files: list[UploadFile] = File(...), model: str = Form(settings.default_model),
                             threshold: float = Form(0.5, ge=0.1, le=0.9), detect_holes: bool = Form(True)):
         if len(files) > settings.max_batch:
             raise Refusal(413, "too_many_files", f"{len(files)} files sent; at most {settings.max_batch} per batch "
                           "request: split the batch", sent=len(files), limit=settings.max_batch)
-        results = []
-        for upload in files:
+        results, successful = [], 0
+        for upload in files:  # each item is spliced from the worker's JSON, never decoded here
+            head = json.dumps({"filename": upload.filename, "status": 200})[:-1].encode()
             try:
-                item = await service.segment(await upload.read(), upload.filename, model, threshold, detect_holes)
-                results.append({"filename": upload.filename, "status": 200, **item})
+                body = await service.segment(await upload.read(), upload.filename, model, threshold, detect_holes)
+                results.append(head + b", " + body[1:])
+                successful += 1
             except Refusal as exc:
                 service.metrics.reject(_reason(exc))
-                results.append({"filename": upload.filename, "status": exc.status, "success": False, **exc.body()})
-        return {"results": results, "total": len(results), "successful": sum(r["status"] == 200 for r in results)}
+                item = {"filename": upload.filename, "status": exc.status, "success": False, **exc.body()}
+                results.append(json.dumps(item).encode())
+        tail = json.dumps({"total": len(results), "successful": successful}).encode()
+        return Response(b'{"results": [' + b", ".join(results) + b"], " + tail[1:], media_type="application/json")

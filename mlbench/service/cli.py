@@ -14,7 +14,10 @@ def add_serve_command(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--preset", default="fixed", choices=["fixed", "as_served"],
                    help="as_served reproduces the historic service (allow-list, blocking route, no limits)")
-    p.add_argument("--workers", type=int, default=1, help="inference worker threads")
+    p.add_argument("--executor", default="process", choices=["process", "thread"],
+                   help="run inference in worker processes (default: each loads the models once, a run that does "
+                        "not stop after its timeout is killed) or in threads of the server process")
+    p.add_argument("--workers", type=int, default=1, help="inference workers (processes or threads)")
     p.add_argument("--queue-size", type=int, default=8)
     p.add_argument("--max-wait", type=float, default=10.0, help="seconds a request may wait for a worker (503)")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request inference timeout in seconds (504)")
@@ -31,8 +34,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .settings import ServiceSettings
 
     options = {"input_size": args.input_size} if args.input_size else {}
-    common = dict(workers=args.workers, queue_size=args.queue_size, max_wait_s=args.max_wait,
-                  timeout_s=args.timeout, options=options)
+    common = dict(freeze_gc=True, executor=args.executor, workers=args.workers, queue_size=args.queue_size,
+                  max_wait_s=args.max_wait, timeout_s=args.timeout, options=options)
     settings = ServiceSettings.as_served(**common) if args.preset == "as_served" else ServiceSettings(**common)
     configure_logging()
     app = create_app(settings)

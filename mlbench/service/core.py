@@ -13,19 +13,19 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import MlbenchError
-from ..pipeline import Pipeline, Run
-from ..segment import build_response
+from ..pipeline import Pipeline
 from ..stages import default_input_size
 from .breaker import OPEN, CircuitBreaker
 from .limits import Refusal, check_upload, field_error
 from .metrics import Metrics
+from .logs import log_event
 from .queue import (InferenceCancelled, InferenceTimeout, Job, QueueFull, QueueWaitExpired, WorkerPool,
-                    install_cancel_hooks)
+                    current_worker, install_cancel_hooks)
 from .settings import ServiceSettings, resolve_models
+from .work import Outcome, WorkerDied, freeze_heap, pickle_models, process_worker_factory, run_pipeline, warm_up
 
 __all__ = ["Service"]
 
@@ -39,6 +39,15 @@ def _load(settings: ServiceSettings) -> dict[str, torch.nn.Module]:
     return resolve_models(settings)
 
 
+def _extra_fields(model_id: str, threshold: float, ignored_query: tuple[str, ...]) -> dict[str, Any]:
+    """Fields the service adds to the pipeline's response (the worker encodes them with it)."""
+    extra: dict[str, Any] = {"model_used": model_id, "queue_time": 0.0}
+    if ignored_query:
+        extra["warnings"] = [f"query parameter(s) {', '.join(ignored_query)} ignored: send them as multipart form "
+                             f"fields; used model={model_id}, threshold={threshold}"]
+    return extra
+
+
 class Service:
     """The reference segmentation service behind the HTTP routes.
 
@@ -50,13 +59,14 @@ class Service:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.pool = WorkerPool(settings.workers, settings.queue_size)
+        self.pool = WorkerPool(settings.workers, settings.queue_size, settings.worker_nice)
         self.pipelines: dict[str, Pipeline] = {}
         self.locks: dict[str, threading.Lock] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
         self.warm: dict[str, str] = {}
         self.parameters: dict[str, int] = {}
         self.loaded = self.warmed = self.draining = self._stopped = False
+        self.admitted = 0
         self.load_error: str | None = None
         self._hooks: list = []
         self._start_lock = asyncio.Lock()
@@ -75,6 +85,8 @@ class Service:
             except MlbenchError as exc:
                 self.load_error = str(exc)
                 raise
+            if self.settings.executor == "process":  # pickle now, so an unpicklable model fails start-up
+                self.pool.make_worker = process_worker_factory(self.settings, pickle_models(models))
             for model_id, model in models.items():
                 self.pipelines[model_id] = Pipeline(model, self.settings.preset, **dict(self.settings.options))
                 self.locks[model_id] = threading.Lock()
@@ -82,14 +94,15 @@ class Service:
                 clock = self.settings.clock or time.monotonic
                 self.breakers[model_id] = CircuitBreaker(self.settings.breaker_failures,
                                                          self.settings.breaker_cooldown_s, clock, model_id)
-                self._hooks += install_cancel_hooks(model)
-            self.pool.start()
+                if self.settings.executor == "thread":
+                    self._hooks += install_cancel_hooks(model)
+            if self.settings.freeze_gc:
+                await asyncio.to_thread(freeze_heap)
+            if self.settings.executor == "thread":
+                self.pool.start()
             self.loaded = True
         self._lag_task = asyncio.get_running_loop().create_task(self._watch_loop_lag())
-        if self.settings.warmup:
-            self._warm_task = asyncio.get_running_loop().create_task(self._warm())
-        else:
-            self.warmed = True
+        self._warm_task = asyncio.get_running_loop().create_task(self._warm())
 
     async def _watch_loop_lag(self, period_s: float = 0.05) -> None:
         """Measure how late the event loop wakes up (a blocked loop shows as lag)."""
@@ -99,7 +112,17 @@ class Service:
             self.metrics.observe_loop_lag(time.monotonic() - started - period_s)
 
     async def _warm(self) -> None:
-        await asyncio.to_thread(self._warm_up)
+        """Start the worker processes (they load and warm up the models) or warm up in-process."""
+        try:
+            if self.settings.executor == "process":
+                await asyncio.to_thread(self.pool.start)
+                self.warm = dict(self.pool.worker_objects[0].warm)
+            elif self.settings.warmup:
+                await asyncio.to_thread(self._warm_up)
+        except MlbenchError as exc:
+            self.load_error = str(exc)
+            log_event("workers_failed", error=str(exc))
+            return
         self.warmed = True
 
     async def wait_ready(self, timeout_s: float = 30.0) -> bool:
@@ -110,13 +133,9 @@ class Service:
         return self.loaded and self.warmed
 
     def _warm_up(self) -> None:
-        from ..synthetic import make_spheroids
-
-        image, _ = make_spheroids((64, 64), 2, np.random.default_rng(0))
         for model_id, pipeline in self.pipelines.items():
             with self.locks[model_id]:
-                run = pipeline.start((image * 255).astype(np.uint8)).with_options(input_size=64).run()
-            self.warm[model_id] = "ok" if run.done else f"failed at {run.failed_stage}: {run.error}"
+                self.warm.update(warm_up({model_id: pipeline}))
 
     async def stop(self) -> None:
         """Turn ``/readyz`` off, let queued work finish (bounded), stop the workers, remove hooks."""
@@ -177,30 +196,59 @@ class Service:
         checks = {"models_loaded": self.loaded, "warm_up_done": self.warmed and all(v == "ok" for v in self.warm.values()),
                   "breakers_closed": all(s != OPEN for s in breakers.values()),
                   "queue_below_high_water": self.pool.depth < self.settings.high_water_mark,
-                  "not_draining": not self.draining}
+                  "not_draining": not self.draining, "workers_started": self.load_error is None}
         return all(checks.values()), {**checks, "breakers": breakers, "queue_depth": self.pool.depth,
                                       "high_water_mark": self.settings.high_water_mark}
 
     def snapshot(self) -> dict[str, Any]:
         """The ``/metrics`` JSON: queue, rejections, breakers, latency percentiles, zombies."""
         out = self.metrics.to_dict()
+        processes = [worker.to_dict() for worker in self.pool.worker_objects]
         out["queue"] = {"depth": self.pool.depth, "capacity": self.settings.queue_size, "workers": self.settings.workers,
-                        "running": len(self.pool.running), "zombies": self.pool.zombies,
-                        "cancelled_runs_stopped": len(self.pool.stopped_after_cancel)}
+                        "executor": self.settings.executor, "admitted": self.admitted, "running": len(self.pool.running),
+                        "zombies": self.pool.zombies, "cancelled_runs_stopped": len(self.pool.stopped_after_cancel),
+                        "killed_after_timeout": sum(p["killed_after_timeout"] for p in processes),
+                        "worker_processes": processes}
         out["models"] = {mid: {"breaker": info["breaker"], "busy": info["busy"], "zombies": info["zombies"]}
                          for mid, info in self.models_report().items()}
         out["breakers"] = {mid: b.to_dict() for mid, b in self.breakers.items()}
         return out
 
     def retry_estimate(self) -> float:
-        """Seconds until a queue slot is likely free: queued jobs x median latency / workers."""
-        p50 = self.metrics.to_dict()["latency_s"]["p50"] or 1.0
+        """Seconds until a queue slot is likely free: queued jobs x recent median latency / workers."""
+        p50 = self.metrics.recent_median() or 1.0
         return max(1.0, (self.pool.depth + 1) * p50 / self.settings.workers)
+
+    def admit(self) -> Refusal | None:
+        """Count a segment request in at arrival, before its upload is parsed; a Refusal when full.
+
+        At most ``queue_size + workers`` requests are admitted (uploading, queued or running);
+        more are shed with 429 at once, so a burst does not make the event loop parse uploads
+        that could never get a queue slot. Every admitted request calls :meth:`release` at its end.
+        """
+        if self.draining:
+            return Refusal(503, "draining", "the service is shutting down; retry on another instance", retry_after=5)
+        capacity = self.settings.queue_size + self.settings.workers
+        if self.admitted >= capacity and not self.settings.blocking_route:  # the historic service had no queue
+            return Refusal(429, "queue_full", f"overloaded: {self.admitted} requests are already admitted (queue of "
+                           f"{self.settings.queue_size} + {self.settings.workers} worker(s)); retry later",
+                           retry_after=self.retry_estimate(), queue_depth=self.pool.depth,
+                           queue_size=self.settings.queue_size)
+        self.admitted += 1
+        return None
+
+    def release(self) -> None:
+        """An admitted request has been answered."""
+        self.admitted -= 1
 
     # ---- segment -----------------------------------------------------------------------------
     async def segment(self, data: bytes, filename: str | None, model: str, threshold: float,
-                      detect_holes: bool) -> dict[str, Any]:
-        """One image through the model's Pipeline; the service's response body, or a Refusal."""
+                      detect_holes: bool, ignored_query: tuple[str, ...] = ()) -> bytes:
+        """One image through the model's Pipeline: the service's JSON response body, or a Refusal.
+
+        ``ignored_query`` names form fields the caller sent in the query string: the answer
+        then carries a ``warnings`` entry saying they were ignored.
+        """
         if not self.loaded:
             await self.start()
         if self.draining:
@@ -209,16 +257,19 @@ class Service:
         header = check_upload(data, filename, settings.allowed_extensions, settings.max_pixels)
         model_id = self.model_id(model)
         options = {"threshold": float(threshold), "detect_holes": bool(detect_holes)}
+        extra = _extra_fields(model_id, float(threshold), ignored_query)
         if settings.blocking_route:  # the historic async route: the forward blocks the event loop
-            return self._finish(model_id, self._infer(model_id, data, options), time.monotonic())
+            outcome = run_pipeline(self.pipelines[model_id], data, options, extra=extra)
+            return self._finish(model_id, outcome, time.monotonic())
         breaker = self.breakers[model_id]
         if not breaker.allow():
             raise Refusal(503, "breaker_open", f"model {model_id!r} is failing: its circuit breaker is open after "
                           f"{breaker.failures} consecutive failures; retry after the cool-down",
                           retry_after=breaker.retry_after(), model=model_id, breaker=breaker.to_dict())
-        job = Job(model_id, lambda token: self._infer(model_id, data, options, token), self.locks[model_id])
+        job = Job(model_id, lambda token: self._infer(model_id, data, options, token, {
+            **extra, "queue_time": round(time.monotonic() - job.enqueued_at, 3)}), self.locks[model_id])
         try:
-            run = await self.pool.run(job, settings.max_wait_s, settings.timeout_s)
+            outcome = await self.pool.run(job, settings.max_wait_s, settings.timeout_s)
         except (QueueFull, QueueWaitExpired) as exc:
             breaker.release_trial()
             full = isinstance(exc, QueueFull)
@@ -228,31 +279,39 @@ class Service:
         except InferenceTimeout as exc:
             breaker.record_failure("timeout")
             raise self._timeout_refusal(model_id, header) from exc
-        return self._finish(model_id, run, job.enqueued_at, job.started_at)
+        except WorkerDied as exc:
+            breaker.record_failure("worker died")
+            self.metrics.fail(model_id)
+            raise Refusal(500, "worker_died", f"model {model_id!r}: {exc}", model=model_id) from exc
+        return self._finish(model_id, outcome, job.enqueued_at, job.started_at)
 
-    def _infer(self, model_id: str, data: bytes, options: dict, token=None) -> Run:
-        """Run every stage, checking the cancel token between stages (worker thread)."""
-        run = self.pipelines[model_id].start(data).with_options(**options)
-        while run.next_stage is not None:
-            if token is not None:
-                token.check(f"before stage {run.next_stage}")
-            run.step()
-        return run
+    def _infer(self, model_id: str, data: bytes, options: dict, token, extra: dict) -> Outcome:
+        """Run one request in this worker thread, or in the thread's worker process."""
+        worker = current_worker()
+        if worker is not None:
+            return worker.run(model_id, data, options, token, extra)
+        return run_pipeline(self.pipelines[model_id], data, options, token, extra)
 
     def _timeout_refusal(self, model_id: str, header: tuple[str, int, int] | None) -> Refusal:
         size = f"{header[2]}x{header[1]}" if header else "unknown size"
         timeout = self.settings.timeout_s
         return Refusal(504, "inference_timeout",
                        f"model {model_id!r} did not finish a {size} image (model input {self.input_size(model_id)} px) "
-                       f"within the {timeout:g} s inference timeout; the run was cancelled and stops at the next "
-                       "layer (see /metrics zombies). Send a smaller image, pick a faster model, or raise timeout_s",
+                       f"within the {timeout:g} s inference timeout; the run was cancelled: it stops at the next layer "
+                       f"{self._stop_note()} (see /metrics). Send a smaller image, pick a faster model, or raise timeout_s",
                        model=model_id, timeout_s=timeout, image_size=size, input_size=self.input_size(model_id))
 
-    def _finish(self, model_id: str, run: Run, enqueued_at: float, started_at: float | None = None) -> dict[str, Any]:
-        """Response body of a finished run, or the Refusal its failure maps to (+ breaker)."""
+    def _stop_note(self) -> str:
+        if self.settings.executor == "process":
+            return f"or its worker process is killed {self.settings.kill_grace_s:g} s after the cancel"
+        return "(its worker thread cannot be killed)"
+
+    def _finish(self, model_id: str, outcome: Outcome, enqueued_at: float,
+                started_at: float | None = None) -> bytes:
+        """JSON body of a finished run, or the Refusal its failure maps to (+ breaker)."""
         breaker = self.breakers[model_id]
-        if run.failed:
-            exc, stage = run.error, run.failed_stage
+        if outcome.error is not None:
+            exc, stage = outcome.error, outcome.stage
             if isinstance(exc, InferenceCancelled):
                 raise Refusal(504, "inference_timeout", str(exc), model=model_id)
             if stage == "decode" and self.settings.preset == "fixed":
@@ -265,7 +324,4 @@ class Service:
         now = time.monotonic()
         start = started_at if started_at is not None else enqueued_at
         self.metrics.observe_inference(now - start, start - enqueued_at)
-        response = build_response(run)
-        response["model_used"] = model_id
-        response["queue_time"] = round(start - enqueued_at, 3)
-        return response
+        return outcome.body

@@ -2,7 +2,9 @@
 
 They map (N, 3, H, W) to (N, 1, H, W) logits (bright pixels are foreground), so the
 whole pipeline runs on them. ``SlowModel`` sleeps in many short layers, so a cancelled
-run stops at the next layer; ``FlakyModel`` raises while its ``failing`` flag is set.
+run stops at the next layer (``steps=1``: one long layer nothing can stop but a kill);
+``FlakyModel`` raises while its ``failing`` flag is set; ``DyingModel`` ends its process.
+All pickle, so worker processes can load them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 import torch
 from torch import nn
 
-__all__ = ["BrightModel", "SlowModel", "FlakyModel", "make_png"]
+__all__ = ["BrightModel", "SlowModel", "FlakyModel", "DyingModel", "make_png"]
 
 
 class BrightModel(nn.Module):
@@ -74,6 +76,13 @@ class FlakyModel(nn.Module):
         self.calls = 0
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:  # picklable for worker processes: the lock is made anew
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, 1, H, W), or RuntimeError on a failing call."""
         with self._lock:
@@ -85,6 +94,21 @@ class FlakyModel(nn.Module):
         if fails:
             raise RuntimeError(f"injected failure on call {call} (FlakyModel)")
         return self.head(x)
+
+
+class DyingModel(nn.Module):
+    """Ends its whole process on the first forward (``os._exit``): a crash or an out-of-memory kill.
+
+    Only for worker processes (``executor="process"``), where the service survives it.
+    """
+
+    mlbench_name = "dying"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Never returns."""
+        import os
+
+        os._exit(3)
 
 
 def make_png(side: int = 96, n: int = 3, seed: int = 0) -> bytes:

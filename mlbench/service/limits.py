@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import MlbenchError
 from ..io import bytes_io, sniff_format
 
-__all__ = ["Refusal", "image_header", "check_upload"]
+__all__ = ["Refusal", "image_header", "check_upload", "body_limit", "body_too_large"]
 
 
 class Refusal(MlbenchError, RuntimeError):
@@ -104,3 +104,18 @@ def check_upload(data: bytes, filename: str | None, allowed_extensions: tuple[st
                       f"{max_pixels:,} (read from the {fmt.upper()} header, nothing decoded); downscale or tile it",
                       width=width, height=height, pixels=height * width, limit=max_pixels)
     return fmt, height, width
+
+
+def body_limit(settings, path: str) -> int | None:
+    """The body limit of ``path`` in bytes (the batch route allows ``max_batch`` images)."""
+    limit = settings.max_body_bytes
+    return limit * settings.max_batch if limit and path.endswith("batch-segment") else limit
+
+
+def body_too_large(settings, path: str, content_length: str | None) -> Refusal:
+    """Starlette's plain-text 413 made explicit: the size sent and the limit."""
+    limit = body_limit(settings, path)
+    sent = int(content_length) if content_length and content_length.isdigit() else None
+    return Refusal(413, "body_too_large", f"the request body ({sent if sent is not None else 'unknown'} bytes) is "
+                   f"larger than the limit of {limit} bytes; send a smaller or compressed image, or tile it",
+                   limit=limit, sent=sent)

@@ -23,7 +23,7 @@ def percentiles(values: Any, qs: tuple[int, ...] = (50, 95, 99)) -> dict[str, fl
     array = np.asarray(list(values), dtype=float)
     if not array.size:
         return {f"p{q}": None for q in qs}
-    return {f"p{q}": round(float(np.percentile(array, q)), 4) for q in qs}
+    return {f"p{q}": round(float(v), 4) for q, v in zip(qs, np.percentile(array, qs))}
 
 
 class Metrics:
@@ -59,6 +59,11 @@ class Metrics:
     def observe_loop_lag(self, seconds: float) -> None:
         self.loop_lag.append(max(0.0, seconds))
 
+    def recent_median(self, n: int = 32) -> float | None:
+        """Median of the last ``n`` inference latencies (cheap: called on every refusal)."""
+        recent = sorted(list(self.latency)[-n:])
+        return recent[len(recent) // 2] if recent else None
+
     def fail(self, model_id: str) -> None:
         with self._lock:
             self.failures[model_id] += 1
@@ -84,7 +89,9 @@ def to_prometheus(snapshot: dict[str, Any]) -> str:
              f"mlbench_queue_capacity {snapshot['queue']['capacity']}",
              f"mlbench_zombie_inferences {snapshot['queue']['zombies']}",
              f"mlbench_inferences_completed_total {snapshot['completed']}",
-             f"mlbench_inference_timeouts_total {snapshot['timeouts']}"]
+             f"mlbench_inference_timeouts_total {snapshot['timeouts']}",
+             f"mlbench_requests_admitted {snapshot['queue'].get('admitted', 0)}",
+             f"mlbench_worker_processes_killed_total {snapshot['queue'].get('killed_after_timeout', 0)}"]
     for reason, count in snapshot["rejections"].items():
         lines.append(f'mlbench_rejections_total{{reason="{reason}"}} {count}')
     for key, count in snapshot["requests"].items():

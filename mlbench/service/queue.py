@@ -1,5 +1,8 @@
 """A bounded queue of inference jobs served by worker threads, with stoppable runs.
 
+Each worker thread may own a worker object (``make_worker``), e.g. the worker process of
+``executor="process"`` (:mod:`mlbench.service.work`), which it asks to recover between jobs.
+
 The event loop never runs a model: a request becomes a :class:`Job`, waits at most
 ``max_wait_s`` for a worker (else 503), then at most ``timeout_s`` for its result (else
 504). A timed-out job is *cancelled*, not forgotten: its :class:`CancelToken` is checked
@@ -12,6 +15,7 @@ the model is released. Until it has stopped the job counts as a *zombie* in
 from __future__ import annotations
 
 import asyncio
+import os
 import queue as _queue
 import threading
 import time
@@ -24,7 +28,7 @@ import torch
 from ..errors import MlbenchError
 
 __all__ = ["CancelToken", "InferenceCancelled", "Job", "WorkerPool", "QueueFull", "QueueWaitExpired",
-           "InferenceTimeout", "install_cancel_hooks"]
+           "InferenceTimeout", "install_cancel_hooks", "set_current_token", "current_worker", "lower_priority"]
 
 _local = threading.local()
 
@@ -46,10 +50,13 @@ class InferenceTimeout(MlbenchError, TimeoutError):
 
 
 class CancelToken:
-    """A flag a worker checks between stages and layers; set when the request gave up."""
+    """A flag a worker checks between stages and layers; set when the request gave up.
 
-    def __init__(self) -> None:
-        self._event = threading.Event()
+    ``event`` may be a ``multiprocessing`` Event, so a worker process sees the cancel too.
+    """
+
+    def __init__(self, event: Any = None) -> None:
+        self._event = event if event is not None else threading.Event()
 
     def cancel(self) -> None:
         self._event.set()
@@ -68,6 +75,16 @@ def _cancel_pre_hook(module: torch.nn.Module, args: Any) -> None:
     token = getattr(_local, "token", None)
     if token is not None and token.cancelled:
         token.check(type(module).__name__)
+
+
+def set_current_token(token: CancelToken | None) -> None:
+    """The token the layer hooks of this thread check (None: the hooks do nothing)."""
+    _local.token = token
+
+
+def current_worker() -> Any:
+    """The per-worker object (e.g. its worker process) of the pool thread running this job."""
+    return getattr(_local, "worker", None)
 
 
 def install_cancel_hooks(model: torch.nn.Module) -> list:
@@ -112,11 +129,12 @@ class Job:
 class WorkerPool:
     """``workers`` threads taking jobs from a queue of at most ``queue_size`` jobs."""
 
-    def __init__(self, workers: int, queue_size: int) -> None:
-        self.workers, self.queue_size = workers, queue_size
+    def __init__(self, workers: int, queue_size: int, nice: int = 0, make_worker: Callable[[], Any] | None = None) -> None:
+        self.workers, self.queue_size, self.nice, self.make_worker = workers, queue_size, nice, make_worker
+        self.worker_objects: list = []
         self._queue: _queue.Queue[Job | None] = _queue.Queue()
         self._threads: list[threading.Thread] = []
-        self._waiting = 0
+        self._waiting = self._busy = 0
         self._count_lock = threading.Lock()
         self.running: set[Job] = set()
         self.stopped_after_cancel: list[float] = []
@@ -131,10 +149,14 @@ class WorkerPool:
         return sum(job.zombie for job in list(self.running))
 
     def start(self) -> None:
+        """Start the worker threads (first making each one's worker object, e.g. its process)."""
         if self._threads:
             return
+        if self.make_worker is not None and not self.worker_objects:
+            self.worker_objects = [self.make_worker() for _ in range(self.workers)]
         for i in range(self.workers):
-            thread = threading.Thread(target=self._loop, name=f"mlbench-worker-{i}", daemon=True)
+            worker = self.worker_objects[i] if self.worker_objects else None
+            thread = threading.Thread(target=self._loop, args=(worker,), name=f"mlbench-worker-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -146,27 +168,41 @@ class WorkerPool:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         alive = any(t.is_alive() for t in self._threads)
-        self._threads = []
+        for worker in self.worker_objects if alive else []:  # a thread stuck in a job: end its process too
+            worker.stop(1.0)
+        self._threads, self.worker_objects = [], []  # dropped, so their pipes and semaphores are freed
         return not alive
 
     def submit(self, job: Job) -> Job:
         """Queue ``job``; raises :class:`QueueFull` when ``queue_size`` jobs already wait."""
-        with self._count_lock:
-            if self._waiting >= self.queue_size:
-                raise QueueFull(f"the queue already holds {self._waiting} of {self.queue_size} requests")
+        with self._count_lock:  # an idle worker about to take a job is a free place, not a queue slot
+            if self._waiting + self._busy >= self.queue_size + self.workers:
+                raise QueueFull(f"the queue already holds {self._waiting} of {self.queue_size} requests "
+                                f"({self._busy} of {self.workers} worker(s) busy)")
             self._waiting += 1
         self._queue.put(job)
         return job
 
-    def _loop(self) -> None:
+    def _loop(self, worker: Any = None) -> None:
+        lower_priority(self.nice)
+        _local.worker = worker
         while True:
             job = self._queue.get()
             if job is None:
+                if worker is not None:
+                    worker.stop()
                 return
             with self._count_lock:
                 self._waiting -= 1
-            if job.state == "queued":
-                self._run(job)
+                self._busy += 1
+            try:
+                if job.state == "queued":
+                    self._run(job)
+                if worker is not None:
+                    _recover(worker)
+            finally:
+                with self._count_lock:
+                    self._busy -= 1
 
     def _acquire(self, job: Job) -> bool:
         """Wait for the model's lock (a zombie may hold it) unless the request gives up."""
@@ -184,13 +220,13 @@ class WorkerPool:
         job.started_at = time.monotonic()
         self.running.add(job)
         job.started.set_result(job.started_at)
-        _local.token = job.token
+        set_current_token(job.token)
         try:
             job.result.set_result(job.work(job.token))
         except BaseException as exc:  # handed to the waiting request
             job.result.set_exception(exc)
         finally:
-            _local.token = None
+            set_current_token(None)
             job.finished_at = time.monotonic()
             if job.token.cancelled:
                 self.stopped_after_cancel.append(job.finished_at - job.started_at)
@@ -213,6 +249,24 @@ class WorkerPool:
             result.add_done_callback(_consume)
             raise InferenceTimeout(f"inference did not finish within {timeout_s:g} s")
         return result.result()
+
+
+def _recover(worker: Any) -> None:
+    """Let the worker replace a killed or dead process between jobs (a failure waits for the next job)."""
+    try:
+        worker.recover()
+    except MlbenchError:  # the next run() tries again and reports it to its request
+        pass
+
+
+def lower_priority(nice: int) -> None:
+    """Raise this thread's nice value by ``nice`` (Linux schedules threads, so the event loop
+    thread keeps its priority and wins the CPU over the workers); a no-op elsewhere."""
+    if nice > 0 and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+        except OSError:  # not permitted here: keep the default priority
+            pass
 
 
 def _consume(future: asyncio.Future) -> None:

@@ -37,7 +37,23 @@ class ServiceSettings:
     default_model : the ``model`` form field's default (the service used ``hrnet``).
     preset : pipeline preset, ``"fixed"`` or ``"as_served"``.
     options : extra pipeline options for every request (e.g. ``{"input_size": 128}``).
-    workers : inference worker threads (each model still runs one forward at a time).
+    executor : ``"thread"`` runs inference in the worker threads of this process (fast to
+        start; what tests and notebooks use); ``"process"`` gives each worker a child
+        process that loads the models once and can be killed when a cancelled run does
+        not stop (measured on 2 busy cores: the first worker 5-15 s, as a fork server
+        imports torch and mlbench once; each later or replacement worker about 0.5 s).
+    workers : inference workers (each model still runs one forward at a time).
+    worker_nice : how much lower the workers' CPU priority is than the event loop's
+        (Linux nice increment per thread; 0 keeps it equal). On a shared machine a
+        niced worker also loses the CPU to every other process: bursts took 4x longer.
+    worker_threads : torch threads in each worker process (default cores // workers).
+    kill_grace_s : with ``executor="process"``, seconds a cancelled run may take to stop
+        before its worker process is killed and re-started.
+    freeze_gc : at start-up, collect garbage once and ``gc.freeze()`` the heap so no full
+        collection of it (0.2-0.5 s holding the GIL, measured) lands in the middle of a
+        burst. Process-wide: objects alive at start-up are never collected afterwards, so it is
+        off by default (a notebook or test process hosts the app) and on in ``mlbench serve``
+        and ``bench/service_load.py``, where the process is the service's own.
     queue_size : most requests waiting for a worker; more answer 429.
     max_wait_s : most seconds a request waits for a worker; longer answers 503.
     timeout_s : per-request inference timeout; longer answers 504 and the run is cancelled.
@@ -59,7 +75,12 @@ class ServiceSettings:
     default_model: str = "hrnet"
     preset: str = "fixed"
     options: Mapping[str, Any] = field(default_factory=dict)
+    executor: str = "thread"
     workers: int = 1
+    worker_nice: int = 0
+    freeze_gc: bool = False
+    worker_threads: int | None = None
+    kill_grace_s: float = 1.0
     queue_size: int = 8
     max_wait_s: float = 10.0
     timeout_s: float = 60.0
@@ -79,12 +100,16 @@ class ServiceSettings:
         checks = {"workers": self.workers >= 1, "queue_size": self.queue_size >= 1, "max_wait_s": self.max_wait_s > 0,
                   "timeout_s": self.timeout_s > 0, "max_batch": self.max_batch >= 1,
                   "max_body_bytes": self.max_body_bytes is None or self.max_body_bytes > 0,
-                  "max_pixels": self.max_pixels is None or self.max_pixels > 0}
+                  "max_pixels": self.max_pixels is None or self.max_pixels > 0,
+                  "worker_nice": 0 <= self.worker_nice <= 19, "kill_grace_s": self.kill_grace_s > 0,
+                  "worker_threads": self.worker_threads is None or self.worker_threads >= 1}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             values = {name: getattr(self, name) for name in bad}
             raise OptionsError(f"service settings {values} are out of range; workers, queue_size and max_batch "
-                               "must be >= 1, times and limits > 0 (None disables a limit)")
+                               "must be >= 1, times and limits > 0 (None disables a limit), worker_nice 0..19")
+        if self.executor not in ("thread", "process"):
+            raise OptionsError(f"executor={self.executor!r} is unknown; expected 'thread' or 'process'")
         if self.preset not in ("fixed", "as_served"):
             raise OptionsError(f"preset={self.preset!r} is unknown; expected 'fixed' or 'as_served'")
 

@@ -2,9 +2,10 @@
 
 The input is cut into error blocks (each Python traceback, each other log line), after
 stripping quote, pytest, rich-box and docker-compose prefixes; each block is scored against
-the weighted rules of :mod:`mlbench.triage_rules` (the exception message counts most, stack
-frames least, weak hints only on lines that read as errors) and the context rules of
-:mod:`mlbench.triage_patterns` (tensor types, what a missing file is, the call that raised);
+the weighted rules of :mod:`mlbench.triage_rules` and :mod:`mlbench.triage_library_rules` (the
+exception message counts most, stack frames least, weak hints only on lines that read as errors)
+and the context rules of :mod:`mlbench.triage_patterns` (tensor types, what a missing file is,
+the call and the library that raised);
 the best class per block becomes a :class:`Diagnosis` with the deciding line as evidence and
 the numbers pulled from the text. Several errors give several diagnoses, root cause first. Files and
 streams larger than 2 MiB are read in chunks and only lines that look like errors are kept,
@@ -24,6 +25,7 @@ from typing import IO, Any, Union
 from . import triage_numbers
 from .errors import OptionsError
 from .triage_patterns import caused_by_earlier, context_scores, is_frame, is_frame_header, strip_prefix
+from .triage_library_rules import LIBRARY_RULES
 from .triage_rules import CLASS_INFO, CONSEQUENCE_CLASSES, RULES, WEAK_RULES
 from .triage_stream import clean as _clean
 from .triage_stream import read_stream as _read_stream
@@ -32,7 +34,7 @@ __all__ = ["Diagnosis", "triage", "triage_text", "triage_text_all", "make_diagno
 
 FAILURE_CLASSES = tuple(CLASS_INFO)
 _FLAGS = re.I | re.M | re.ASCII
-_COMPILED = [(cls, float(w), re.compile(p, _FLAGS), False) for cls, w, p in RULES]
+_COMPILED = [(cls, float(w), re.compile(p, _FLAGS), False) for cls, w, p in RULES + LIBRARY_RULES]
 _COMPILED += [(cls, float(w), re.compile(p, _FLAGS), True) for cls, w, p in WEAK_RULES]
 # A weak hint counts only on a line that reads as an error, not on progress or config lines.
 _ERRORISH = re.compile(r"error|exception|fail|fatal|critical|warn|cannot|can't|could not|unable|invalid|not found|denied|refused"

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 
+from .triage_library_rules import library_context_scores
+
 __all__ = ["strip_prefix", "is_frame", "is_frame_header", "context_scores", "type_class", "caused_by_earlier"]
 
 _FLAGS = re.I | re.M | re.ASCII
@@ -167,7 +169,7 @@ _CONTEXT_RULES = ((_failing_stage, 4.0), (_opencv_stage, 4.5), (_tensor_pair, 6.
 def context_scores(text: str, exc_type: str) -> list[tuple[str, float]]:
     """Extra (class, score) evidence for one error block from its structure, not its wording."""
     found = [(rule(text), score) for rule, score in _CONTEXT_RULES] + [(type_class(exc_type), 3.0)]
-    return [(cls, score) for cls, score in found if cls]
+    return [(cls, score) for cls, score in found if cls] + library_context_scores(text)
 
 
 # ---- which error caused which --------------------------------------------------------------

@@ -302,7 +302,7 @@ WEAK_RULES: tuple[tuple[str, float, str], ...] = (
     ("postprocessing", 1.3, r"\bmasks?\b|threshold|polygon|contour"),
     ("validation_error", 1.3, r"\binvalid\b|\brequired\b|\bfield\b|\bschema\b|\b4\d\d\b|\bpydantic\b"),
     ("queue_timeout", 1.3, r"\btime|\bbusy\b|\bslow\b|\bqueue|\bworker|\bretry|\bhang"),
-    ("missing_dependency", 1.4, r"\bimport|\bmodule\b|\bpackage\b|\bversion\b|\binstall|\blibrary\b"),
+    ("missing_dependency", 1.4, r"\bimport|(?<!<)\bmodule\b(?!>)|\bpackage\b|\bversion\b|\binstall|\blibrary\b"),
 )
 
 # Classes that are usually a consequence of something else: listed after other diagnoses.

@@ -1,0 +1,97 @@
+"""Library-context rules of :func:`mlbench.triage`: wordings of other libraries, and which library raised.
+
+:mod:`mlbench.triage_rules` holds the core wording of each failure class. The rules here add
+the phrasings of the wider ecosystem that a user pastes from other projects (GDAL/rasterio,
+h5py, TensorRT, Triton, pickle opcodes, timm, model hubs) and the context that decides between
+two classes when the message alone is ambiguous:
+
+- a timeout or refused connection to a model hub is a weights download that failed, not an
+  overloaded service;
+- a tensor-size clash of 4 (or 1) against 3 on the channel axis of an image transform is an
+  RGBA (or grayscale) image fed to an RGB pipeline;
+- the innermost stack frames name the library that raised (an image decoder, a geometry or
+  COCO-mask library, the checkpoint loader), which decides when the message is unknown.
+
+Patterns are bounded (no unbounded ``.*``) like those of :mod:`mlbench.triage_rules`.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["LIBRARY_RULES", "library_context_scores"]
+
+_G = r"[^\n]{0,200}?"
+_HUB = r"(?:(?<![\w-]\.)(?<!api-inference\.)huggingface\.co|hf\.co|cdn-lfs[\w.-]*|download\.pytorch\.org|(?:objects|raw)\.githubusercontent\.com|hf-mirror\.com)"
+_NET_FAIL = r"(?:timed out|time ?out|Max retries exceeded|ConnectTimeout|ReadTimeout|Connection (?:refused|reset|aborted)|Name or service not known)"
+
+LIBRARY_RULES: tuple[tuple[str, float, str], ...] = (
+    # ---- weights_missing: the file could not be fetched, or is not a checkpoint at all --------
+    ("weights_missing", 6.5, _HUB + _G + _NET_FAIL),
+    ("weights_missing", 6.5, _NET_FAIL + _G + _HUB),
+    ("weights_missing", 6.5, r"Unsupported operand \d+"),  # an unknown pickle opcode: corrupt or not a pickle
+    ("weights_missing", 5.5, r"truncated file: eof = \d+|Unable to open file \((?:truncated file|file signature not found)"),
+    ("weights_missing", 5.5, r"(?:pretrained|weights?|checkpoint)" + _G + r"(?:URL is invalid|do(?:es)? not exist|not (?:available|found))" + _G
+                             + r"random initiali[sz]ation|\busing random initiali[sz]ation"),
+    # ---- missing_dependency: an API of another version, an optional reader not installed ------
+    ("missing_dependency", 5.5, r"got an unexpected keyword argument"),
+    ("missing_dependency", 5, r"cannot find a suitable reader|no suitable (?:reader|backend|plugin) (?:found|available)"),
+    ("missing_dependency", 6, r"serializ(?:ed|ation)[^\n]{0,40}engine" + _G + r"(?:mismatch|does not match)|(?:mismatch|does not match)" + _G
+                              + r"serializ(?:ed|ation)[^\n]{0,40}engine"),  # a TensorRT engine built by another version
+    # ---- device_mismatch / queue_timeout: NCCL test wording, a service that is not listening ---
+    ("device_mismatch", 5, r"\bNCCL failure\b|\bunhandled (?:system|cuda) error\b"),
+    ("queue_timeout", 4.5, r"ConnectionRefusedError|Connect call failed|All connection attempts failed|\bConnectError\b"),
+    # ---- image_format: GDAL/rasterio cannot open the file -----------------------------------
+    ("image_format", 5.5, r"not recogni[sz]ed as (?:being in )?a supported (?:file )?format|\bCPLE_OpenFailed"),
+    # ---- shape_mismatch: destination size, ranks in TF/Triton wording -------------------------
+    ("shape_mismatch", 6, r"!?dsize\.empty\(\)|dsize\.area\(\)"),
+    ("shape_mismatch", 5.5, r"input has only \d+ dims?\b|out of range using input dim"),
+    ("shape_mismatch", 6, r"\b\d-?D (?:or \d-?D )?(?:\(batch mode\) )?(?:input )?tensor (?:is )?expected|\bexpected (?:a )?\d-?D or \d-?D"),
+    # ---- dtype_mismatch: OpenCV 2.x/3.x wording of the 8-bit single-channel requirement -------
+    ("dtype_mismatch", 6.5, r"supports? only (?:CV_)?8U?C1\b|only 8uC1|8uC1 and 32sC1"),
+    # ---- nan_output / normalization / postprocessing in the user's own words -------------------
+    ("nan_output", 6, r"\b(?:loss|outputs?|predictions?|logits|results?)(?: values?)? (?:is|are|was|were|became|becomes|turns? into)"
+                      r"(?: all| always| only| just)? (?:nan|inf)\b"),
+    ("nan_output", 5.5, r"\b(?:sum|mean|max|min|norm|loss|std)\b[^\n]{0,25}[=:,]\s*'?\s*-?(?:nan|inf)\b"),
+    ("normalization", 5, r"\b(?:get|getting|got|gives?|giving|returns?|returning|produces?) (?:a |an )?(?:completely |all |totally |entirely )?"
+                         r"(?:black|blank|empty) (?:images?|masks?|outputs?|predictions?)"),
+    ("postprocessing", 5.5, r"\b(?:logits?|outputs?|output tensors?|predictions?)[^\n]{0,20}\b(?:are|is|were)\s*(?:<\s*0|negative|less than 0|below 0)"
+                            r"|without (?:a |the )?sigmoid|forg[eo]t (?:the |to apply (?:the )?)?(?:sigmoid|softmax)"),
+)
+
+# The innermost frames' files name the library that raised: decisive only when the message is not.
+_FRAME_FILE = re.compile(r'^\s*File "([^"\n]{1,500})", line \d+|^\s*(\S{1,300}\.pyx?)(?::\d+)? in \S', re.M)
+_FRAME_LIBRARIES = (
+    ("image_format", re.compile(r"PIL[/\\]\w*(?:ImagePlugin|ImageFile)\.py|tifffile[/\\]|imageio[/\\]|rasterio[/\\]|skimage[/\\]io[/\\]"
+                                r"|imagecodecs[/\\]", re.I)),
+    ("postprocessing", re.compile(r"shapely[/\\]|pycocotools|pycococreatortools|_regionprops|skimage[/\\]measure[/\\]", re.I)),
+    ("weights_missing", re.compile(r"torch[/\\]serialization\.py|safetensors[/\\]", re.I)),
+)
+_LIBRARY_SCORE = 3.5
+
+# A channel clash 4-vs-3 or 1-vs-3 in an image transform: an RGBA or grayscale image in an RGB pipeline.
+_CHANNEL_CLASH = re.compile(r"size of tensor a \(([134])\) must match the size of tensor b \(([134])\) at non-singleton dimension [01]\b")
+_IMAGE_TRANSFORM = re.compile(r"\bnormali[sz]e\b|ToTensor|Image\.open|transforms?[/\\.]", re.I)
+_CHANNEL_SCORE = 8.0  # decisive over the generic size message on the exception line (6 x 1.25, plus repeats)
+
+
+def _innermost_library(text: str) -> str | None:
+    files = [m.group(1) or m.group(2) for m in _FRAME_FILE.finditer(text)][-3:]
+    for path in reversed(files):
+        cls = next((c for c, rx in _FRAME_LIBRARIES if rx.search(path)), None)
+        if cls:
+            return cls
+    return None
+
+
+def _channel_clash(text: str) -> str | None:
+    match = _CHANNEL_CLASH.search(text)
+    if match and {match.group(1), match.group(2)} in ({"3", "4"}, {"1", "3"}) and _IMAGE_TRANSFORM.search(text):
+        return "image_format"
+    return None
+
+
+def library_context_scores(text: str) -> list[tuple[str, float]]:
+    """(class, score) evidence from which library raised and what an image transform saw."""
+    found = [(_innermost_library(text), _LIBRARY_SCORE), (_channel_clash(text), _CHANNEL_SCORE)]
+    return [(cls, score) for cls, score in found if cls]

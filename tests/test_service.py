@@ -303,6 +303,9 @@ def test_logs_are_json_lines_with_the_request_id(served):
     try:
         _post(client, threshold=0.95)
         client.get("/livez", headers={"X-Request-ID": "abc-1"})
+        deadline = time.monotonic() + 5  # the server thread logs after the response has gone out
+        while '"abc-1"' not in stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         LOGGER.removeHandler(handler)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]

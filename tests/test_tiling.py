@@ -80,8 +80,9 @@ def _bundled() -> set[str]:
 _PER_TILE_NORM = pytest.mark.xfail(
     strict=True,
     reason="known gap: each tile gets its own InstanceNorm statistics, so tiles of 256 px differ from the whole "
-    "512 px image (measured IoU 0.988 cbam_resunet, 0.962 hrnet; 0.996 / 0.984 at tile 384); tiling with "
-    "whole-image normalisation statistics is not implemented yet",
+    "512 px image (measured IoU 0.988 cbam_resunet, 0.962 hrnet; 0.996 / 0.984 at tile 384); exact whole-image "
+    "statistics would need one tiled pass per norm layer and the cheap fixed-point iteration diverged (see "
+    "predict_tiled's Notes)",
 )
 
 

@@ -25,7 +25,8 @@ from typing import IO, Any, Union
 from . import triage_numbers
 from .errors import OptionsError
 from .triage_patterns import caused_by_earlier, context_scores, is_frame, is_frame_header, strip_prefix
-from .triage_library_rules import LIBRARY_RULES
+from .triage_library_rules import LIBRARY_RULES, whole_input_diagnoses
+from .triage_log_formats import normalize
 from .triage_rules import CLASS_INFO, CONSEQUENCE_CLASSES, RULES, WEAK_RULES
 from .triage_stream import clean as _clean
 from .triage_stream import read_stream as _read_stream
@@ -44,6 +45,7 @@ _TB_START = re.compile(r"Traceback \(most recent call last\)")
 _CHAIN = re.compile(r"^(During handling of the above exception|The above exception was the direct cause)")
 _EXC_LINE = re.compile(r"^\s{0,4}([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Exceeded|Timeout|Full|Killed)\w*)\b(?::|\uff1a|$)")
 _BARS = re.compile(r"^\s*(?:\d+\|[\w-]+\s*)?(?:[\d/-]{8,10}[ T][\d:.,]{8,15}\s+)?(?:[|+]\s?)+(?=\s*\S)")
+_IPY_HEADER = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Warning|Exit|Interrupt|Exceeded|Timeout)\w*)\s{2,}Traceback \(most recent call last\)")
 _LOG_PREFIX = re.compile(r"^(\d{4}-\d\d-\d\d|\[\d{4}-|\[?(INFO|ERROR|WARNING|WARN|DEBUG|CRITICAL)\b|[IWEF]\d{4} )")
 
 @dataclass(frozen=True)
@@ -151,13 +153,15 @@ def triage_text_all(source: TriageInput) -> list[Diagnosis]:
     text, offsets, note = _read(source)
     if _binary(text):
         return [_unknown(text, note)]
-    lines = text.splitlines()
+    text, origin = normalize(text)  # ANSI colours, JSON log records, flattened tracebacks
+    origin = [offsets[n - 1] for n in origin] if offsets else origin
+    lines = text.split("\n")
     found = []
     for start, block in _blocks(lines)[:_MAX_BLOCKS]:
         diagnosis = _classify(block, start + 1)
         if diagnosis is not None:
-            found.append(replace(diagnosis, line=offsets[diagnosis.line - 1]) if offsets else diagnosis)
-    found = _merge(found)
+            found.append(replace(diagnosis, line=origin[diagnosis.line - 1]))
+    found = _merge(found) or [replace(d, line=origin[d.line - 1]) for d in whole_input_diagnoses(text, _make)]
     if not found:
         return [_unknown(text, note)]
     return _root_cause_first(found)
@@ -298,7 +302,8 @@ def _exception_type(block: list[str]) -> str:
         match = _EXC_LINE.match(line)
         if match:
             return match.group(1).rsplit(".", 1)[-1]
-    return ""
+    header = next((_IPY_HEADER.match(line) for line in block[:3] if _IPY_HEADER.match(line)), None)  # IPython, cut before the message
+    return header.group(1).rsplit(".", 1)[-1] if header else ""
 
 
 def _exc_index(block: list[str]) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["LIBRARY_RULES", "library_context_scores"]
+__all__ = ["LIBRARY_RULES", "library_context_scores", "whole_input_diagnoses"]
 
 _G = r"[^\n]{0,200}?"
 _HUB = r"(?:(?<![\w-]\.)(?<!api-inference\.)huggingface\.co|hf\.co|cdn-lfs[\w.-]*|download\.pytorch\.org|(?:objects|raw)\.githubusercontent\.com|hf-mirror\.com)"
@@ -57,13 +57,37 @@ LIBRARY_RULES: tuple[tuple[str, float, str], ...] = (
                          r"(?:black|blank|empty) (?:images?|masks?|outputs?|predictions?)"),
     ("postprocessing", 5.5, r"\b(?:logits?|outputs?|output tensors?|predictions?)[^\n]{0,20}\b(?:are|is|were)\s*(?:<\s*0|negative|less than 0|below 0)"
                             r"|without (?:a |the )?sigmoid|forg[eo]t (?:the |to apply (?:the )?)?(?:sigmoid|softmax)"),
+    # ---- round 3: TensorFlow's memory warning, cuDNN libraries, OpenCV's zero scale, DICOM, geometry --
+    ("cuda_oom", 5, r"Allocation of \d+ exceeds \d+% of (?:free )?system memory"),
+    ("missing_dependency", 6.5, r"Could not load library libcudnn|Unable to load any of \{libcudnn|Cannot load symbol cudnn\w*"
+                                r"|version libcudnn\w*\.so[\d.]* not defined|libcudnn\w*\.so[\d.]*: cannot open"),
+    # no installed plugin opens even a common format (PNG, JPEG, TIFF): a reader package is missing
+    ("missing_dependency", 6.5, r"Could not find a backend to open\W{0,3}[^\s`'\"]{0,200}\.(?:png|jpe?g|tiff?|bmp|gif|webp)\b"),
+    ("shape_mismatch", 6.5, r"inv_scale_[xy]\s*>\s*0"),
+    ("image_format", 5.5, r"\bio\.scif\.|\bloci\.formats\.|ImgIOException|UnknownFormatException"),
+    ("image_format", 6, r"InvalidDicomError|'DICM' (?:marker|prefix)|not a valid DICOM|DICOM File Meta Information"),
+    ("postprocessing", 6, r"Invalid number of points in LinearRing|Number of points must be 0 or|Points of LinearRing|GEOSException|TopologicalError"),
+    ("postprocessing", 6.5, r"(?:Label|Labell?ed) image must be of integer|label_image must be"),
+    ("cuda_oom", 6, r"The node (?:was low on resource: memory|had condition: \[MemoryPressure\])"),
+    ("dtype_mismatch", 6, r"Unexpected input data type|PrimitiveDataType\w*<?\w*>?\) , expected"),
+    ("device_mismatch", 6, r"Insufficient nvidia\.com/gpu|Insufficient (?:amd\.com|gpu\.intel\.com)/gpu"),
+    ("postprocessing", 6, r"\b(?:p|pts|points|contour)\.checkVector\(2"),  # polygon points OpenCV cannot draw
+    ("postprocessing", 5, r"\bmasks?\.xy\b|masks2segments|\bsegments?\b[^\n]{0,30}\b(?:is|are|was|were) empty"),
+    ("cuda_oom", 6, r"memory usage threshold|System memory low at node|running low on memory|exceeds threshold [\d.]+, killing"),
+    ("shape_mismatch", 6, r"\bexpects? \d+ dimensions|\baxes don't match array|axis \d+ is out of bounds for array of dimension \d+"),
+    ("validation_error", 6, r"sent a request that this server could not understand"),
+    ("normalization", 5, r"\bz-?score\b|\bstandardi[sz](?:e|ed|ation)\b|all pixels (?:at|are|=+) 0\b|\b(?:signal|intensity|dynamic) range\b"),
+    ("normalization", 5, r"\b(?:get|getting|got|gives?|giving|returns?|produces?)\b[^\n]{0,20}\b(?:black|blank|empty|white)(?:\s+(?:black|blank|empty|white))?"
+                         r"\s+(?:images?|masks?|outputs?|predictions?|results?)|\b(?:results?|outputs?|predictions?|masks?)\s+(?:are|is|were|was|look)"
+                         r"\s+(?:all\s+)?(?:blank|black|empty|white)\b"),
 )
 
 # The innermost frames' files name the library that raised: decisive only when the message is not.
 _FRAME_FILE = re.compile(r'^\s*File "([^"\n]{1,500})", line \d+|^\s*(\S{1,300}\.pyx?)(?::\d+)? in \S', re.M)
 _FRAME_LIBRARIES = (
     ("image_format", re.compile(r"PIL[/\\]\w*(?:ImagePlugin|ImageFile)\.py|tifffile[/\\]|imageio[/\\]|rasterio[/\\]|skimage[/\\]io[/\\]"
-                                r"|imagecodecs[/\\]", re.I)),
+                                r"|imagecodecs[/\\]|pydicom[/\\]|dicom[/\\]filereader|aicsimageio[/\\]|bioio\w*[/\\]|nd2[/\\]|czifile|pylibCZIrw"
+                                r"|bioformats|SimpleITK[/\\]|nibabel[/\\]|openslide[/\\]", re.I)),
     ("postprocessing", re.compile(r"shapely[/\\]|pycocotools|pycococreatortools|_regionprops|skimage[/\\]measure[/\\]", re.I)),
     ("weights_missing", re.compile(r"torch[/\\]serialization\.py|safetensors[/\\]", re.I)),
 )
@@ -91,7 +115,40 @@ def _channel_clash(text: str) -> str | None:
     return None
 
 
+# PIL names an array it cannot take by its type key: more than one axis after (1, 1) is a shape problem.
+_PIL_TYPEKEY = re.compile(r"(?:Cannot handle this data type: |KeyError: \()\(1, 1((?:, \d+)*)\), '?[|<>]\w\d+")
+# An HTTP or URL error raised while a model is built or its weights fetched: the download failed.
+_URL_ERROR = re.compile(r"\b(?:HTTPError|URLError|ContentTooShortError|urlopen error)\b")
+_MODEL_CONTEXT = re.compile(r"model_type|pretrained|load_model|model_path|cache_model|checkpoint|weights|torch\.hub|hub\.load|models[/\\]", re.I)
+_DOWNLOAD = re.compile(r"download(?:ing)?\b[^\n]{0,300}?(?:models?[/\\]|weights|checkpoint|pretrained|\.(?:pth|pt|ckpt|safetensors|onnx|bin|h5|npy)\b)", re.I)
+_NET_ERROR = re.compile(r"HTTP Error \d{3}|HTTPError|URLError|urlopen error|ContentTooShortError|Max retries exceeded|Connection (?:refused|reset|aborted)"
+                        r"|Name or service not known|Temporary failure in name resolution|SSLError|CERTIFICATE_VERIFY_FAILED|timed out", re.I)
+
+
+def _pil_typekey(text: str) -> str | None:
+    match = _PIL_TYPEKEY.search(text)
+    return "shape_mismatch" if match and match.group(1).count(",") >= 2 else None
+
+
+def _model_download(text: str) -> str | None:
+    return "weights_missing" if _URL_ERROR.search(text) and _MODEL_CONTEXT.search(text) else None
+
+
 def library_context_scores(text: str) -> list[tuple[str, float]]:
     """(class, score) evidence from which library raised and what an image transform saw."""
-    found = [(_innermost_library(text), _LIBRARY_SCORE), (_channel_clash(text), _CHANNEL_SCORE)]
+    found = [(_innermost_library(text), _LIBRARY_SCORE), (_channel_clash(text), _CHANNEL_SCORE), (_pil_typekey(text), _CHANNEL_SCORE + 0.5),
+             (_model_download(text), 5.5)]
     return [(cls, score) for cls, score in found if cls]
+
+
+def whole_input_diagnoses(text: str, make) -> list:
+    """When no single block is recognised: a model download announced in one line and a network error
+    in another is a weights download that failed. ``make(cls, evidence, text, score, line, exc_type)``."""
+    error = _NET_ERROR.search(text) if _DOWNLOAD.search(text) else None
+    error = error or (_URL_ERROR.search(text) if _MODEL_CONTEXT.search(text) else None)
+    if not error:
+        return []
+    start = text.rfind("\n", 0, error.start()) + 1
+    end = text.find("\n", error.start())
+    line = text[start:len(text) if end < 0 else end].strip()[:400]
+    return [make("weights_missing", line, text, 5.0, text.count("\n", 0, start) + 1, "")]

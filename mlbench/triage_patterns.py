@@ -51,6 +51,8 @@ _TYPES = {
     "DeadlineExceeded": "queue_timeout", "GatewayTimeout": "queue_timeout",
     "UnpicklingError": "weights_missing", "SafetensorError": "weights_missing", "EOFError": "weights_missing",
     "BadZipFile": "weights_missing", "WeightsError": "weights_mismatch",
+    "GEOSException": "postprocessing", "TopologicalError": "postprocessing", "ShapelyError": "postprocessing",
+    "InvalidDicomError": "image_format", "UnsupportedFileFormatError": "image_format", "UnknownFormatException": "image_format",
 }
 
 
@@ -119,7 +121,8 @@ _CALLS = (
     ("postprocessing", re.compile(r"findContours|find_contours|approxPolyDP|drawContours|contourArea|regionprops|Polygon\(|LinearRing"
                                   r"|mask_to_polygons|frPyObjects", re.I)),
     ("image_format", re.compile(r"Image\.open|imread|imageio\.|tifffile\.|\.convert\(['\"]|ImageOps\.", re.I)),
-    ("weights_missing", re.compile(r"torch\.load\(|safe_open\(|load_file\(|hub\.load", re.I)),
+    ("weights_missing", re.compile(r"torch\.load\(|safe_open\(|load_file\(|hub\.load|download_url_to_file|hf_hub_download|urlretrieve"
+                                   r"|snapshot_download|cache_model_path|load_state_dict_from_url", re.I)),
 )
 _ARROW = re.compile(r"^\s*-*>\s*\d+\s+(.*)$")
 

@@ -362,3 +362,83 @@ def test_real_issue_texts_round2_accuracy():
 ])
 def test_library_context_and_new_wordings(text, expected):
     assert triage(text, casebook=False).failure_class == expected
+
+
+# ---- round 3: a third fresh set, log formats (ANSI, JSON records, flattened tracebacks) -------------
+REAL3 = [json.loads(line) for line in (Path(__file__).parent / "data" / "triage_real3.jsonl").read_text().splitlines()]
+
+
+def test_real_set_round3_is_new_labelled_and_sourced():
+    counts = Counter(row["expected"] for row in REAL3)
+    assert len(REAL3) >= 120 and set(counts) == set(FAILURE_CLASSES) - {"unknown"}
+    assert all(row["url"].startswith("https://github.com/") and row["source"] and row["text"].strip() for row in REAL3)
+    urls = [row["url"] for row in REAL3]
+    assert len(set(urls)) == len(urls) and not set(urls) & {row["url"] for row in REAL + REAL2}
+    older = {row["text"][:200] for row in REAL + REAL2 + CORPUS}
+    assert not {row["text"][:200] for row in REAL3} & older
+
+
+def test_real_issue_texts_round3_accuracy():
+    accuracy, wrong = _accuracy_and_misses(REAL3)
+    assert accuracy >= 0.9, f"accuracy {accuracy:.3f}; wrong: {wrong[:10]}"
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda t: "\n".join("\x1b[0;31m" + line + "\x1b[0m" for line in t.splitlines()),   # Jupyter / rich colours
+    lambda t: "\n".join("[0;31m" + line + "[0m" for line in t.splitlines()),           # colours whose ESC byte was lost
+    lambda t: json.dumps({"asctime": "2025-01-02 10:00:01,123", "levelname": "ERROR", "name": "svc",
+                          "message": "request failed", "exc_info": t}),                 # a JSON log record, newlines escaped
+    lambda t: "\n".join(json.dumps({"log": line + "\n", "stream": "stderr"}) for line in t.splitlines()),  # docker json-file
+    lambda t: " ".join(line.strip() for line in t.splitlines()),                       # a traceback flattened onto one line
+])
+def test_log_formats_keep_the_class(wrap):
+    rows = REAL3[::4]
+    right = sum(triage(wrap(row["text"]), casebook=False).failure_class == row["expected"] for row in rows)
+    assert right >= 0.9 * len(rows)
+
+
+def test_json_record_points_at_the_line_the_user_pasted():
+    text = ('INFO:     Started server process [1]\n{"levelname": "ERROR", "message": "predict failed", "exc_info": '
+            '"Traceback (most recent call last):\\n  File \\"/app/x.py\\", line 3, in f\\n    y = m(x)\\n'
+            'torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}')
+    d = triage(text, casebook=False)
+    assert (d.failure_class, d.line, d.numbers["requested_bytes"]) == ("cuda_oom", 2, 2 * 2**30)
+
+
+@pytest.mark.parametrize("text, expected", [
+    # cuDNN missing is a missing native library; libcuda missing is the driver
+    ("Could not load library libcudnn_ops_infer.so.8. Error: libcudnn_ops_infer.so.8: cannot open shared object file", "missing_dependency"),
+    ("Could not load library libcudnn_cnn_infer.so.8. Error: libcuda.so: cannot open shared object file: No such file or directory",
+     "device_mismatch"),
+    # PIL's type key: a float RGB array is a dtype problem, a uint8 array with extra axes a shape problem
+    ("TypeError: Cannot handle this data type: (1, 1, 3), <f4", "dtype_mismatch"),
+    ("TypeError: Cannot handle this data type: (1, 1, 1024, 4), |u1", "shape_mismatch"),
+    # an HTTP error while a model is built is a failed weights download; alone it says nothing
+    ('model = models.CellposeModel(model_type="cyto3")\nurllib.error.HTTPError: HTTP Error 500: Internal Server Error', "weights_missing"),
+    ('[INFO] Downloading: "https://www.cellpose.org/models/nuclei_0" to /root/.cellpose/models/nuclei_0\n'
+     "ERROR: HTTP Error 500: INTERNAL SERVER ERROR", "weights_missing"),
+    ("urllib.error.HTTPError: HTTP Error 500: Internal Server Error", "unknown"),
+    # an IPython traceback cut before its message: the header names the exception
+    ("GEOSException                             Traceback (most recent call last)\n<ipython-input-80-8f14df048e4b> in <module>\n"
+     "---> 51 simplify(shapes)", "postprocessing"),
+    ("dicom.errors.InvalidDicomError: File is missing 'DICM' marker. Use force=True to force reading", "image_format"),
+    ("W tensorflow/core/framework/allocator.cc:101] Allocation of 411041792 exceeds 10% of system memory.", "cuda_oom"),
+    ("The model sees z-score standardized images during training, but not during evaluation.", "normalization"),
+    ("TypeError: Labelled image must be of integer dtype.", "postprocessing"),
+    ("ValueError: Could not find a backend to open `cells.png`` with iomode `r?`.", "missing_dependency"),
+    ("ValueError: Could not find a backend to open `scan_03.czi`` with iomode `r`.", "image_format"),
+    # serving stacks: Kubernetes evictions and scheduling, Ray's memory monitor, ONNX Runtime and Triton inputs
+    ("Message:        The node was low on resource: memory. Container api was using 43536Ki, which exceeds its request of 0.", "cuda_oom"),
+    ("Warning  FailedScheduling  2s (x57 over 15m)  default-scheduler  0/6 nodes are available: 6 Insufficient nvidia.com/gpu.",
+     "device_mismatch"),
+    ("Memory on the node (IP: 172.31.237.1) where the task was running was 219.41GB / 230.40GB (0.952289), which exceeds the memory "
+     "usage threshold of 0.95. Ray killed this worker", "cuda_oom"),
+    ("InvalidArgument: [ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Unexpected input data type. Actual: (tensor(double)) , "
+     "expected: (tensor(float))", "dtype_mismatch"),
+    ("UNAVAILABLE: Invalid argument: model 'seg', tensor 'input.1': the model expects 4 dimensions (shape [1,3,224,224]) but the "
+     "model configuration specifies 4 dimensions (shape [1,3,224,244])", "shape_mismatch"),
+    ("cv2.error: OpenCV(4.11.0) drawing.cpp:2426: error: (-215:Assertion failed) p.checkVector(2, CV_32S) > 0 in function 'fillPoly'",
+     "postprocessing"),
+])
+def test_round3_wordings_and_contexts(text, expected):
+    assert triage(text, casebook=False).failure_class == expected

@@ -174,9 +174,16 @@ def _root_cause_first(found: list[Diagnosis]) -> list[Diagnosis]:
     caused = [caused_by_earlier(d.failure_class, d.evidence, [(e.failure_class, e.evidence) for e in found[:i]])
               for i, d in enumerate(found)]
     weak = [d.confidence < 4.5 for d in found]
-    order = sorted(range(len(found)), key=lambda i: (weak[i], caused[i], not weak[i] and found[i].failure_class in CONSEQUENCE_CLASSES,
+    quiet = [_quiet(d.evidence) for d in found]  # a pasted code line with no error in it
+    later = CONSEQUENCE_CLASSES | {"unknown"}
+    order = sorted(range(len(found)), key=lambda i: (weak[i], caused[i], quiet[i], not weak[i] and found[i].failure_class in later,
                                                      -found[i].confidence if weak[i] else 0.0, i))
     return [found[i] for i in order]
+
+
+def _quiet(evidence: str) -> bool:
+    """A line of code (an assignment or a call) that says nothing of an error: the user's source, not the failure."""
+    return bool(re.search(r"=|\w\(", evidence)) and not _ERRORISH.search(evidence) and not _EXC_LINE.match(evidence)
 
 
 def make_diagnosis(failure_class: str, evidence: str = "") -> Diagnosis:

@@ -80,6 +80,19 @@ LIBRARY_RULES: tuple[tuple[str, float, str], ...] = (
     ("normalization", 5, r"\b(?:get|getting|got|gives?|giving|returns?|produces?)\b[^\n]{0,20}\b(?:black|blank|empty|white)(?:\s+(?:black|blank|empty|white))?"
                          r"\s+(?:images?|masks?|outputs?|predictions?|results?)|\b(?:results?|outputs?|predictions?|masks?)\s+(?:are|is|were|was|look)"
                          r"\s+(?:all\s+)?(?:blank|black|empty|white)\b"),
+    # ---- round 4: NumPy casting, OpenCV channel counts and writers, TIFF tiles, codecs, brokers ----
+    ("dtype_mismatch", 6, r"could not be coerced to provided output parameter|according to the casting rule"),
+    ("dtype_mismatch", 6.5, r"\bOnly 8-?bit (?:\d-channel |and \d+-?bit )?(?:(?:and|or) \d-channel )?(?:input|images?)"),  # a depth limit, not a channel one
+    ("image_format", 6.5, r"!ssize\.empty\(\)|\bssize\.(?:area\(\)|width) > 0"),  # an empty source image: the root of a later zero scale
+    ("shape_mismatch", 6.5, r"\b(?:channels|scn|dcn|cn)\s*==\s*\d\s*\|\|\s*(?:channels|scn|dcn|cn)\s*=="),  # OpenCV channel-count checks
+    ("image_format", 6, r"can't write data|could not find a writer for the specified extension|\bimwrite_\("),
+    ("image_format", 6, r"\binvalid tile (?:shape|size|offset|width|length)\b|\bTile(?:Width|Length)\b[^\n]{0,40}multiple of"),
+    ("missing_dependency", 6.5, r"NotImplementedError: \w+_(?:en|de)code\b"),  # the installed codec package lacks this codec
+    ("queue_timeout", 6, r"Connection to broker lost|consumer: Cannot connect to (?:amqp|redis|rediss|sqs|kafka)\w*://"),
+    ("missing_dependency", 6, r"Received unregistered task|Did you remember to import the module containing this task"),  # not imported by the worker
+    ("validation_error", 5.5, r"Invalid HTTP request received|illegal request line|HttpParserInvalid\w+|Invalid HTTP method"),
+    # a supervisor that gave up without saying why: report it, but rank it after any real cause
+    ("unknown", 5, r"Worker failed to boot|HaltServer"),
 )
 
 # The innermost frames' files name the library that raised: decisive only when the message is not.
@@ -90,6 +103,7 @@ _FRAME_LIBRARIES = (
                                 r"|bioformats|SimpleITK[/\\]|nibabel[/\\]|openslide[/\\]", re.I)),
     ("postprocessing", re.compile(r"shapely[/\\]|pycocotools|pycococreatortools|_regionprops|skimage[/\\]measure[/\\]", re.I)),
     ("weights_missing", re.compile(r"torch[/\\]serialization\.py|safetensors[/\\]", re.I)),
+    ("missing_dependency", re.compile(r"importlib[/\\]__init__\.py|<frozen importlib\._bootstrap", re.I)),  # cut inside an import
 )
 _LIBRARY_SCORE = 3.5
 
@@ -117,6 +131,7 @@ def _channel_clash(text: str) -> str | None:
 
 # PIL names an array it cannot take by its type key: more than one axis after (1, 1) is a shape problem.
 _PIL_TYPEKEY = re.compile(r"(?:Cannot handle this data type: |KeyError: \()\(1, 1((?:, \d+)*)\), '?[|<>]\w\d+")
+_PRINTED_SHAPE = re.compile(r"\(\d{2,6}, \d{2,6}((?:, \d{1,5}){1,2})\)")  # (H, W, C) or (H, W, C, N) as numpy prints it
 # An HTTP or URL error raised while a model is built or its weights fetched: the download failed.
 _URL_ERROR = re.compile(r"\b(?:HTTPError|URLError|ContentTooShortError|urlopen error)\b")
 _MODEL_CONTEXT = re.compile(r"model_type|pretrained|load_model|model_path|cache_model|checkpoint|weights|torch\.hub|hub\.load|models[/\\]", re.I)
@@ -126,8 +141,16 @@ _NET_ERROR = re.compile(r"HTTP Error \d{3}|HTTPError|URLError|urlopen error|Cont
 
 
 def _pil_typekey(text: str) -> str | None:
+    """More than one axis after (1, 1), or a channel count PIL has no mode for (not 2, 3 or 4): a shape problem.
+    Without a type key, an array shape printed next to the error that ends in such a channel count."""
     match = _PIL_TYPEKEY.search(text)
-    return "shape_mismatch" if match and match.group(1).count(",") >= 2 else None
+    if match:
+        axes = match.group(1).split(",")[1:]
+    elif "Cannot handle this data type" in text and (shape := _PRINTED_SHAPE.search(text)):
+        axes = [a for a in shape.group(1).split(",") if a.strip()]
+    else:
+        axes = []
+    return "shape_mismatch" if len(axes) >= 2 or (axes and axes[0].strip() not in ("2", "3", "4")) else None
 
 
 def _model_download(text: str) -> str | None:

@@ -29,6 +29,9 @@ _EMBEDDED_FRAME = re.compile(r'(?<=\S)\s+(?=File "[^"\n]{1,400}", line \d+)|(?<=
 _CARET_RUN = re.compile(r"\s+[\^~]{3,}(?=\s|$)")
 _EMBEDDED_EXCEPTION = re.compile(r"(?<=[\w)\]'\"])\s+(?=(?:[A-Za-z_][\w]*\.){0,4}[A-Z]\w*(?:Error|Exception|Warning|Exit|Interrupt)\w*: )")
 _FRAME_IN_LINE = re.compile(r'File "[^"\n]{1,400}", line \d+')
+# ``docker logs -t`` / ``kubectl logs --timestamps``: an RFC 3339 stamp before each line of a traceback.
+_STAMPED_TRACEBACK = re.compile(r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:[.,]\d{1,9})?(?:Z|[+-]\d\d:?\d\d)? '
+                                r'(?=\s|\[?Traceback|File "|(?:[A-Za-z_]\w*\.){0,4}[A-Z]\w*(?:Error|Exception)\w*:)')
 
 
 def strip_ansi(line: str) -> str:
@@ -43,7 +46,7 @@ def normalize(text: str) -> tuple[str, list[int]]:
     out: list[str] = []
     origin: list[int] = []
     for number, line in enumerate(text.split("\n"), start=1):
-        for piece in _unwrap(strip_ansi(line)):
+        for piece in _unwrap(_STAMPED_TRACEBACK.sub("", strip_ansi(line), count=1)):
             out.append(piece)
             origin.append(number)
     return "\n".join(out), origin

@@ -442,3 +442,59 @@ def test_json_record_points_at_the_line_the_user_pasted():
 ])
 def test_round3_wordings_and_contexts(text, expected):
     assert triage(text, casebook=False).failure_class == expected
+
+
+# ---- round 4: the libraries the held-out set names (torch/CUDA, Pillow, OpenCV, tifffile, NumPy, pydantic,
+# ---- uvicorn/gunicorn, Celery, Docker and the NVIDIA container toolkit); split: every third row held out
+REAL4 = [json.loads(line) for line in (Path(__file__).parent / "data" / "triage_real4.jsonl").read_text().splitlines()]
+
+
+def test_real_set_round4_is_new_labelled_and_sourced():
+    assert len(REAL4) >= 150 and {row["source"] for row in REAL4} >= {"torch", "pillow", "opencv", "tifffile", "numpy", "pydantic",
+                                                                       "uvicorn", "gunicorn", "celery", "docker", "nvidia-container-toolkit"}
+    assert all(row["url"].startswith("https://github.com/") and row["source"] and row["text"].strip() for row in REAL4)
+    urls = [row["url"] for row in REAL4]
+    assert len(set(urls)) == len(urls) and not set(urls) & {row["url"] for row in REAL + REAL2 + REAL3}
+    assert not {row["text"][:200] for row in REAL4} & {row["text"][:200] for row in REAL + REAL2 + REAL3 + CORPUS}
+
+
+def test_real_issue_texts_round4_accuracy():
+    accuracy, wrong = _accuracy_and_misses(REAL4)
+    held_accuracy, held_wrong = _accuracy_and_misses(REAL4[2::3])
+    assert accuracy >= 0.9 and held_accuracy >= 0.9, f"accuracy {accuracy:.3f}, held-out {held_accuracy:.3f}; wrong: {wrong[:10]}"
+
+
+@pytest.mark.parametrize("text, expected", [
+    # NumPy's older casting wording; OpenCV channel-count checks, writers and empty sources; TIFF tiles; codecs
+    ("TypeError: ufunc 'add' output (typecode 'd') could not be coerced to provided output parameter (typecode 'B') "
+     "according to the casting rule ''same_kind''", "dtype_mismatch"),
+    ("cv2.error: OpenCV(4.8.0) color.cpp:182: error: (-215:Assertion failed) scn == 3 || scn == 4 in function 'cvtColor'", "shape_mismatch"),
+    ("imwrite_('out/mask.png'): can't write data: OpenCV(4.8.0) grfmt_png.cpp:400: error: (-215:Assertion failed) size > 0", "image_format"),
+    ("error: (-215:Assertion failed) !ssize.empty() in function 'resize'\nerror: (-215:Assertion failed) inv_scale_x > 0 in function 'resize'",
+     "image_format"),
+    ("ValueError: invalid tile shape", "image_format"),
+    ('  File "imagecodecs/_imcd.pyx", line 856, in imagecodecs._imcd.lzw_encode\nNotImplementedError: lzw_encode', "missing_dependency"),
+    # PIL: a channel count it has no mode for is a shape problem, a float RGB array a dtype problem
+    ("KeyError: ((1, 1, 5), '|u1')\nTypeError: Cannot handle this data type: (1, 1, 5), |u1", "shape_mismatch"),
+    ("TypeError: Cannot handle this data type: (1, 1, 3), <f4", "dtype_mismatch"),
+    # Celery losing its broker; a supervisor that gave up without a cause
+    ("[2024-05-01 10:00:00,000: WARNING/MainProcess] consumer: Connection to broker lost. Trying to re-establish the connection...",
+     "queue_timeout"),
+    ("[ERROR/MainProcess] consumer: Cannot connect to redis://redis:6379/0: Error 111 connecting to redis:6379. Connection refused.",
+     "queue_timeout"),
+    ("gunicorn.errors.HaltServer: <HaltServer 'Worker failed to boot.' 3>", "unknown"),
+    # docker logs -t: a timestamp before every traceback line; a traceback cut inside an import
+    ("2021-01-06T04:40:40.709Z Traceback (most recent call last):\n2021-01-06T04:40:40.709Z   File \"/app/main.py\", line 1, in <module>\n"
+     "2021-01-06T04:40:40.709Z     import cv2\n2021-01-06T04:40:40.709Z ImportError: libGL.so.1: cannot open shared object file", "missing_dependency"),
+    ('Traceback (most recent call last):\n  File "/usr/lib/python3.8/importlib/__init__.py", line 127, in import_module\n'
+     '    return _bootstrap._gcd_import(name[level:], package, level)\n  File "<frozen importlib._bootstrap>", line 1014, in _gcd_import',
+     "missing_dependency"),
+])
+def test_round4_wordings_and_contexts(text, expected):
+    assert triage(text, casebook=False).failure_class == expected
+
+
+def test_a_pasted_code_line_does_not_outrank_the_error_after_it():
+    text = " _,contours,_ = cv2.findContours(img, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)\n\n" \
+           "error: (-210) [Start]FindContours supports only CV_8UC1 images when mode != CV_RETR_FLOODFILL in function cvStartFindContours"
+    assert triage(text, casebook=False).failure_class == "dtype_mismatch"

@@ -93,6 +93,15 @@ LIBRARY_RULES: tuple[tuple[str, float, str], ...] = (
     ("validation_error", 5.5, r"Invalid HTTP request received|illegal request line|HttpParserInvalid\w+|Invalid HTTP method"),
     # a supervisor that gave up without saying why: report it, but rank it after any real cause
     ("unknown", 5, r"Worker failed to boot|HaltServer"),
+    # ---- round 5: CUDA index asserts, OpenCV's channel count, un-normalised input, absent checkpoints ----
+    # the kernel assert names an index outside its tensor (labels >= n_classes, token ids >= vocab): not the device
+    ("shape_mismatch", 6.5, r"Assertion `[^`\n]{0,120}(?:index out of bounds|srcIndex < srcSelectDimSize|idx_dim >= 0|t >= 0 && t < n_classes"
+                            r"|index >= -\w+ && index < \w+|ind >= 0 && ind < )[^`\n]{0,80}` failed"),
+    ("shape_mismatch", 6.5, r"Invalid number of channels in input image:?\W{0,20}'VScn::contains\(scn\)'\W{0,20}where\W{0,20}'scn' is \d"),
+    # the user's own account: the input was not normalised (to [0, 1], or with the training mean/std)
+    ("normalization", 6, r"\b(?:did ?n[o']t|do ?n[o']t|forg[eo]t(?: to)?|without|never|not)\s+(?:\w+\s+){0,2}norma?li[sz](?:e|ed|ing|ation)?\b"),
+    ("weights_missing", 6, r"\bno (?:model |pretrained )?(?:checkpoint|weights?)(?: file| directory| dir)? (?:was )?found"
+                           r"|os\.path\.(?:is)?file\((?:args\.|self\.|opt\.)?(?:model|ckpt|checkpoint|weights?|resume)\w*\)"),
 )
 
 # The innermost frames' files name the library that raised: decisive only when the message is not.

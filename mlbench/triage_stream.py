@@ -2,8 +2,9 @@
 
 Above 2 MiB the input is read in 8 MiB chunks; lines holding one of a few keywords (found
 with ``bytes.find`` on the lower-cased chunk, C speed) are kept with their line numbers,
-repeats (digits ignored) only once, at most 20,000. Memory stays constant and a 100 MB log
-takes a few seconds.
+repeats (digits ignored) only once, at most 20,000. A line longer than 2000 bytes keeps its
+head and windows around its first and last keyword hits, joined by `` … `` (see :func:`_cut`).
+Memory stays constant and a 100 MB log takes a few seconds.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import IO, Any, Iterable
 __all__ = ["clean", "read_stream"]
 
 _SMALL = 2 << 20
+_LONG, _HEAD, _WINDOW, _SPAN = 2000, 600, 600, 1 << 16  # bytes: a longer line keeps its head and windows around keyword hits
+_SEP = " \u2026 ".encode()
 _CHUNK = 8 << 20
 _KEYWORDS = tuple(k.encode() for k in (  # every real error line we know holds one of these (lower case)
     "error", "exception", "traceback", "fail", "warn", "killed", "timeout", "timed out", "cuda", "memory", "nan",
@@ -56,6 +59,30 @@ def _as_bytes(data: Any) -> bytes:
     return bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else str(data).encode("utf-8", "replace")
 
 
+def _cut(line: bytes, low: bytes) -> bytes:
+    """A line of at most about 2000 bytes: whole when short; else its head and windows around the
+    first and the last keyword hit after the head, joined by `` … `` so the cut shows.
+
+    A JSON log record often holds a whole escaped traceback on one line: the head names the record,
+    the first hit is where the trouble starts and the last is usually the exception message.
+    """
+    if len(line) <= _LONG:
+        return line
+    tail = max(_HEAD, len(low) - _SPAN)  # both searches bounded: a 100 MB line without newlines stays fast
+    hits = [p for k in _KEYWORDS for p in (low.find(k, _HEAD, _HEAD + _SPAN), low.rfind(k, tail)) if p >= 0]
+    if not hits:
+        return line[:_LONG]
+    spans = [(_HEAD, _HEAD)]
+    for hit in (min(hits), max(hits)):
+        lo, hi = max(_HEAD, hit - _WINDOW // 3), min(len(line), hit + _WINDOW)
+        if lo <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], hi))
+        else:
+            spans.append((lo, hi))
+    parts = [line[:spans[0][1]]] + [line[lo:hi] for lo, hi in spans[1:]]
+    return _SEP.join(parts)
+
+
 def _scan(body: bytes, line_no: int, kept: list[str], numbers: list[int], seen: set[bytes]) -> int:
     """Append the error-like lines of ``body`` (deduplicated, capped); return the new line count.
 
@@ -75,7 +102,8 @@ def _scan(body: bytes, line_no: int, kept: list[str], numbers: list[int], seen: 
         line_no += body.count(b"\n", counted, start)
         counted = start
         end = body.find(b"\n", start)
-        line = body[start:len(body) if end < 0 else end][:2000]
+        stop = len(body) if end < 0 else end
+        line = _cut(body[start:stop], low[start:stop])
         key = line[:300].translate(None, b"0123456789")
         if key not in seen and len(seen) < 20000:
             seen.add(key)

@@ -449,19 +449,32 @@ def test_round3_wordings_and_contexts(text, expected):
 REAL4 = [json.loads(line) for line in (Path(__file__).parent / "data" / "triage_real4.jsonl").read_text().splitlines()]
 
 
+_NAMED_LIBRARIES = {"torch", "pillow", "opencv", "tifffile", "numpy", "pydantic", "uvicorn", "gunicorn", "celery", "docker",
+                    "nvidia-container-toolkit"}
+
+
+def _assert_new_labelled_and_sourced(rows: list[dict], earlier: list[dict]) -> None:
+    """At least 150 sourced rows from the named libraries, none of them (by url or opening) in an earlier set."""
+    assert len(rows) >= 150 and {row["source"] for row in rows} >= _NAMED_LIBRARIES
+    assert all(row["url"].startswith("https://github.com/") and row["source"] and row["text"].strip() for row in rows)
+    assert {row["expected"] for row in rows} <= set(FAILURE_CLASSES)
+    urls = [row["url"] for row in rows]
+    assert len(set(urls)) == len(urls) and not set(urls) & {row.get("url") for row in earlier}
+    assert not {row["text"][:200] for row in rows} & {row["text"][:200] for row in earlier}
+
+
+def _assert_accurate_with_held_out_third(rows: list[dict]) -> None:
+    accuracy, wrong = _accuracy_and_misses(rows)
+    held_accuracy, _ = _accuracy_and_misses(rows[2::3])
+    assert accuracy >= 0.9 and held_accuracy >= 0.9, f"accuracy {accuracy:.3f}, held-out {held_accuracy:.3f}; wrong: {wrong[:10]}"
+
+
 def test_real_set_round4_is_new_labelled_and_sourced():
-    assert len(REAL4) >= 150 and {row["source"] for row in REAL4} >= {"torch", "pillow", "opencv", "tifffile", "numpy", "pydantic",
-                                                                       "uvicorn", "gunicorn", "celery", "docker", "nvidia-container-toolkit"}
-    assert all(row["url"].startswith("https://github.com/") and row["source"] and row["text"].strip() for row in REAL4)
-    urls = [row["url"] for row in REAL4]
-    assert len(set(urls)) == len(urls) and not set(urls) & {row["url"] for row in REAL + REAL2 + REAL3}
-    assert not {row["text"][:200] for row in REAL4} & {row["text"][:200] for row in REAL + REAL2 + REAL3 + CORPUS}
+    _assert_new_labelled_and_sourced(REAL4, REAL + REAL2 + REAL3 + CORPUS)
 
 
 def test_real_issue_texts_round4_accuracy():
-    accuracy, wrong = _accuracy_and_misses(REAL4)
-    held_accuracy, held_wrong = _accuracy_and_misses(REAL4[2::3])
-    assert accuracy >= 0.9 and held_accuracy >= 0.9, f"accuracy {accuracy:.3f}, held-out {held_accuracy:.3f}; wrong: {wrong[:10]}"
+    _assert_accurate_with_held_out_third(REAL4)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -498,3 +511,51 @@ def test_a_pasted_code_line_does_not_outrank_the_error_after_it():
     text = " _,contours,_ = cv2.findContours(img, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)\n\n" \
            "error: (-210) [Start]FindContours supports only CV_8UC1 images when mode != CV_RETR_FLOODFILL in function cvStartFindContours"
     assert triage(text, casebook=False).failure_class == "dtype_mismatch"
+
+
+# ---- round 5: fresh threads from the same libraries, found by symptom and function name; every third held out
+REAL5 = [json.loads(line) for line in (Path(__file__).parent / "data" / "triage_real5.jsonl").read_text().splitlines()]
+
+
+def test_real_set_round5_is_new_labelled_and_sourced():
+    _assert_new_labelled_and_sourced(REAL5, REAL + REAL2 + REAL3 + REAL4 + CORPUS)
+
+
+def test_real_issue_texts_round5_accuracy():
+    _assert_accurate_with_held_out_third(REAL5)
+
+
+@pytest.mark.parametrize("text, expected", [
+    # a CUDA kernel assert on an index outside its tensor is a label/vocabulary size problem, not the device
+    ("/pytorch/aten/src/ATen/native/cuda/Loss.cu:242: nll_loss_forward_reduce_cuda_kernel_2d: block: [0,0,0], thread: [5,0,0] "
+     "Assertion `t >= 0 && t < n_classes` failed.\nRuntimeError: CUDA error: device-side assert triggered", "shape_mismatch"),
+    ("../aten/src/ATen/native/cuda/Indexing.cu:1146: indexSelectLargeIndex: block: [3,0,0], thread: [0,0,0] "
+     "Assertion `srcIndex < srcSelectDimSize` failed.\nRuntimeError: CUDA error: device-side assert triggered", "shape_mismatch"),
+    ("RuntimeError: CUDA error: device-side assert triggered", "device_mismatch"),  # without the assert line: unchanged
+    # OpenCV 4 names the channel count it got; the older VScn check alone stays an image problem
+    ("cv2.error: OpenCV(4.5.5) color.simd_helpers.hpp:92: error: (-2:Unspecified error) in function 'CvtHelper'\n"
+     "> Invalid number of channels in input image:\n>     'VScn::contains(scn)'\n> where\n>     'scn' is 1", "shape_mismatch"),
+    ("cv2.error: OpenCV(3.4.2) color.hpp:253: error: (-215:Assertion failed) VScn::contains(scn) && VDcn::contains(dcn) in function "
+     "'CvtHelper'", "image_format"),
+    # the user's own account of the cause; a checkpoint that is not there
+    ("predicted masks are wrong. it was my bad, I did not normalize the input images", "normalization"),
+    ("AssertionError: Error: no checkpoint directory found!", "weights_missing"),
+    ("    assert os.path.isfile(args.resume), 'Error: no model checkpoint directory found!'", "weights_missing"),
+])
+def test_round5_wordings_and_contexts(text, expected):
+    assert triage(text, casebook=False).failure_class == expected
+
+
+def test_a_long_json_log_line_keeps_its_head_and_the_error_at_its_end():
+    frames = "".join(f'  File "/srv/app/pipeline/stage_{i}.py", line {i}, in run_{i}\n    x = stage_{i}(x)\n' for i in range(60))
+    record = json.dumps({"time": "2026-01-01T00:00:00Z", "level": "info", "logger": "inference.worker", "msg": "request failed",
+                         "exc_info": "Traceback (most recent call last):\n" + frames
+                         + "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.78 GiB total capacity)"})
+    assert len(record) > 4000
+    filler = "".join(f"INFO request {i} handled in 12 ms\n" for i in range(80_000))  # over 2 MiB: the streamed path
+    text = triage(io.BytesIO((filler + record + "\n" + filler).encode()), casebook=False)
+    assert text.failure_class == "cuda_oom" and "Tried to allocate 2.00 GiB" in text.evidence
+    from mlbench.triage_stream import read_stream
+    kept, _, _ = read_stream(io.BytesIO((filler + record + "\n").encode()))
+    line = next(line for line in kept.splitlines() if "inference.worker" in line)
+    assert line.startswith('{"time": "2026-01-01') and " \u2026 " in line and len(line) < 2100 and line.endswith('capacity)"}')

@@ -8,7 +8,9 @@ project's venv; the kernel is this interpreter.
 
 from __future__ import annotations
 
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,12 +21,20 @@ KEEP_CELL_METADATA = {"tags"}
 
 
 REPO = str(Path(__file__).resolve().parents[1]) + "/"
+# A notebook's own temporary folder (tempfile.mkdtemp: /tmp/tmpab12cd34) is this run's, not the reader's.
+# "/tmp/<tmpdir>" still matches sanitize.cfg's [temp paths] rule, so nbval compares it as before.
+TEMP_DIR = re.compile(re.escape(tempfile.gettempdir()) + r"/tmp\w+")
 
 
-def _relative_tracebacks(out: nbformat.NotebookNode) -> None:
-    """Tracebacks name files relative to the repository (nbval ignores them; readers and git do not)."""
-    if out.get("output_type") == "error":
-        out.traceback = [line.replace(REPO, "") for line in out.traceback]
+def _machine_paths(out: nbformat.NotebookNode) -> None:
+    """No paths of this machine in saved outputs: tracebacks relative to the repository, temp folders named."""
+    kind = out.get("output_type")
+    if kind == "error":
+        out.traceback = [TEMP_DIR.sub("/tmp/<tmpdir>", line.replace(REPO, "")) for line in out.traceback]
+    elif kind == "stream":
+        out.text = TEMP_DIR.sub("/tmp/<tmpdir>", out.text)
+    elif "text/plain" in out.get("data", {}):
+        out.data["text/plain"] = TEMP_DIR.sub("/tmp/<tmpdir>", out.data["text/plain"])
 
 
 def scrub(nb: nbformat.NotebookNode) -> None:
@@ -37,7 +47,7 @@ def scrub(nb: nbformat.NotebookNode) -> None:
             count += 1
             cell.execution_count = count
             for out in cell.outputs:
-                _relative_tracebacks(out)
+                _machine_paths(out)
                 if "execution_count" in out:
                     out.execution_count = count
                 out.pop("metadata", None) if out.get("output_type") == "stream" else None

@@ -8,11 +8,10 @@ the differences into the report: "16-bit clipped at 255: 94% of pixels saturate"
 
 from __future__ import annotations
 
-import re
-
 import argparse
 import json
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from .io import DEFAULT_MAX_PIXELS, ImageReport, ImageSource, Problem, load_byte
 
 __all__ = ["check_image", "served_decode", "add_check_image_command"]
 
-_ERROR_CODES = (("codec is missing", "codec_missing"), ("no such file", "missing"), ("is a directory", "missing"), ("is empty", "empty"),
-                ("not a recognised image", "not_an_image"), ("exceeds the limit", "too_large"),
+_ERROR_CODES = (("codec is missing", "codec_missing"), ("no such file", "missing"), ("is a directory", "missing"),
+                ("is empty", "empty"), ("not a recognised image", "not_an_image"), ("exceeds the limit", "too_large"),
                 ("decompression bomb", "too_large"), ("truncated", "truncated"))
 
 

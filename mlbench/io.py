@@ -185,11 +185,12 @@ def read_image(source: ImageSource, *, page: int = 0, max_pixels: int = DEFAULT_
     image, info = decode(data, fmt, name, page, max_pixels)
     problems.extend(info.pop("problems"))
     image = _binary_to_uint8(image, problems)
-    problems.extend(_value_problems(image))
+    values = value_range(image)
+    problems.extend(_value_problems(image, values))
     report = ImageReport(
         name=name, format=fmt, dtype=str(image.dtype), shape=tuple(image.shape),
         bit_depth=effective_bit_depth(image), channels=1 if image.ndim == 2 else image.shape[2],
-        value_range=value_range(image), percentiles=percentiles(image), problems=tuple(problems), **info,
+        value_range=values, percentiles=percentiles(image), problems=tuple(problems), **info,
     )
     return image, report
 
@@ -203,16 +204,17 @@ def _binary_to_uint8(image: np.ndarray, problems: list[Problem]) -> np.ndarray:
     return image.astype(np.uint8) * 255
 
 
-def _value_problems(image: np.ndarray) -> list[Problem]:
-    """Non-finite pixels (NaN/Inf) and a constant image: both reach the model without an error."""
+def _value_problems(image: np.ndarray, values: tuple[float, float]) -> list[Problem]:
+    """Non-finite pixels (NaN/Inf) and a constant image (``values``: its finite min and max): both reach
+    the model without an error."""
     problems = []
     if np.issubdtype(image.dtype, np.floating):
         bad = int(image.size - np.count_nonzero(np.isfinite(image)))
         if bad:
             problems.append(Problem("nonfinite", f"{bad} NaN/Inf pixels ({bad / image.size:.2%}): the model output "
                                     "turns NaN around them; replace them (np.nan_to_num) or fix the export"))
-    if image.size and bool(np.all(image == image.flat[0])):
-        problems.append(Problem("constant", f"every pixel has the value {image.flat[0].item():g}: there is nothing to "
+    if image.size and values[0] == values[1]:
+        problems.append(Problem("constant", f"every pixel has the value {values[0]:g}: there is nothing to "
                                 "segment, and per-image standardisation would divide by zero"))
     return problems
 

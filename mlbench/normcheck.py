@@ -238,7 +238,8 @@ def check_normalization(x: Any, model: str | None = None, *, reference: Referenc
     -------
     NormReport
         ``diagnosis`` is "ok" or one of no_mean_std, mean_std_twice, range_0_255,
-        mean_std_on_0_255, channel_swap, scaled_twice, uint8_wraparound; ``problems`` also flag constant, saturated and NaN inputs.
+        mean_std_on_0_255, channel_swap, scaled_twice, uint8_wraparound; ``problems`` also flag
+        constant, saturated and NaN inputs.
 
     Raises
     ------

@@ -13,7 +13,12 @@ import pytest
 from mlbench.errors import OptionsError
 from mlbench.triage import FAILURE_CLASSES, Diagnosis, add_triage_command, triage
 
-CORPUS = [json.loads(line) for line in (Path(__file__).parent / "data" / "triage_corpus.jsonl").read_text().splitlines()]
+def _load(name: str) -> list[dict]:
+    """One labelled set of error texts from tests/data (JSON lines)."""
+    return [json.loads(line) for line in (Path(__file__).parent / "data" / f"{name}.jsonl").read_text().splitlines()]
+
+
+CORPUS = _load("triage_corpus")
 
 
 def test_corpus_is_large_and_covers_every_class():
@@ -178,7 +183,7 @@ def test_cli(tmp_path, capsys):
 
 
 # ---- real error texts from public issue threads (tests/data/triage_real.jsonl) ------------------
-REAL = [json.loads(line) for line in (Path(__file__).parent / "data" / "triage_real.jsonl").read_text().splitlines()]
+REAL = _load("triage_real")
 
 
 def test_real_set_is_large_labelled_and_sourced():
@@ -195,9 +200,6 @@ def _accuracy_and_misses(rows: list[dict]) -> tuple[float, list[tuple[str, str, 
     return 1 - len(wrong) / len(rows), wrong
 
 
-def test_real_issue_texts_accuracy():
-    accuracy, wrong = _accuracy_and_misses(REAL)
-    assert accuracy >= 0.9, f"accuracy {accuracy:.3f}; wrong: {wrong[:10]}"
 
 
 @pytest.mark.parametrize("wrap", [
@@ -318,7 +320,7 @@ def test_opencv_assertions_by_failing_function_or_type_check(text, expected):
 
 
 # ---- round 2: a second, fresh set of real texts (other libraries, services and wordings) --------
-REAL2 = [json.loads(line) for line in (Path(__file__).parent / "data" / "triage_real2.jsonl").read_text().splitlines()]
+REAL2 = _load("triage_real2")
 
 
 def test_real_set_round2_is_new_labelled_and_sourced():
@@ -329,9 +331,6 @@ def test_real_set_round2_is_new_labelled_and_sourced():
     assert len(set(urls)) == len(urls) and not set(urls) & {row["url"] for row in REAL}
 
 
-def test_real_issue_texts_round2_accuracy():
-    accuracy, wrong = _accuracy_and_misses(REAL2)
-    assert accuracy >= 0.9, f"accuracy {accuracy:.3f}; wrong: {wrong[:10]}"
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -365,7 +364,7 @@ def test_library_context_and_new_wordings(text, expected):
 
 
 # ---- round 3: a third fresh set, log formats (ANSI, JSON records, flattened tracebacks) -------------
-REAL3 = [json.loads(line) for line in (Path(__file__).parent / "data" / "triage_real3.jsonl").read_text().splitlines()]
+REAL3 = _load("triage_real3")
 
 
 def test_real_set_round3_is_new_labelled_and_sourced():
@@ -378,8 +377,9 @@ def test_real_set_round3_is_new_labelled_and_sourced():
     assert not {row["text"][:200] for row in REAL3} & older
 
 
-def test_real_issue_texts_round3_accuracy():
-    accuracy, wrong = _accuracy_and_misses(REAL3)
+@pytest.mark.parametrize("rows", [REAL, REAL2, REAL3], ids=["round1", "round2", "round3"])
+def test_real_issue_texts_accuracy(rows):
+    accuracy, wrong = _accuracy_and_misses(rows)
     assert accuracy >= 0.9, f"accuracy {accuracy:.3f}; wrong: {wrong[:10]}"
 
 
@@ -446,7 +446,7 @@ def test_round3_wordings_and_contexts(text, expected):
 
 # ---- round 4: the libraries the held-out set names (torch/CUDA, Pillow, OpenCV, tifffile, NumPy, pydantic,
 # ---- uvicorn/gunicorn, Celery, Docker and the NVIDIA container toolkit); split: every third row held out
-REAL4 = [json.loads(line) for line in (Path(__file__).parent / "data" / "triage_real4.jsonl").read_text().splitlines()]
+REAL4 = _load("triage_real4")
 
 
 _NAMED_LIBRARIES = {"torch", "pillow", "opencv", "tifffile", "numpy", "pydantic", "uvicorn", "gunicorn", "celery", "docker",
@@ -514,7 +514,7 @@ def test_a_pasted_code_line_does_not_outrank_the_error_after_it():
 
 
 # ---- round 5: fresh threads from the same libraries, found by symptom and function name; every third held out
-REAL5 = [json.loads(line) for line in (Path(__file__).parent / "data" / "triage_real5.jsonl").read_text().splitlines()]
+REAL5 = _load("triage_real5")
 
 
 def test_real_set_round5_is_new_labelled_and_sourced():

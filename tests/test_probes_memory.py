@@ -38,6 +38,7 @@ def test_nothing_left_behind_even_on_error():
     from torch.nn.modules import module as torch_module
 
     assert not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks
+    assert torch.nn.Module.__call__ is torch_module.Module._wrapped_call_impl  # PyTorch's own call is back
     from mlbench.probes.memory import _ACTIVE
 
     assert _ACTIVE.get() is None

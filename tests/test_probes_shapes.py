@@ -82,6 +82,44 @@ def test_first_nan_from_input():
     assert trace.first_nonfinite.path == "0" and "input already held 1" in trace.explain().cause
 
 
+def test_nested_probes_other_models_and_module_hooks():
+    """A trace inside a memory timeline: both see every call of their model; another model's calls
+    are not recorded, and hooks registered on a module (the service's cancel hooks) still fire."""
+    model, other, fired = ToyNet(), ToyNet(), []
+    handle = model[0].register_forward_pre_hook(lambda module, args: fired.append(tuple(args[0].shape)))
+    try:
+        with mb.record_memory(model) as timeline:
+            trace = trace_shapes(model, torch.zeros(1, 3, 8, 8))
+            other(torch.zeros(1, 3, 4, 4))
+    finally:
+        handle.remove()
+    assert [c.path for c in trace.calls] == ["(model)", "0", "1", "2"] and fired == [(1, 3, 8, 8)]
+    entered = [m for e, m in zip(timeline.table["event"], timeline.table["module"]) if e == "enter"]
+    assert entered == ["(model)", "0", "1", "2"]  # the other model's calls are nobody's business
+    assert torch.nn.Module.__call__ is torch.nn.Module._wrapped_call_impl
+
+
+def test_a_trace_in_one_thread_leaves_another_threads_model_alone():
+    import threading
+
+    traced, busy, calls = ToyNet(), ToyNet(), []
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            calls.append(busy(torch.zeros(1, 3, 4, 4)).shape)
+
+    worker = threading.Thread(target=loop)
+    worker.start()
+    try:
+        traces = [trace_shapes(traced, torch.zeros(1, 3, 8, 8)) for _ in range(20)]
+    finally:
+        stop.set()
+        worker.join()
+    assert all([c.path for c in t.calls] == ["(model)", "0", "1", "2"] for t in traces) and calls
+    assert torch.nn.Module.__call__ is torch.nn.Module._wrapped_call_impl
+
+
 def test_hooks_removed_and_mode_restored_after_failure():
     model = ToyNet().train()
     trace = trace_shapes(model, torch.zeros(1, 2, 8, 8))
@@ -90,6 +128,7 @@ def test_hooks_removed_and_mode_restored_after_failure():
     from torch.nn.modules import module as torch_module
 
     assert not torch_module._global_forward_hooks and not torch_module._global_forward_pre_hooks
+    assert torch.nn.Module.__call__ is torch_module.Module._wrapped_call_impl  # PyTorch's own call is back
     assert [c.status for c in trace.calls] == ["raised through", "failed"]
 
 

@@ -10,16 +10,16 @@ into the cause and the fix. Hooks are removed and ``model.training`` restored in
 
 from __future__ import annotations
 
-import time
 from functools import cached_property
 from types import SimpleNamespace
 from dataclasses import asdict, dataclass, field
+from time import perf_counter
 from typing import Any
 
 import torch
 from torch import nn
 
-from mlbench.probes._hooks import check_module, module_hooks
+from mlbench.probes._hooks import check_module, module_calls, module_paths
 from mlbench.probes.accounting import tensors_in
 from mlbench.probes.explain import Explanation, explain_error, explain_output_size
 
@@ -93,34 +93,40 @@ def _stats(tensors: list[torch.Tensor]) -> dict[str, Any]:
     return {"min": round(low, 6), "max": round(high, 6), "mean": round(mean, 6), "nan": nan, "inf": inf}
 
 
-@dataclass
+# One module call on record, a plain list (the cheapest record to build 1,255 times per small
+# HRNet forward); shapes stay torch.Size and dtype/device objects until the trace is frozen.
+_MODULE, _START, _INPUTS, _SECONDS, _FINISHED, _OUTPUTS, _DTYPE, _DEVICE, _STATS, _STATUS = range(10)
+
+
 class _Recorder:
-    stats: bool
-    calls: list[dict[str, Any]] = field(default_factory=list)
-    open: list[int] = field(default_factory=list)
-    finished: int = 0
+    __slots__ = ("stats", "calls", "open", "finished")
 
-    # The hooks run once per module call (1,255 calls in a small HRNet forward): plain tensors take
-    # a fast path, and dtype/device are turned into text only when the trace is frozen.
-    def pre(self, path: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+    def __init__(self, stats: bool) -> None:
+        self.stats = stats
+        self.calls: list[list[Any]] = []
+        self.open: list[int] = []
+        self.finished = 0
+
+    def pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self.open.append(len(self.calls))
-        single = len(args) == 1 and type(args[0]) is torch.Tensor
-        self.calls.append({"path": path, "module": module, "status": "running", "start": time.perf_counter(),
-                           "inputs": [tuple(args[0].shape)] if single else shape_of(list(args))})
+        first = args[0] if len(args) == 1 else None
+        inputs = first.shape if type(first) is torch.Tensor else shape_of(list(args))
+        self.calls.append([module, perf_counter(), inputs, 0.0, -1, "", "", "", None, "running"])
 
-    def post(self, path: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        end = time.perf_counter()
+    def post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        end = perf_counter()
         call = self.calls[self.open.pop()]
-        call["seconds"], call["status"], call["finished"] = end - call["start"], "ok", self.finished
+        call[_SECONDS], call[_FINISHED], call[_STATUS] = end - call[_START], self.finished, "ok"
         self.finished += 1
         if type(output) is torch.Tensor and not self.stats:
-            call["outputs"], call["dtype"], call["device"] = tuple(output.shape), output.dtype, output.device
+            call[_OUTPUTS], call[_DTYPE], call[_DEVICE] = output.shape, output.dtype, output.device
             return
         tensors = tensors_in(output)
-        call["outputs"] = shape_of(output)
-        call["dtype"], call["device"] = (tensors[0].dtype, tensors[0].device) if tensors else ("", "")
+        call[_OUTPUTS] = shape_of(output)
+        if tensors:
+            call[_DTYPE], call[_DEVICE] = tensors[0].dtype, tensors[0].device
         if self.stats:
-            call.update(_stats(tensors))
+            call[_STATS] = _stats(tensors)
 
 
 class ShapeTrace:
@@ -136,7 +142,7 @@ class ShapeTrace:
         The innermost module that was running when the error was raised.
     """
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, calls: list[dict[str, Any]],
+    def __init__(self, model: nn.Module, x: torch.Tensor, calls: list[list[Any]],
                  output: Any, error: BaseException | None, operands: tuple[str, ...]) -> None:
         self.model_name = getattr(model, "mlbench_name", "") or type(model).__name__
         self._facts = SimpleNamespace(mlbench_name=self.model_name, input_multiple=getattr(model, "input_multiple", 1),
@@ -246,18 +252,22 @@ def _parameter_counts(model: nn.Module) -> dict[nn.Module, int]:
     return counts
 
 
-def _freeze(model: nn.Module, calls: list[dict[str, Any]]) -> tuple[ModuleCall, ...]:
-    counts = _parameter_counts(model)
+def _plain(shapes: Any) -> Any:
+    """A recorded shape as frozen: torch.Size -> tuple, the input of a one-tensor call -> [tuple]."""
+    return tuple(shapes) if type(shapes) is torch.Size else shapes
+
+
+def _freeze(model: nn.Module, calls: list[list[Any]]) -> tuple[ModuleCall, ...]:
+    counts, paths = _parameter_counts(model), module_paths(model)
     frozen = []
     for index, call in enumerate(calls):
-        module = call["module"]
-        path = call["path"]
+        module, path, inputs = call[_MODULE], paths.get(call[_MODULE], "?"), call[_INPUTS]
         frozen.append(ModuleCall(
             index=index, path=path, type=type(module).__name__, depth=0 if path == "(model)" else path.count(".") + 1,
-            inputs=_shape_text(call["inputs"]), outputs=_shape_text(call.get("outputs", "")),
-            dtype=str(call.get("dtype", "")).replace("torch.", ""), device=str(call.get("device", "")),
-            parameters=counts.get(module, 0), seconds=round(call.get("seconds", 0.0), 6),
-            status=call["status"], finished=call.get("finished", -1), **{k: call.get(k) for k in ("min", "max", "mean", "nan", "inf")}))
+            inputs=_shape_text([tuple(inputs)] if type(inputs) is torch.Size else inputs),
+            outputs=_shape_text(_plain(call[_OUTPUTS])), dtype=str(call[_DTYPE]).replace("torch.", ""),
+            device=str(call[_DEVICE]), parameters=counts.get(module, 0), seconds=round(call[_SECONDS], 6),
+            status=call[_STATUS], finished=call[_FINISHED], **(call[_STATS] or {})))
     return tuple(frozen)
 
 
@@ -289,20 +299,23 @@ def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool = True, eval:
                            "convert an image with torch.from_numpy(image).permute(2, 0, 1)[None].float().")
     recorder = _Recorder(stats)
     output, error = None, None
-    with module_hooks(model, recorder.pre, recorder.post, eval=eval), torch.no_grad():
+    with module_calls(model, recorder.pre, recorder.post, eval=eval), torch.no_grad():
         try:
             output = model(x)
         except Exception as exc:  # kept in the trace, explained by .explain()
             error = exc
     for index in recorder.open:
-        recorder.calls[index]["status"] = "failed" if index == recorder.open[-1] else "raised through"
+        recorder.calls[index][_STATUS] = "failed" if index == recorder.open[-1] else "raised through"
     operands = ()
     if recorder.open:
-        operands = tuple(_shape_text(s) for s in recorder.calls[recorder.open[-1]]["inputs"])
+        inputs = recorder.calls[recorder.open[-1]][_INPUTS]
+        operands = tuple(_shape_text(s) for s in ([tuple(inputs)] if type(inputs) is torch.Size else inputs))
     trace = ShapeTrace(model, x, recorder.calls, output, error, operands)
     if stats:
         trace.input_nonfinite = sum(_stats([x]).get(k, 0) for k in ("nan", "inf"))
-        trace.nonfinite_parameters = {
-            c["path"]: sum(int((~torch.isfinite(p)).sum()) for p in c["module"].parameters())
-            for c in recorder.calls if c.get("nan") or c.get("inf")}
+        bad = [c[_MODULE] for c in recorder.calls if c[_STATS] and (c[_STATS].get("nan") or c[_STATS].get("inf"))]
+        if bad:
+            paths = module_paths(model)
+            trace.nonfinite_parameters = {
+                paths[m]: sum(int((~torch.isfinite(p)).sum()) for p in m.parameters()) for m in bad}
     return trace

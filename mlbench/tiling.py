@@ -117,15 +117,18 @@ def _blend(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, device: t
     return out / weight
 
 
-def _check_args(model: nn.Module, x: torch.Tensor, tile: int, overlap: int) -> int:
+def _check_args(model: nn.Module, x: torch.Tensor, tile: int, overlap: int) -> tuple[int, int]:
+    """Validate the arguments; return the model's input multiple and the tile rounded down to it."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise OptionsError(f"x must be a (N, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}; "
                            "add the batch axis with x[None].")
     multiple = int(getattr(model, "input_multiple", 1))
-    if not isinstance(tile, int) or tile < max(multiple, 2) or not isinstance(overlap, int) or not 0 <= overlap < tile // 2:
-        raise OptionsError(f"need tile >= {max(multiple, 2)} and 0 <= overlap < tile / 2, got tile={tile!r}, "
+    rounded = tile // multiple * multiple if isinstance(tile, int) else 0
+    if rounded < max(multiple, 2) or not isinstance(overlap, int) or not 0 <= overlap < rounded // 2:
+        as_run = f" (rounded down to the model's input multiple {multiple}: {rounded})" if rounded != tile else ""
+        raise OptionsError(f"need tile >= {max(multiple, 2)} and 0 <= overlap < tile / 2, got tile={tile!r}{as_run}, "
                            f"overlap={overlap!r}; e.g. tile=512, overlap=64.")
-    return multiple
+    return multiple, rounded
 
 
 def predict_tiled(
@@ -170,32 +173,41 @@ def predict_tiled(
     Notes
     -----
     ``InstanceNorm2d`` (all three models) normalises each tile by that tile's own statistics,
-    so a tile that is small against the image departs from the whole-image output. Measured
-    on the 512 px samples with 256 px tiles: mask IoU 0.998 for MA-ResUNet, 0.988 to 0.997
-    for CBAM-ResUNet and 0.962 to 0.986 for HRNet; the larger the tile, the closer. Whole-
-    image statistics are not emulated: frozen exact statistics would give 0.993 to 0.999, but
-    gathering them tile by tile needs one pass per norm layer (306 in HRNet), because each
-    layer's statistics depend on the layers before it, and a cheaper fixed-point iteration
-    was measured to diverge. Use the largest tile that fits (``mb.max_input_size``).
+    so a tile that is small against the image departs from the whole-image output; the larger
+    the tile, the closer. ``bench/tiling.py`` measures it (mask IoU against one whole-image
+    forward, 512 px samples, 64 px overlap). Lowest over four samples, tiles of 256 / 384 px:
+    MA-ResUNet 0.92 / 0.95, CBAM-ResUNet 0.92 / 0.95, HRNet 0.69 / 0.78; on the spheroid
+    samples alone 0.998, 0.988 and 0.962 at 256 px. Use the largest tile that fits
+    (``mb.max_input_size``) and compare one tiled and one whole run before trusting tiles.
+
+    Whole-image statistics are not emulated. Pooling each norm's statistics over all tiles
+    reaches 0.99 to 0.9999 (HRNet 0.90 on the nuclei sample) but needs every tile's activations
+    at once, as much memory as the whole image; gathering them one tile at a time needs one
+    tiled pass per norm layer (measured 25x the time for CBAM-ResUNet's 41; HRNet has 306), and
+    cheaper fixed-point passes either diverged (all statistics frozen) or converged slowly and
+    not for every model (each tile's own statistics live, the other tiles' from their last run,
+    256 px tiles: CBAM-ResUNet 0.93 -> 0.998 and MA-ResUNet 0.93 -> 0.993 in 6 to 7 passes on
+    the nuclei sample; HRNet stalled at 0.985 on a spheroid sample and 0.63 to 0.71 on nuclei).
     """
     model = check_module(model)
-    multiple = _check_args(model, x, tile, overlap)
-    tile = tile // multiple * multiple
+    multiple, tile = _check_args(model, x, tile, overlap)
     first = next(model.parameters(), None)
     device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
     min_tile = min_tile or max(64, multiple)
     current, state = tile, None
     while True:
+        current_overlap = overlap if overlap < current // 2 else current // 4  # only a halved tile changes it
         try:
             with torch.no_grad():
-                return _blend(model, x, current, min(overlap, current // 4), device, state)
+                return _blend(model, x, current, current_overlap, device, state)
         except Exception as exc:  # only out-of-memory is handled; anything else propagates
             if not _is_oom(exc):
                 raise
             _free(device)
             smaller = current // 2 // multiple * multiple
             if smaller >= min_tile:
-                note(f"out of memory at tile {current} on {device}: retry at tile {smaller}")
+                shrunk = "" if overlap < smaller // 2 else f", overlap {smaller // 4} (was {overlap})"
+                note(f"out of memory at tile {current} on {device}: retry at tile {smaller}{shrunk}")
                 current = smaller
             elif fallback is not None and state is None:
                 note(f"out of memory at tile {current} on {device}: fall back to {fallback} at tile {tile}")

@@ -13,7 +13,7 @@ from mlbench.metrics import pixel_scores
 from mlbench.paths import data_dir
 from mlbench.probes import record_memory
 from mlbench.tiling import TilingOutOfMemory, pad_to_multiple, predict_tiled, tile_starts
-from probe_toys import FlakyNet, LocalNet
+from probe_toys import FlakyNet, LocalNet, StridedNet
 
 
 def test_tile_starts_cover_with_overlap():
@@ -40,12 +40,25 @@ def test_exact_on_a_local_model():
     assert tiled.shape == whole.shape and torch.allclose(tiled, whole, atol=1e-5)
 
 
+def test_the_overlap_asked_for_is_the_overlap_used():
+    """A receptive-field radius of 6 needs overlap / 4 >= 6: 24 px of overlap on 64 px tiles is exact."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        model = torch.nn.Sequential(*[torch.nn.Conv2d(3, 3, 3, padding=1) for _ in range(6)])
+    x = torch.rand(1, 3, 150, 170)
+    with torch.no_grad():
+        whole = model(x)
+    assert torch.allclose(predict_tiled(model, x, tile=64, overlap=24), whole, atol=1e-5)
+    assert not torch.allclose(predict_tiled(model, x, tile=64, overlap=16), whole, atol=1e-5)
+
+
 def test_oom_halves_the_tile_and_marks_the_timeline():
     model, x = FlakyNet(limit=40), torch.rand(1, 3, 100, 100)
     with record_memory() as timeline:
         tiled = predict_tiled(model, x, tile=128, overlap=16, min_tile=16)
     assert [label for _, label in timeline.marks] == [
-        "out of memory at tile 128 on cpu: retry at tile 64", "out of memory at tile 64 on cpu: retry at tile 32"]
+        "out of memory at tile 128 on cpu: retry at tile 64",
+        "out of memory at tile 64 on cpu: retry at tile 32, overlap 8 (was 16)"]  # 16 is not below 32 / 2
     with torch.no_grad():
         assert torch.allclose(tiled, LocalNet()(x), atol=1e-5)
 
@@ -68,6 +81,8 @@ def test_other_errors_propagate_and_bad_arguments():
         predict_tiled(LocalNet(), torch.rand(1, 2, 40, 40), tile=32, overlap=8)
     with pytest.raises(OptionsError, match="overlap < tile / 2"):
         predict_tiled(LocalNet(), torch.rand(1, 3, 40, 40), tile=32, overlap=16)
+    with pytest.raises(OptionsError, match="rounded down to the model's input multiple 8: 96"):
+        predict_tiled(StridedNet(), torch.rand(1, 3, 200, 200), tile=100, overlap=49)
     with pytest.raises(OptionsError, match="must be a \\(N, C, H, W\\) tensor"):
         predict_tiled(LocalNet(), torch.rand(3, 40, 40))
 
@@ -79,10 +94,9 @@ def _bundled() -> set[str]:
 
 _PER_TILE_NORM = pytest.mark.xfail(
     strict=True,
-    reason="known gap: each tile gets its own InstanceNorm statistics, so tiles of 256 px differ from the whole "
-    "512 px image (measured IoU 0.988 cbam_resunet, 0.962 hrnet; 0.996 / 0.984 at tile 384); exact whole-image "
-    "statistics would need one tiled pass per norm layer and the cheap fixed-point iteration diverged (see "
-    "predict_tiled's Notes)",
+    reason="known gap: each tile gets its own InstanceNorm statistics, so 256 px tiles of the 512 px sample "
+    "differ from the whole image (IoU 0.988 cbam_resunet, 0.962 hrnet; bench/tiling.py has every sample and "
+    "tile size); pooled statistics would need all tiles in memory or one pass per norm layer (predict_tiled's Notes)",
 )
 
 

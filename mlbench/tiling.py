@@ -13,16 +13,19 @@ every retry is a mark on the memory timeline being recorded (``mb.record_memory`
 from __future__ import annotations
 
 import gc
+import warnings
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mlbench.errors import MlbenchError, OptionsError
+from mlbench.pooled_norms import Box, PooledNorms
 from mlbench.probes._hooks import check_module
 from mlbench.probes.memory import note
 
-__all__ = ["predict_tiled", "pad_to_multiple", "tile_starts", "TilingOutOfMemory"]
+__all__ = ["predict_tiled", "pad_to_multiple", "tile_starts", "owned_spans", "TilingOutOfMemory"]
 
 
 class TilingOutOfMemory(MlbenchError, MemoryError):
@@ -51,6 +54,20 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     step = tile - overlap
     starts = list(range(0, length - tile, step))
     return starts + [length - tile]
+
+
+def owned_spans(starts: list[int], length: int, tile: int) -> list[tuple[int, int]]:
+    """The part of each tile nearest to it, in the tile's own pixels: the tiles partition the image.
+
+    Neighbours split their overlap in the middle; the first tile starts at 0 and the last ends
+    at ``length``.
+    """
+    spans = []
+    for i, start in enumerate(starts):
+        first = 0 if i == 0 else (starts[i - 1] + tile + start) // 2
+        last = length if i == len(starts) - 1 else (start + tile + starts[i + 1]) // 2
+        spans.append((first - start, min(last, start + tile) - start))
+    return spans
 
 
 def _ramp(length: int, overlap: int, start: bool, end: bool) -> torch.Tensor:
@@ -88,33 +105,71 @@ def _free(device: torch.device) -> None:
             pass
 
 
-def _forward_tile(model: nn.Module, tile: torch.Tensor, device: torch.device, state: dict | None) -> torch.Tensor:
+def _forward_tile(model: nn.Module, tile: torch.Tensor, device: torch.device, state: dict | None,
+                  pooled: PooledNorms | None = None, index: int = 0, box: Box = (0, 0, 0, 0)) -> torch.Tensor:
     padded, (height, width) = pad_to_multiple(tile.to(device), int(getattr(model, "input_multiple", 1)))
-    if state is None:
-        out = model(padded)
-    else:  # CPU fallback: parameters copied to the CPU, the model itself is not moved
-        out = torch.func.functional_call(model, state, (padded,))
+    with pooled.tile(index, box, tuple(padded.shape[-2:])) if pooled is not None else nullcontext():
+        if state is None:
+            out = model(padded)
+        else:  # CPU fallback: parameters copied to the CPU, the model itself is not moved
+            out = torch.func.functional_call(model, state, (padded,))
     return out[..., :height, :width].to("cpu", torch.float32)
 
 
 def _blend(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, device: torch.device,
-           state: dict | None) -> torch.Tensor:
-    """One tiled pass at a fixed tile size; (N, C, H, W) -> (N, C_out, H, W) float32 on the CPU."""
+           state: dict | None, pooled: PooledNorms | None = None, reverse: bool = False) -> torch.Tensor:
+    """One tiled pass at a fixed tile size; (N, C, H, W) -> (N, C_out, H, W) float32 on the CPU.
+
+    With ``pooled``, every tile's norms use statistics pooled over the tiles (``reverse``: the
+    tiles in the opposite order, which lets a pass carry information back as well as forward).
+    """
     n, _, height, width = x.shape
+    rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    row_spans, col_spans = owned_spans(rows, height, tile), owned_spans(cols, width, tile)
+    places = [(top, left, rs + cs) for top, rs in zip(rows, row_spans) for left, cs in zip(cols, col_spans)]
+    order = range(len(places) - 1, -1, -1) if reverse else range(len(places))
     out, weight = None, torch.zeros(1, 1, height, width)
-    for top in tile_starts(height, tile, overlap):
-        for left in tile_starts(width, tile, overlap):
-            window = x[..., top:top + tile, left:left + tile]
-            th, tw = window.shape[-2:]
-            y = _forward_tile(model, window, device, state)
-            if tuple(y.shape[-2:]) != (th, tw):
-                y = F.interpolate(y, size=(th, tw), mode="bilinear", align_corners=False)
-            w = _ramp(th, overlap, top > 0, top + th < height)[:, None] * _ramp(tw, overlap, left > 0, left + tw < width)
-            if out is None:
-                out = torch.zeros(n, y.shape[1], height, width)
-            out[..., top:top + th, left:left + tw] += y * w
-            weight[..., top:top + th, left:left + tw] += w
+    for index in order:
+        top, left, box = places[index]
+        window = x[..., top:top + tile, left:left + tile]
+        th, tw = window.shape[-2:]
+        y = _forward_tile(model, window, device, state, pooled, index, box)
+        if tuple(y.shape[-2:]) != (th, tw):
+            y = F.interpolate(y, size=(th, tw), mode="bilinear", align_corners=False)
+        w = _ramp(th, overlap, top > 0, top + th < height)[:, None] * _ramp(tw, overlap, left > 0, left + tw < width)
+        if out is None:
+            out = torch.zeros(n, y.shape[1], height, width)
+        out[..., top:top + th, left:left + tw] += y * w
+        weight[..., top:top + th, left:left + tw] += w
     return out / weight
+
+
+POOLED_TOLERANCE = 0.05
+"""``norm_stats="image"`` stops when a pass changed the output by at most this fraction of it
+(L2 norm of the change over L2 norm of the output)."""
+
+
+def _pooled_passes(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, device: torch.device,
+                   state: dict | None, max_passes: int) -> torch.Tensor:
+    """Tiled passes with pooled norm statistics until the output settles; the last pass's output."""
+    pooled = PooledNorms(model)
+    if not pooled.norms:
+        return _blend(model, x, tile, overlap, device, state)
+    previous, change = None, float("inf")
+    for done in range(1, max_passes + 1):
+        out = _blend(model, x, tile, overlap, device, state, pooled, reverse=done % 2 == 0)
+        if previous is not None:
+            change = float((out - previous).norm() / out.norm().clamp_min(1e-12))
+        note(f"pooled norm statistics, pass {done}: output changed by {change:.3g}")
+        if change <= POOLED_TOLERANCE:
+            return out
+        previous = out
+    if max_passes > 1:
+        warnings.warn(f"predict_tiled(norm_stats='image'): the last of {max_passes} passes at tile {tile} still "
+                      f"changed the output by {change:.3g} (> {POOLED_TOLERANCE}), so it may differ from the whole "
+                      "image; raise max_passes or use a larger tile (bench/tiling.py measures both).",
+                      RuntimeWarning, stacklevel=3)
+    return out
 
 
 def _check_args(model: nn.Module, x: torch.Tensor, tile: int, overlap: int) -> tuple[int, int]:
@@ -140,6 +195,8 @@ def predict_tiled(
     device: str | torch.device | None = None,
     min_tile: int | None = None,
     fallback: str | None = "cpu",
+    norm_stats: str = "tile",
+    max_passes: int = 8,
 ) -> torch.Tensor:
     """Run ``model`` on ``x`` tile by tile and blend: the same output as ``model(x)``, in less memory.
 
@@ -159,6 +216,14 @@ def predict_tiled(
         Smallest tile the out-of-memory policy halves down to (default ``max(64, input_multiple)``).
     fallback : str or None
         Device to fall back to once the tile cannot shrink further (``None``: raise instead).
+    norm_stats : {"tile", "image"}
+        ``"tile"``: each tile's ``InstanceNorm``/``GroupNorm`` layers use that tile's statistics
+        (one pass). ``"image"``: statistics pooled over the whole image, gathered one tile at a
+        time in repeated passes until a pass changes the output by at most ``POOLED_TOLERANCE``
+        (:mod:`mlbench.pooled_norms`); each pass is a mark on the memory timeline, and a warning
+        says so when ``max_passes`` end before that. Costs that many tiled passes, not memory.
+    max_passes : int
+        The most passes ``norm_stats="image"`` runs.
 
     Returns
     -------
@@ -173,24 +238,30 @@ def predict_tiled(
     Notes
     -----
     ``InstanceNorm2d`` (all three models) normalises each tile by that tile's own statistics,
-    so a tile that is small against the image departs from the whole-image output; the larger
-    the tile, the closer. ``bench/tiling.py`` measures it (mask IoU against one whole-image
-    forward, 512 px samples, 64 px overlap). Lowest over four samples, tiles of 256 / 384 px:
-    MA-ResUNet 0.92 / 0.95, CBAM-ResUNet 0.92 / 0.95, HRNet 0.69 / 0.78; on the spheroid
-    samples alone 0.998, 0.988 and 0.962 at 256 px. Use the largest tile that fits
-    (``mb.max_input_size``) and compare one tiled and one whole run before trusting tiles.
+    so with ``norm_stats="tile"`` a tile that is small against the image departs from the
+    whole-image output; the larger the tile, the closer. ``bench/tiling.py`` measures it (mask
+    IoU against one whole-image forward, four 512 px samples, 64 px overlap): with 256 px tiles
+    0.92 to 0.999 for the two ResUNets and 0.69 to 0.986 for HRNet, lowest on the nuclei sample.
 
-    Whole-image statistics are not emulated. Pooling each norm's statistics over all tiles
-    reaches 0.99 to 0.9999 (HRNet 0.90 on the nuclei sample) but needs every tile's activations
-    at once, as much memory as the whole image; gathering them one tile at a time needs one
-    tiled pass per norm layer (measured 25x the time for CBAM-ResUNet's 41; HRNet has 306), and
-    cheaper fixed-point passes either diverged (all statistics frozen) or converged slowly and
-    not for every model (each tile's own statistics live, the other tiles' from their last run,
-    256 px tiles: CBAM-ResUNet 0.93 -> 0.998 and MA-ResUNet 0.93 -> 0.993 in 6 to 7 passes on
-    the nuclei sample; HRNet stalled at 0.985 on a spheroid sample and 0.63 to 0.71 on nuclei).
+    ``norm_stats="image"`` pools every norm's statistics over the whole image, in one tile's
+    memory: each tile contributes sums over the part of the image it owns, and because a norm's
+    input depends on the norms before it, the tiles are run again until a pass changes the output
+    by at most ``POOLED_TOLERANCE``. Measured with 256 and 384 px tiles: CBAM-ResUNet 0.998 to
+    0.9996 and MA-ResUNet 0.993 to 0.9995 on every sample, in 3 to 8 passes (7 to 40 times the
+    whole-image time, against 2 to 4 for plain tiles). HRNet settles only on the 8-bit spheroids
+    (0.990 and 0.993); elsewhere 8 passes end unsettled (a warning) at 0.73 to 0.985, no better
+    than plain tiles: its 1/32 branch (8 x 8 positions in a 256 px tile) also loses context at the
+    tile borders, so for HRNet use the largest tile that fits. Freezing all statistics from the
+    previous pass instead diverged, and pooling exactly in one pass would need every tile in
+    memory at once. Other reductions over a whole tile (CBAM's channel attention, MA-ResUNet's
+    self-attention) are not pooled.
     """
     model = check_module(model)
     multiple, tile = _check_args(model, x, tile, overlap)
+    if norm_stats not in ("tile", "image") or not isinstance(max_passes, int) or max_passes < 1:
+        raise OptionsError(f"norm_stats must be 'tile' or 'image' and max_passes a positive int, got "
+                           f"norm_stats={norm_stats!r}, max_passes={max_passes!r}; "
+                           "e.g. norm_stats='image', max_passes=8.")
     first = next(model.parameters(), None)
     device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
     min_tile = min_tile or max(64, multiple)
@@ -199,7 +270,9 @@ def predict_tiled(
         current_overlap = overlap if overlap < current // 2 else current // 4  # only a halved tile changes it
         try:
             with torch.no_grad():
-                return _blend(model, x, current, current_overlap, device, state)
+                if norm_stats == "tile":
+                    return _blend(model, x, current, current_overlap, device, state)
+                return _pooled_passes(model, x, current, current_overlap, device, state, max_passes)
         except Exception as exc:  # only out-of-memory is handled; anything else propagates
             if not _is_oom(exc):
                 raise

@@ -64,3 +64,19 @@ class TupleNet(nn.Module):
     def forward(self, x: torch.Tensor):
         y = self.conv(x)
         return y, {"half": y[:, :1]}
+
+
+class NormNet(nn.Sequential):
+    """conv3x3 -> InstanceNorm2d -> ReLU -> conv3x3 -> GroupNorm(2) -> ReLU -> conv1x1: receptive-field
+    radius 2, but every norm depends on the whole input, so plain tiles differ from the whole image."""
+
+    input_multiple = 1
+
+    def __init__(self) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(3)
+            super().__init__(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True), nn.ReLU(),
+                             nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 1, 1))
+            for norm in (self[1], self[4]):
+                nn.init.normal_(norm.weight, 1.0, 0.3)
+                nn.init.normal_(norm.bias, 0.0, 0.3)

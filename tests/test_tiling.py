@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from mlbench.metrics import pixel_scores
 from mlbench.paths import data_dir
 from mlbench.probes import record_memory
 from mlbench.tiling import TilingOutOfMemory, pad_to_multiple, predict_tiled, tile_starts
-from probe_toys import FlakyNet, LocalNet, StridedNet
+from probe_toys import FlakyNet, LocalNet, NormNet, StridedNet
 
 
 def test_tile_starts_cover_with_overlap():
@@ -87,6 +88,42 @@ def test_other_errors_propagate_and_bad_arguments():
         predict_tiled(LocalNet(), torch.rand(3, 40, 40))
 
 
+def _norm_case() -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.rand(1, 3, 80, 90, generator=torch.Generator().manual_seed(0))
+    x[..., :40, :] *= 3  # the top half is brighter: each tile's own statistics differ from the image's
+    with torch.no_grad():
+        return x, NormNet()(x)
+
+
+def test_pooled_norm_statistics_reproduce_the_whole_image():
+    x, whole = _norm_case()
+    model = NormNet()
+    per_tile = predict_tiled(model, x, tile=32, overlap=12)
+    assert (per_tile - whole).abs().max() > 0.5  # InstanceNorm and GroupNorm see one tile each
+    with record_memory() as timeline:
+        pooled = predict_tiled(model, x, tile=32, overlap=12, norm_stats="image")
+    assert torch.allclose(pooled, whole, atol=1e-5)
+    labels = [label for _, label in timeline.marks]
+    assert labels[0] == "pooled norm statistics, pass 1: output changed by inf" and len(labels) <= 8
+    assert all("forward" not in vars(m) for m in model.modules())  # the norms are themselves again
+
+
+def test_pooled_passes_that_do_not_settle_warn_and_errors_restore_the_norms():
+    x, _ = _norm_case()
+    model = NormNet()
+    with pytest.warns(RuntimeWarning, match="last of 2 passes at tile 32 still changed the output"):
+        predict_tiled(model, x, tile=32, overlap=12, norm_stats="image", max_passes=2)
+    with pytest.raises(RuntimeError, match="3 channels"):
+        predict_tiled(model, x[:, :2], tile=32, overlap=12, norm_stats="image")
+    assert all("forward" not in vars(m) for m in model.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model without such norms runs one plain pass
+        assert torch.allclose(predict_tiled(LocalNet(), x, tile=32, overlap=12, norm_stats="image"),
+                              LocalNet()(x).detach(), atol=1e-5)
+    with pytest.raises(OptionsError, match="norm_stats must be 'tile' or 'image'"):
+        predict_tiled(model, x, tile=32, overlap=12, norm_stats="whole")
+
+
 def _bundled() -> set[str]:
     manifest = data_dir() / "weights" / "manifest.json"
     return set(json.loads(manifest.read_text())["models"]) if manifest.exists() else set()
@@ -94,15 +131,16 @@ def _bundled() -> set[str]:
 
 _PER_TILE_NORM = pytest.mark.xfail(
     strict=True,
-    reason="known gap: each tile gets its own InstanceNorm statistics, so 256 px tiles of the 512 px sample "
-    "differ from the whole image (IoU 0.988 cbam_resunet, 0.962 hrnet; bench/tiling.py has every sample and "
-    "tile size); pooled statistics would need all tiles in memory or one pass per norm layer (predict_tiled's Notes)",
+    reason="known gap of norm_stats='tile': each tile gets its own InstanceNorm statistics, so 256 px tiles of the "
+    "512 px sample differ from the whole image (IoU 0.988 cbam_resunet, 0.962 hrnet; bench/tiling.py has every "
+    "sample and tile size); norm_stats='image' pools them",
 )
 
 
-@pytest.mark.parametrize("name", [pytest.param("cbam_resunet", marks=_PER_TILE_NORM),
-                                  pytest.param("hrnet", marks=_PER_TILE_NORM), "ma_resunet"])
-def test_trained_models_tiled_mask_iou(name):
+@pytest.mark.parametrize("name, norm_stats", [
+    pytest.param("cbam_resunet", "tile", marks=_PER_TILE_NORM), pytest.param("hrnet", "tile", marks=_PER_TILE_NORM),
+    ("ma_resunet", "tile"), ("cbam_resunet", "image"), ("ma_resunet", "image")])
+def test_trained_models_tiled_mask_iou(name, norm_stats):
     if name not in _bundled():
         pytest.skip(f"trained weights of {name} not bundled yet")
     model = mb.load_model(name)
@@ -110,6 +148,8 @@ def test_trained_models_tiled_mask_iou(name):
     x = mb.Pipeline(model, input_size=512).start(sample.image).run_until("preprocess").output("preprocess")
     with torch.no_grad():
         whole = model(x) > 0
-    tiled = predict_tiled(model, x, tile=256, overlap=64) > 0  # tiles at the size the model runs at
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the pooled passes settle within max_passes
+        tiled = predict_tiled(model, x, tile=256, overlap=64, norm_stats=norm_stats) > 0  # tiles of the model's size
     iou = pixel_scores(whole[0, 0].numpy(), tiled[0, 0].numpy()).iou
-    assert iou >= 0.99, f"{name}: tiled vs whole-image mask IoU {iou:.4f}"
+    assert iou >= 0.99, f"{name}, norm_stats={norm_stats}: tiled vs whole-image mask IoU {iou:.4f}"

@@ -13,13 +13,23 @@ from mlbench.errors import OptionsError
 from mlbench.metrics import pixel_scores
 from mlbench.paths import data_dir
 from mlbench.probes import record_memory
-from mlbench.tiling import TilingOutOfMemory, pad_to_multiple, predict_tiled, tile_starts
+from mlbench.tiling import TilingOutOfMemory, owned_spans, pad_to_multiple, predict_tiled, tile_starts
 from probe_toys import FlakyNet, LocalNet, NormNet, StridedNet
 
 
 def test_tile_starts_cover_with_overlap():
     assert tile_starts(100, 128, 16) == [0]
     assert tile_starts(300, 128, 32) == [0, 96, 172]
+
+
+@pytest.mark.parametrize("length, tile, overlap", [(512, 256, 64), (170, 64, 12), (100, 128, 16), (97, 32, 15)])
+def test_owned_spans_partition_the_image(length, tile, overlap):
+    starts = tile_starts(length, tile, overlap)
+    owners = torch.zeros(length, dtype=torch.int64)
+    for start, (first, last) in zip(starts, owned_spans(starts, length, tile)):
+        assert 0 <= first < last <= min(tile, length - start)
+        owners[start + first:start + last] += 1
+    assert bool((owners == 1).all())  # every pixel is owned by exactly one tile
 
 
 def test_pad_to_multiple():

@@ -117,20 +117,19 @@ def _forward_tile(model: nn.Module, tile: torch.Tensor, device: torch.device, st
 
 
 def _blend(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, device: torch.device,
-           state: dict | None, pooled: PooledNorms | None = None, reverse: bool = False) -> torch.Tensor:
+           state: dict | None, pooled: PooledNorms | None = None) -> torch.Tensor:
     """One tiled pass at a fixed tile size; (N, C, H, W) -> (N, C_out, H, W) float32 on the CPU.
 
-    With ``pooled``, every tile's norms use statistics pooled over the tiles (``reverse``: the
-    tiles in the opposite order, which lets a pass carry information back as well as forward).
+    With ``pooled``, every tile's norms use statistics pooled over the tiles. The tiles run in the
+    same order in every pass: alternating the order was measured to slow the passes' convergence
+    (HRNet, 8 passes: error 0.25 against 0.04 of the whole-image output's norm).
     """
     n, _, height, width = x.shape
     rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
     row_spans, col_spans = owned_spans(rows, height, tile), owned_spans(cols, width, tile)
     places = [(top, left, rs + cs) for top, rs in zip(rows, row_spans) for left, cs in zip(cols, col_spans)]
-    order = range(len(places) - 1, -1, -1) if reverse else range(len(places))
     out, weight = None, torch.zeros(1, 1, height, width)
-    for index in order:
-        top, left, box = places[index]
+    for index, (top, left, box) in enumerate(places):
         window = x[..., top:top + tile, left:left + tile]
         th, tw = window.shape[-2:]
         y = _forward_tile(model, window, device, state, pooled, index, box)
@@ -157,7 +156,7 @@ def _pooled_passes(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, d
         return _blend(model, x, tile, overlap, device, state)
     previous, change = None, float("inf")
     for done in range(1, max_passes + 1):
-        out = _blend(model, x, tile, overlap, device, state, pooled, reverse=done % 2 == 0)
+        out = _blend(model, x, tile, overlap, device, state, pooled)
         if previous is not None:
             change = float((out - previous).norm() / out.norm().clamp_min(1e-12))
         note(f"pooled norm statistics, pass {done}: output changed by {change:.3g}")
@@ -196,7 +195,7 @@ def predict_tiled(
     min_tile: int | None = None,
     fallback: str | None = "cpu",
     norm_stats: str = "tile",
-    max_passes: int = 8,
+    max_passes: int = 10,
 ) -> torch.Tensor:
     """Run ``model`` on ``x`` tile by tile and blend: the same output as ``model(x)``, in less memory.
 
@@ -247,21 +246,21 @@ def predict_tiled(
     memory: each tile contributes sums over the part of the image it owns, and because a norm's
     input depends on the norms before it, the tiles are run again until a pass changes the output
     by at most ``POOLED_TOLERANCE``. Measured with 256 and 384 px tiles: CBAM-ResUNet 0.998 to
-    0.9996 and MA-ResUNet 0.993 to 0.9995 on every sample, in 3 to 8 passes (7 to 40 times the
-    whole-image time, against 2 to 4 for plain tiles). HRNet settles only on the 8-bit spheroids
-    (0.990 and 0.993); elsewhere 8 passes end unsettled (a warning) at 0.73 to 0.985, no better
-    than plain tiles: its 1/32 branch (8 x 8 positions in a 256 px tile) also loses context at the
-    tile borders, so for HRNet use the largest tile that fits. Freezing all statistics from the
-    previous pass instead diverged, and pooling exactly in one pass would need every tile in
-    memory at once. Other reductions over a whole tile (CBAM's channel attention, MA-ResUNet's
-    self-attention) are not pooled.
+    0.9999 and MA-ResUNet 0.994 to 0.9996 on every sample in 3 to 8 passes; HRNet 0.992 to 0.998
+    on the spheroid samples in 6 to 9 passes, but 0.90 / 0.94 on the nuclei sample, where its 1/32
+    branch (8 x 8 positions in a 256 px tile) also loses context at the tile borders. That costs
+    7 to 116 times the whole-image forward, against 2 to 7 for plain tiles. Freezing all statistics
+    from the previous pass instead diverged, pooling exactly in one pass would need every tile in
+    memory at once, and alternating the tile order between passes slowed the convergence. Other
+    reductions over a whole tile (CBAM's channel attention, MA-ResUNet's self-attention) are not
+    pooled. For HRNet on cluttered images, use the largest tile that fits.
     """
     model = check_module(model)
     multiple, tile = _check_args(model, x, tile, overlap)
     if norm_stats not in ("tile", "image") or not isinstance(max_passes, int) or max_passes < 1:
         raise OptionsError(f"norm_stats must be 'tile' or 'image' and max_passes a positive int, got "
                            f"norm_stats={norm_stats!r}, max_passes={max_passes!r}; "
-                           "e.g. norm_stats='image', max_passes=8.")
+                           "e.g. norm_stats='image', max_passes=10.")
     first = next(model.parameters(), None)
     device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
     min_tile = min_tile or max(64, multiple)

@@ -149,7 +149,7 @@ _PER_TILE_NORM = pytest.mark.xfail(
 
 @pytest.mark.parametrize("name, norm_stats", [
     pytest.param("cbam_resunet", "tile", marks=_PER_TILE_NORM), pytest.param("hrnet", "tile", marks=_PER_TILE_NORM),
-    ("ma_resunet", "tile"), ("cbam_resunet", "image"), ("ma_resunet", "image")])
+    ("ma_resunet", "tile"), ("cbam_resunet", "image"), ("hrnet", "image"), ("ma_resunet", "image")])
 def test_trained_models_tiled_mask_iou(name, norm_stats):
     if name not in _bundled():
         pytest.skip(f"trained weights of {name} not bundled yet")

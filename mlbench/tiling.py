@@ -1,10 +1,12 @@
 """Tiled inference with overlap and blending: ``predict_tiled(model, x, tile, overlap)``.
 
-The image is cut into ``tile`` x ``tile`` windows that overlap by ``overlap`` pixels; each
-window runs through the model (padded to the model's ``input_multiple`` when needed) and the
-outputs are blended with weights that are zero on the quarter of the overlap next to a tile's
-inner edge (where zero padding distorts the output) and ramp linearly across the middle, so
-seams vanish and a model with a receptive field under ``overlap / 4`` is reproduced exactly.
+The image is cut into ``tile`` x ``tile`` windows that overlap by at least ``overlap`` pixels
+(the last one along an axis is shifted back to end at the border); each window runs through the
+model (padded to the model's ``input_multiple`` when needed). Each tile owns the pixels nearer
+to it than to its neighbours, and the outputs are blended with weights that cross over linearly
+around the boundaries between owners, over half the overlap: the quarter of the overlap next to
+a tile's inner edge (where zero padding distorts the output) gets no weight, so seams vanish and
+a model with a receptive field under ``overlap / 4`` is reproduced exactly.
 Out of memory (``torch.OutOfMemoryError``, or the CPU allocator's "can't allocate memory"),
 the policy is: free, halve the tile, retry; below ``min_tile`` fall back to the CPU once;
 every retry is a mark on the memory timeline being recorded (``mb.record_memory``).
@@ -70,23 +72,28 @@ def owned_spans(starts: list[int], length: int, tile: int) -> list[tuple[int, in
     return spans
 
 
-def _ramp(length: int, overlap: int, start: bool, end: bool) -> torch.Tensor:
-    """Blend weights along one axis of a tile.
+def _ramp(length: int, overlap: int, span: tuple[int, int], start: bool, end: bool) -> torch.Tensor:
+    """Blend weights along one axis of a tile that owns ``span`` (tile pixels) of the image.
 
-    At an inner edge (one shared with a neighbouring tile) the weight is 0 for the first
-    ``overlap // 4`` pixels (they see the tile's zero padding), then rises linearly so that the
-    two tiles' weights sum to 1 across the middle of the overlap; elsewhere it is 1.
+    At a boundary shared with a neighbouring tile (the middle of their overlap) the weight falls
+    linearly from 1 to 0 over ``overlap - 2 * (overlap // 4)`` pixels centred on the boundary, and
+    the neighbour's rises over the same pixels, so the two sum to 1. The quarter of the overlap next
+    to a tile's inner edge (which sees the tile's zero padding) gets no weight, also where a tile
+    was shifted back to end at the image border and overlaps its neighbour by more than ``overlap``.
     """
+    width = overlap - 2 * (overlap // 4)
+    position = torch.arange(length, dtype=torch.float32) + 0.5
     weight = torch.ones(length)
-    if overlap <= 0:
-        return weight
-    margin = overlap // 4
-    distance = torch.arange(min(overlap, length), dtype=torch.float32)
-    ramp = ((distance - margin + 1) / (overlap - 2 * margin + 1)).clamp(0, 1)
+
+    def rising(boundary: int) -> torch.Tensor:
+        if width <= 0:
+            return (position >= boundary).float()
+        return ((position - (boundary - width / 2)) / width).clamp(0, 1)
+
     if start:
-        weight[: ramp.numel()] = ramp
+        weight = weight * rising(span[0])
     if end:
-        weight[-ramp.numel():] = torch.minimum(weight[-ramp.numel():], ramp.flip(0))
+        weight = weight * (1 - rising(span[1]))
     return weight
 
 
@@ -135,7 +142,8 @@ def _blend(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, device: t
         y = _forward_tile(model, window, device, state, pooled, index, box)
         if tuple(y.shape[-2:]) != (th, tw):
             y = F.interpolate(y, size=(th, tw), mode="bilinear", align_corners=False)
-        w = _ramp(th, overlap, top > 0, top + th < height)[:, None] * _ramp(tw, overlap, left > 0, left + tw < width)
+        w = (_ramp(th, overlap, box[:2], top > 0, top + th < height)[:, None]
+             * _ramp(tw, overlap, box[2:], left > 0, left + tw < width))
         if out is None:
             out = torch.zeros(n, y.shape[1], height, width)
         out[..., top:top + th, left:left + tw] += y * w
@@ -240,18 +248,20 @@ def predict_tiled(
     so with ``norm_stats="tile"`` a tile that is small against the image departs from the
     whole-image output; the larger the tile, the closer. ``bench/tiling.py`` measures it (mask
     IoU against one whole-image forward, four 512 px samples, 64 px overlap): with 256 px tiles
-    0.92 to 0.999 for the two ResUNets and 0.69 to 0.986 for HRNet, lowest on the nuclei sample.
+    0.92 to 0.998 for the two ResUNets and 0.69 to 0.986 for HRNet, lowest on the nuclei sample.
 
     ``norm_stats="image"`` pools every norm's statistics over the whole image, in one tile's
     memory: each tile contributes sums over the part of the image it owns, and because a norm's
     input depends on the norms before it, the tiles are run again until a pass changes the output
-    by at most ``POOLED_TOLERANCE``. Measured with 256 and 384 px tiles: CBAM-ResUNet 0.998 to
-    0.9999 and MA-ResUNet 0.994 to 0.9996 on every sample in 3 to 8 passes; HRNet 0.992 to 0.998
-    on the spheroid samples in 6 to 9 passes, but 0.90 / 0.94 on the nuclei sample, where its 1/32
-    branch (8 x 8 positions in a 256 px tile) also loses context at the tile borders. That costs
-    7 to 116 times the whole-image forward, against 2 to 7 for plain tiles. Freezing all statistics
-    from the previous pass instead diverged, pooling exactly in one pass would need every tile in
-    memory at once, and alternating the tile order between passes slowed the convergence. Other
+    by at most ``POOLED_TOLERANCE``. Measured with 256 and 384 px tiles, every run settled in 4
+    to 10 passes: CBAM-ResUNet 0.998 to 0.9998 and MA-ResUNet 0.994 to 0.9996 on every sample,
+    HRNet 0.991 to 0.998 on the spheroid samples and 0.987 on the nuclei sample with 384 px tiles,
+    but 0.90 with 256 px tiles: there its 1/32 branch (8 x 8 positions per tile) loses context at
+    the tile borders, and exact pooling (all tiles in one batch, measured as a bound) gets no
+    further. The passes cost about 9 to 30 times the whole-image forward for the ResUNets and up
+    to 220 times for HRNet, against 2 to 8 for plain tiles. Freezing all statistics from the
+    previous pass instead diverged, pooling exactly in one pass would need every tile in memory
+    at once, and alternating the tile order between passes slowed the convergence. Other
     reductions over a whole tile (CBAM's channel attention, MA-ResUNet's self-attention) are not
     pooled. For HRNet on cluttered images, use the largest tile that fits.
     """

@@ -252,20 +252,25 @@ def _parameter_counts(model: nn.Module) -> dict[nn.Module, int]:
     return counts
 
 
-def _plain(shapes: Any) -> Any:
-    """A recorded shape as frozen: torch.Size -> tuple, the input of a one-tensor call -> [tuple]."""
+def _plain_output(shapes: Any) -> Any:
+    """A recorded output shape as frozen: the torch.Size of a one-tensor output -> tuple."""
     return tuple(shapes) if type(shapes) is torch.Size else shapes
+
+
+def _plain_inputs(shapes: Any) -> Any:
+    """Recorded input shapes as frozen: the torch.Size of a one-tensor call -> [tuple], one per argument."""
+    return [tuple(shapes)] if type(shapes) is torch.Size else shapes
 
 
 def _freeze(model: nn.Module, calls: list[list[Any]]) -> tuple[ModuleCall, ...]:
     counts, paths = _parameter_counts(model), module_paths(model)
     frozen = []
     for index, call in enumerate(calls):
-        module, path, inputs = call[_MODULE], paths.get(call[_MODULE], "?"), call[_INPUTS]
+        module, path = call[_MODULE], paths.get(call[_MODULE], "?")
         frozen.append(ModuleCall(
             index=index, path=path, type=type(module).__name__, depth=0 if path == "(model)" else path.count(".") + 1,
-            inputs=_shape_text([tuple(inputs)] if type(inputs) is torch.Size else inputs),
-            outputs=_shape_text(_plain(call[_OUTPUTS])), dtype=str(call[_DTYPE]).replace("torch.", ""),
+            inputs=_shape_text(_plain_inputs(call[_INPUTS])),
+            outputs=_shape_text(_plain_output(call[_OUTPUTS])), dtype=str(call[_DTYPE]).replace("torch.", ""),
             device=str(call[_DEVICE]), parameters=counts.get(module, 0), seconds=round(call[_SECONDS], 6),
             status=call[_STATUS], finished=call[_FINISHED], **(call[_STATS] or {})))
     return tuple(frozen)
@@ -308,8 +313,7 @@ def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool = True, eval:
         recorder.calls[index][_STATUS] = "failed" if index == recorder.open[-1] else "raised through"
     operands = ()
     if recorder.open:
-        inputs = recorder.calls[recorder.open[-1]][_INPUTS]
-        operands = tuple(_shape_text(s) for s in ([tuple(inputs)] if type(inputs) is torch.Size else inputs))
+        operands = tuple(_shape_text(s) for s in _plain_inputs(recorder.calls[recorder.open[-1]][_INPUTS]))
     trace = ShapeTrace(model, x, recorder.calls, output, error, operands)
     if stats:
         trace.input_nonfinite = sum(_stats([x]).get(k, 0) for k in ("nan", "inf"))

@@ -323,14 +323,20 @@ def test_opencv_assertions_by_failing_function_or_type_check(text, expected):
 REAL2 = _load("triage_real2")
 
 
+def _assert_new_and_sourced(rows: list[dict], earlier: list[dict]) -> None:
+    """Every row sourced from a GitHub thread and labelled with a known class; none of them (by url or
+    opening) in an earlier set."""
+    assert all(row["url"].startswith("https://github.com/") and row["source"] and row["text"].strip() for row in rows)
+    assert {row["expected"] for row in rows} <= set(FAILURE_CLASSES)
+    urls = [row["url"] for row in rows]
+    assert len(set(urls)) == len(urls) and not set(urls) & {row.get("url") for row in earlier}
+    assert not {row["text"][:200] for row in rows} & {row["text"][:200] for row in earlier}
+
+
 def test_real_set_round2_is_new_labelled_and_sourced():
     counts = Counter(row["expected"] for row in REAL2)
     assert len(REAL2) >= 120 and set(counts) == set(FAILURE_CLASSES) - {"unknown"}
-    assert all(row["url"].startswith("https://github.com/") and row["source"] and row["text"].strip() for row in REAL2)
-    urls = [row["url"] for row in REAL2]
-    assert len(set(urls)) == len(urls) and not set(urls) & {row["url"] for row in REAL}
-
-
+    _assert_new_and_sourced(REAL2, REAL)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -370,11 +376,7 @@ REAL3 = _load("triage_real3")
 def test_real_set_round3_is_new_labelled_and_sourced():
     counts = Counter(row["expected"] for row in REAL3)
     assert len(REAL3) >= 120 and set(counts) == set(FAILURE_CLASSES) - {"unknown"}
-    assert all(row["url"].startswith("https://github.com/") and row["source"] and row["text"].strip() for row in REAL3)
-    urls = [row["url"] for row in REAL3]
-    assert len(set(urls)) == len(urls) and not set(urls) & {row["url"] for row in REAL + REAL2}
-    older = {row["text"][:200] for row in REAL + REAL2 + CORPUS}
-    assert not {row["text"][:200] for row in REAL3} & older
+    _assert_new_and_sourced(REAL3, REAL + REAL2 + CORPUS)
 
 
 @pytest.mark.parametrize("rows", [REAL, REAL2, REAL3], ids=["round1", "round2", "round3"])
@@ -456,11 +458,7 @@ _NAMED_LIBRARIES = {"torch", "pillow", "opencv", "tifffile", "numpy", "pydantic"
 def _assert_new_labelled_and_sourced(rows: list[dict], earlier: list[dict]) -> None:
     """At least 150 sourced rows from the named libraries, none of them (by url or opening) in an earlier set."""
     assert len(rows) >= 150 and {row["source"] for row in rows} >= _NAMED_LIBRARIES
-    assert all(row["url"].startswith("https://github.com/") and row["source"] and row["text"].strip() for row in rows)
-    assert {row["expected"] for row in rows} <= set(FAILURE_CLASSES)
-    urls = [row["url"] for row in rows]
-    assert len(set(urls)) == len(urls) and not set(urls) & {row.get("url") for row in earlier}
-    assert not {row["text"][:200] for row in rows} & {row["text"][:200] for row in earlier}
+    _assert_new_and_sourced(rows, earlier)
 
 
 def _assert_accurate_with_held_out_third(rows: list[dict]) -> None:

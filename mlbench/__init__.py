@@ -35,7 +35,8 @@ from .probes import estimate_memory, explain_error, max_input_size, record_memor
 from .report import Report, report
 from .sweep import sweep
 from .sweep_exec import sweep_executor
-from .tiling import pad_to_multiple, predict_tiled
+from .tiling import pad_to_multiple, predict_tiled, run_tiled
+from .tile_fidelity import TileFidelity, tile_fidelity
 from .triage import Diagnosis, triage
 from .weights import WeightsReport, check_weights, read_checkpoint
 
@@ -49,7 +50,8 @@ __all__ = [
     "BatchResult", "SegmentResult", "ServiceClient", "ServiceError", "compare_models", "doctor", "check_image",
     "load_ipython_extension", "unload_ipython_extension", "match_objects", "pixel_scores", "check_normalization",
     "overlay", "check_polygons", "estimate_memory", "max_input_size", "record_memory", "trace_shapes", "report",
-    "sweep", "sweep_executor", "predict_tiled", "pad_to_multiple", "explain_error",
+    "sweep", "sweep_executor", "predict_tiled", "run_tiled", "tile_fidelity", "TileFidelity", "pad_to_multiple",
+    "explain_error",
     "Casebook", "Case", "CaseError", "summarize_comparison", "EnvReport", "Matching", "PixelScores", "matching_curve",
     "to_labels", "NormReport", "PolygonReport", "threshold_counts", "Report", "Diagnosis", "WeightsReport", "read_checkpoint", "triage", "check_weights",
 ]

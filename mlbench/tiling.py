@@ -7,6 +7,8 @@ to it than to its neighbours, and the outputs are blended with weights that cros
 around the boundaries between owners, over half the overlap: the quarter of the overlap next to
 a tile's inner edge (where zero padding distorts the output) gets no weight, so seams vanish and
 a model with a receptive field under ``overlap / 4`` is reproduced exactly.
+Norms that average over their input (``InstanceNorm``, ``GroupNorm``) pool their statistics over
+the whole image by default (``norm_stats="image"``, :mod:`mlbench.pooled_norms`), in passes.
 Out of memory (``torch.OutOfMemoryError``, or the CPU allocator's "can't allocate memory"),
 the policy is: free, halve the tile, retry; below ``min_tile`` fall back to the CPU once;
 every retry is a mark on the memory timeline being recorded (``mb.record_memory``).
@@ -15,8 +17,10 @@ every retry is a mark on the memory timeline being recorded (``mb.record_memory`
 from __future__ import annotations
 
 import gc
+import inspect
 import warnings
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +31,7 @@ from mlbench.pooled_norms import Box, PooledNorms
 from mlbench.probes._hooks import check_module
 from mlbench.probes.memory import note
 
-__all__ = ["predict_tiled", "pad_to_multiple", "tile_starts", "owned_spans", "TilingOutOfMemory"]
+__all__ = ["predict_tiled", "run_tiled", "TiledRun", "POOLED_TOLERANCE", "pad_to_multiple", "tile_starts", "owned_spans", "TilingOutOfMemory"]
 
 
 class TilingOutOfMemory(MlbenchError, MemoryError):
@@ -151,32 +155,52 @@ def _blend(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, device: t
     return out / weight
 
 
-POOLED_TOLERANCE = 0.05
+POOLED_TOLERANCE = 0.01
 """``norm_stats="image"`` stops when a pass changed the output by at most this fraction of it
-(L2 norm of the change over L2 norm of the output)."""
+(L2 norm of the change over L2 norm of the output). The passes converge geometrically, about
+halving the change each pass, so the output is then about this far from where the passes settle:
+0.05 left HRNet's nuclei mask at IoU 0.987 against the whole image, 0.01 reaches 0.993."""
+
+
+class TiledRun(NamedTuple):
+    """What ``run_tiled`` did: the output and how it was reached."""
+
+    output: torch.Tensor
+    """(N, C_out, H, W) float32 on the CPU."""
+    tile: int
+    """The tile side that produced it (smaller than asked when the out-of-memory policy halved it)."""
+    overlap: int
+    device: torch.device
+    """Where the tiles ran (the fallback device after a fallback)."""
+    passes: int
+    """Tiled passes run: 1 with ``norm_stats="tile"``."""
+    settled: bool
+    """False when ``norm_stats="image"`` ran out of ``max_passes`` before the output settled."""
 
 
 def _pooled_passes(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, device: torch.device,
-                   state: dict | None, max_passes: int) -> torch.Tensor:
-    """Tiled passes with pooled norm statistics until the output settles; the last pass's output."""
+                   state: dict | None, max_passes: int, tolerance: float) -> tuple[torch.Tensor, int, bool]:
+    """Tiled passes with pooled norm statistics until the output settles: the last pass's output,
+    the number of passes and whether it settled."""
     pooled = PooledNorms(model)
-    if not pooled.norms:
-        return _blend(model, x, tile, overlap, device, state)
+    one_tile = len(tile_starts(x.shape[-2], tile, overlap)) == len(tile_starts(x.shape[-1], tile, overlap)) == 1
+    if not pooled.norms or one_tile:  # nothing to pool, or the one tile is the whole image
+        return _blend(model, x, tile, overlap, device, state), 1, True
     previous, change = None, float("inf")
     for done in range(1, max_passes + 1):
         out = _blend(model, x, tile, overlap, device, state, pooled)
         if previous is not None:
             change = float((out - previous).norm() / out.norm().clamp_min(1e-12))
         note(f"pooled norm statistics, pass {done}: output changed by {change:.3g}")
-        if change <= POOLED_TOLERANCE:
-            return out
+        if change <= tolerance:
+            return out, done, True
         previous = out
     if max_passes > 1:
         warnings.warn(f"predict_tiled(norm_stats='image'): the last of {max_passes} passes at tile {tile} still "
-                      f"changed the output by {change:.3g} (> {POOLED_TOLERANCE}), so it may differ from the whole "
-                      "image; raise max_passes or use a larger tile (bench/tiling.py measures both).",
-                      RuntimeWarning, stacklevel=3)
-    return out
+                      f"changed the output by {change:.3g} (> {tolerance}), so it may differ from the whole "
+                      "image; raise max_passes or use a larger tile (mb.tile_fidelity measures both).",
+                      RuntimeWarning, stacklevel=4)
+    return out, max_passes, False
 
 
 def _check_args(model: nn.Module, x: torch.Tensor, tile: int, overlap: int) -> tuple[int, int]:
@@ -193,18 +217,7 @@ def _check_args(model: nn.Module, x: torch.Tensor, tile: int, overlap: int) -> t
     return multiple, rounded
 
 
-def predict_tiled(
-    model: nn.Module,
-    x: torch.Tensor,
-    tile: int = 512,
-    overlap: int = 64,
-    *,
-    device: str | torch.device | None = None,
-    min_tile: int | None = None,
-    fallback: str | None = "cpu",
-    norm_stats: str = "tile",
-    max_passes: int = 10,
-) -> torch.Tensor:
+def predict_tiled(model: nn.Module, x: torch.Tensor, tile: int = 512, overlap: int = 64, **options) -> torch.Tensor:
     """Run ``model`` on ``x`` tile by tile and blend: the same output as ``model(x)``, in less memory.
 
     Parameters
@@ -225,17 +238,22 @@ def predict_tiled(
         Device to fall back to once the tile cannot shrink further (``None``: raise instead).
     norm_stats : {"tile", "image"}
         ``"tile"``: each tile's ``InstanceNorm``/``GroupNorm`` layers use that tile's statistics
-        (one pass). ``"image"``: statistics pooled over the whole image, gathered one tile at a
-        time in repeated passes until a pass changes the output by at most ``POOLED_TOLERANCE``
+        (one pass, fast, further from the whole image). ``"image"`` (default): statistics pooled
+        over the whole image, gathered one tile at a time in repeated passes until a pass changes the output by at most ``tolerance``
         (:mod:`mlbench.pooled_norms`); each pass is a mark on the memory timeline, and a warning
         says so when ``max_passes`` end before that. Costs that many tiled passes, not memory.
     max_passes : int
         The most passes ``norm_stats="image"`` runs.
+    tolerance : float
+        ``norm_stats="image"`` stops once a pass changes the output by at most this fraction of
+        its L2 norm (default ``POOLED_TOLERANCE``, 0.01).
 
     Returns
     -------
     Tensor
-        (N, C_out, H, W) float32 on the CPU.
+        (N, C_out, H, W) float32 on the CPU. ``run_tiled`` also says which tile size and device
+        produced it and how many passes it took; ``mb.tile_fidelity`` measures how close it is to
+        the whole image for a list of tile sizes.
 
     Raises
     ------
@@ -244,33 +262,56 @@ def predict_tiled(
 
     Notes
     -----
-    ``InstanceNorm2d`` (all three models) normalises each tile by that tile's own statistics,
-    so with ``norm_stats="tile"`` a tile that is small against the image departs from the
-    whole-image output; the larger the tile, the closer. ``bench/tiling.py`` measures it (mask
-    IoU against one whole-image forward, four 512 px samples, 64 px overlap): with 256 px tiles
-    0.92 to 0.998 for the two ResUNets and 0.69 to 0.986 for HRNet, lowest on the nuclei sample.
+    Every norm of the three models is an ``InstanceNorm2d``, which normalises by the statistics of
+    what it sees. With ``norm_stats="tile"`` each tile is normalised by its own statistics and
+    departs from the whole image, the more the smaller the tile: ``bench/tiling.py`` (mask IoU
+    against one whole-image forward, four 512 px samples, 64 px overlap, tiles of 256 to 448 px)
+    measured 0.915 to 0.9996 for the two ResUNets and 0.69 to 0.995 for HRNet, lowest on the
+    cluttered nuclei sample.
 
-    ``norm_stats="image"`` pools every norm's statistics over the whole image, in one tile's
-    memory: each tile contributes sums over the part of the image it owns, and because a norm's
-    input depends on the norms before it, the tiles are run again until a pass changes the output
-    by at most ``POOLED_TOLERANCE``. Measured with 256 and 384 px tiles, every run settled in 4
-    to 10 passes: CBAM-ResUNet 0.998 to 0.9998 and MA-ResUNet 0.994 to 0.9996 on every sample,
-    HRNet 0.991 to 0.998 on the spheroid samples and 0.987 on the nuclei sample with 384 px tiles,
-    but 0.90 with 256 px tiles: there its 1/32 branch (8 x 8 positions per tile) loses context at
-    the tile borders, and exact pooling (all tiles in one batch, measured as a bound) gets no
-    further. The passes cost about 9 to 30 times the whole-image forward for the ResUNets and up
-    to 220 times for HRNet, against 2 to 8 for plain tiles. Freezing all statistics from the
-    previous pass instead diverged, pooling exactly in one pass would need every tile in memory
-    at once, and alternating the tile order between passes slowed the convergence. Other
-    reductions over a whole tile (CBAM's channel attention, MA-ResUNet's self-attention) are not
-    pooled. For HRNet on cluttered images, use the largest tile that fits.
+    ``norm_stats="image"`` (the default) pools every norm's statistics over the whole image, in one
+    tile's memory: each tile contributes sums over the part of the image it owns, and because a
+    norm's input depends on the norms before it, the tiles run again until a pass changes the output
+    by at most ``tolerance`` (6 to 12 passes; one when a single tile covers the image). The same
+    bench measured 0.996 to 0.9999 for the two ResUNets at every tile size and sample, and 0.993 to
+    0.9999 for HRNet with 384 and 448 px tiles. With 256 and 320 px tiles HRNet reaches 0.993 to
+    0.9995 on the spheroid samples but only 0.90 and 0.94 on the nuclei sample, converged: its 1/32
+    branch has 8 x 8 (10 x 10) positions per tile, all within 4 (5) positions of a tile border, and
+    a larger overlap does not help (0.88 at 124 px). ``mb.tile_fidelity`` measures the smallest
+    faithful tile for a model and image. The passes cost about 11 to 54 times the whole-image
+    forward for the ResUNets and 49 to 171 times for HRNet on 2 shared cores, against 1.1 to 12 for
+    plain tiles. Freezing all statistics from the previous pass instead diverged, pooling exactly in
+    one pass would need every tile in memory at once, alternating the tile order between passes
+    slowed the convergence, and Anderson mixing of the statistics saved at most one pass in ten.
+    Other reductions over a whole tile (CBAM's channel attention, MA-ResUNet's self-attention) are
+    not pooled.
     """
+    return run_tiled(model, x, tile, overlap, **options).output
+
+
+def run_tiled(
+    model: nn.Module,
+    x: torch.Tensor,
+    tile: int = 512,
+    overlap: int = 64,
+    *,
+    device: str | torch.device | None = None,
+    min_tile: int | None = None,
+    fallback: str | None = "cpu",
+    norm_stats: str = "image",
+    max_passes: int = 20,
+    tolerance: float = POOLED_TOLERANCE,
+) -> TiledRun:
+    """``predict_tiled`` (the arguments are documented there), returning the output with how it was
+    reached: the tile size and device that produced it after any out-of-memory retries, and the
+    passes it took."""
     model = check_module(model)
     multiple, tile = _check_args(model, x, tile, overlap)
-    if norm_stats not in ("tile", "image") or not isinstance(max_passes, int) or max_passes < 1:
-        raise OptionsError(f"norm_stats must be 'tile' or 'image' and max_passes a positive int, got "
-                           f"norm_stats={norm_stats!r}, max_passes={max_passes!r}; "
-                           "e.g. norm_stats='image', max_passes=10.")
+    if (norm_stats not in ("tile", "image") or not isinstance(max_passes, int) or max_passes < 1
+            or not isinstance(tolerance, (int, float)) or not tolerance > 0):
+        raise OptionsError(f"norm_stats must be 'tile' or 'image', max_passes a positive int and tolerance a positive "
+                           f"number, got norm_stats={norm_stats!r}, max_passes={max_passes!r}, "
+                           f"tolerance={tolerance!r}; e.g. norm_stats='image', max_passes=20, tolerance=0.01.")
     first = next(model.parameters(), None)
     device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
     min_tile = min_tile or max(64, multiple)
@@ -280,8 +321,11 @@ def predict_tiled(
         try:
             with torch.no_grad():
                 if norm_stats == "tile":
-                    return _blend(model, x, current, current_overlap, device, state)
-                return _pooled_passes(model, x, current, current_overlap, device, state, max_passes)
+                    out, passes, settled = _blend(model, x, current, current_overlap, device, state), 1, True
+                else:
+                    out, passes, settled = _pooled_passes(model, x, current, current_overlap, device, state,
+                                                          max_passes, tolerance)
+            return TiledRun(out, current, current_overlap, device, passes, settled)
         except Exception as exc:  # only out-of-memory is handled; anything else propagates
             if not _is_oom(exc):
                 raise
@@ -303,3 +347,6 @@ def predict_tiled(
                     "estimate the need with mb.estimate_memory(model, (1, C, tile, tile)) and free memory, "
                     "or use a smaller min_tile."
                 ) from exc
+
+
+predict_tiled.__signature__ = inspect.signature(run_tiled).replace(return_annotation=torch.Tensor)  # for help()

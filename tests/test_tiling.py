@@ -13,7 +13,8 @@ from mlbench.errors import OptionsError
 from mlbench.metrics import pixel_scores
 from mlbench.paths import data_dir
 from mlbench.probes import record_memory
-from mlbench.tiling import TilingOutOfMemory, _ramp, owned_spans, pad_to_multiple, predict_tiled, tile_starts
+from mlbench.tiling import (TilingOutOfMemory, _ramp, owned_spans, pad_to_multiple, predict_tiled, run_tiled,
+                            tile_starts)
 from probe_toys import FlakyNet, LocalNet, NormNet, StridedNet
 
 
@@ -90,6 +91,9 @@ def test_oom_halves_the_tile_and_marks_the_timeline():
         "out of memory at tile 64 on cpu: retry at tile 32, overlap 8 (was 16)"]  # 16 is not below 32 / 2
     with torch.no_grad():
         assert torch.allclose(tiled, LocalNet()(x), atol=1e-5)
+    run = run_tiled(FlakyNet(limit=40), x, tile=128, overlap=16, min_tile=16)
+    assert (run.tile, run.overlap, run.device.type, run.passes, run.settled) == (32, 8, "cpu", 1, True)
+    assert torch.equal(run.output, tiled)  # run_tiled says how predict_tiled's output was reached
 
 
 def test_oom_falls_back_to_cpu_with_copied_parameters():
@@ -126,14 +130,22 @@ def _norm_case() -> tuple[torch.Tensor, torch.Tensor]:
 def test_pooled_norm_statistics_reproduce_the_whole_image():
     x, whole = _norm_case()
     model = NormNet()
-    per_tile = predict_tiled(model, x, tile=32, overlap=12)
+    per_tile = predict_tiled(model, x, tile=32, overlap=12, norm_stats="tile")
     assert (per_tile - whole).abs().max() > 0.5  # InstanceNorm and GroupNorm see one tile each
     with record_memory() as timeline:
-        pooled = predict_tiled(model, x, tile=32, overlap=12, norm_stats="image")
+        pooled = predict_tiled(model, x, tile=32, overlap=12)  # norm_stats="image" is the default
     assert torch.allclose(pooled, whole, atol=1e-5)
     labels = [label for _, label in timeline.marks]
     assert labels[0] == "pooled norm statistics, pass 1: output changed by inf" and len(labels) <= 8
     assert all("forward" not in vars(m) for m in model.modules())  # the norms are themselves again
+
+
+def test_one_tile_covering_the_image_is_one_exact_pass():
+    x, whole = _norm_case()
+    with record_memory() as timeline:
+        run = run_tiled(NormNet(), x, tile=96, overlap=12)
+    assert (run.passes, run.settled, timeline.marks) == (1, True, [])
+    assert torch.allclose(run.output, whole, atol=1e-5)
 
 
 def test_pooled_passes_that_do_not_settle_warn_and_errors_restore_the_norms():
@@ -150,6 +162,8 @@ def test_pooled_passes_that_do_not_settle_warn_and_errors_restore_the_norms():
                               LocalNet()(x).detach(), atol=1e-5)
     with pytest.raises(OptionsError, match="norm_stats must be 'tile' or 'image'"):
         predict_tiled(model, x, tile=32, overlap=12, norm_stats="whole")
+    with pytest.raises(OptionsError, match="tolerance=0"):
+        predict_tiled(model, x, tile=32, overlap=12, norm_stats="image", tolerance=0)
 
 
 def _bundled() -> set[str]:
@@ -165,19 +179,24 @@ _PER_TILE_NORM = pytest.mark.xfail(
 )
 
 
-@pytest.mark.parametrize("name, norm_stats", [
-    pytest.param("cbam_resunet", "tile", marks=_PER_TILE_NORM), pytest.param("hrnet", "tile", marks=_PER_TILE_NORM),
-    ("ma_resunet", "tile"), ("cbam_resunet", "image"), ("hrnet", "image"), ("ma_resunet", "image")])
-def test_trained_models_tiled_mask_iou(name, norm_stats):
+@pytest.mark.parametrize("name, sample, tile, norm_stats", [
+    pytest.param("cbam_resunet", "spheroids_8bit", 256, "tile", marks=_PER_TILE_NORM),
+    pytest.param("hrnet", "spheroids_8bit", 256, "tile", marks=_PER_TILE_NORM),
+    ("ma_resunet", "spheroids_8bit", 256, "tile"),
+    ("cbam_resunet", "spheroids_8bit", 256, "image"), ("hrnet", "spheroids_8bit", 256, "image"),
+    # the cluttered sample: HRNet's smallest faithful tile there is 384 px (0.90 at 256, bench/tiling.py)
+    ("cbam_resunet", "nuclei_stardist", 256, "image"), ("ma_resunet", "nuclei_stardist", 256, "image"),
+    ("hrnet", "nuclei_stardist", 384, "image")])
+def test_trained_models_tiled_mask_iou(name, sample, tile, norm_stats):
     if name not in _bundled():
         pytest.skip(f"trained weights of {name} not bundled yet")
     model = mb.load_model(name)
-    sample = mb.load_sample("spheroids_8bit")
-    x = mb.Pipeline(model, input_size=512).start(sample.image).run_until("preprocess").output("preprocess")
+    x = mb.Pipeline(model, input_size=512).start(mb.load_sample(sample).image).run_until("preprocess").output(
+        "preprocess")
     with torch.no_grad():
         whole = model(x) > 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the pooled passes settle within max_passes
-        tiled = predict_tiled(model, x, tile=256, overlap=64, norm_stats=norm_stats) > 0  # tiles of the model's size
+        tiled = predict_tiled(model, x, tile=tile, overlap=64, norm_stats=norm_stats) > 0
     iou = pixel_scores(whole[0, 0].numpy(), tiled[0, 0].numpy()).iou
-    assert iou >= 0.99, f"{name}, norm_stats={norm_stats}: tiled vs whole-image mask IoU {iou:.4f}"
+    assert iou >= 0.99, f"{name}, {sample}, {tile} px, norm_stats={norm_stats}: tiled vs whole mask IoU {iou:.4f}"

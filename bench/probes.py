@@ -2,8 +2,12 @@
 
 For each small model at one input size, times (best of N and median, interleaved so machine
 load hits all alike): the bare forward, ``trace_shapes(stats=False)``, ``trace_shapes(stats=True)``,
-``torchinfo.summary`` and TorchLens where they are installed. Prints ratios to the bare forward;
-the target for ``trace_shapes`` without statistics is <= 1.15.
+``torchinfo.summary`` and TorchLens where they are installed. Prints ratios to the bare forward:
+of the best times, of the medians, and ``ratio_paired``, the median of each run's time over the
+bare forward run right next to it (the order alternates). On a shared machine the load changes
+from second to second, so the paired ratio is the one judged: the target for ``trace_shapes``
+without statistics is <= 1.15. The best-of ratio swung from 1.08 to 1.43 between runs a
+minute apart (HRNet) because one of the two tools never met a quiet moment.
 
     python bench/probes.py [--size 256] [--repeats 7] [--models cbam_resunet hrnet ma_resunet]
 """
@@ -63,8 +67,9 @@ def measure(name: str, size: int, repeats: int) -> list[dict]:
             fn()
         except Exception as exc:
             broken[next(k for k, v in contenders.items() if v is fn)] = f"{type(exc).__name__}: {exc}"[:80]
-    for _ in range(repeats):
-        for key, fn in contenders.items():
+    order = list(contenders.items())
+    for repeat in range(repeats):  # every tool right before or after the bare forward, alternately
+        for key, fn in (order if repeat % 2 == 0 else order[::-1]):
             if key in broken:
                 continue
             start = time.perf_counter()
@@ -77,9 +82,10 @@ def measure(name: str, size: int, repeats: int) -> list[dict]:
             rows.append({"model": name, "size": size, "tool": key, "note": broken[key]})
             continue
         best, median = min(times[key]), statistics.median(times[key])
+        paired = statistics.median(t / b for t, b in zip(times[key], times["bare forward"]))
         rows.append({"model": name, "size": size, "tool": key, "best_ms": round(best * 1000, 1),
                      "median_ms": round(median * 1000, 1), "ratio_best": round(best / base_best, 3),
-                     "ratio_median": round(median / base_median, 3), "note": ""})
+                     "ratio_median": round(median / base_median, 3), "ratio_paired": round(paired, 3), "note": ""})
     return rows
 
 
@@ -98,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(table.fillna("").to_string(index=False))
     plain = table[table["tool"] == "trace_shapes(stats=False)"]
-    ok = bool((plain["ratio_best"] <= TARGET).all())
-    print(f"\ntrace_shapes without statistics, best-of-{args.repeats} ratio to the bare forward: "
-          f"{', '.join(f'{m} {r:.3f}' for m, r in zip(plain['model'], plain['ratio_best']))} "
+    ok = bool((plain["ratio_paired"] <= TARGET).all())
+    print(f"\ntrace_shapes without statistics, median over {args.repeats} back-to-back pairs of its time over the "
+          f"bare forward's: {', '.join(f'{m} {r:.3f}' for m, r in zip(plain['model'], plain['ratio_paired']))} "
           f"(target <= {TARGET}): {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 

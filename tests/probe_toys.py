@@ -80,3 +80,16 @@ class NormNet(nn.Sequential):
             for norm in (self[1], self[4]):
                 nn.init.normal_(norm.weight, 1.0, 0.3)
                 nn.init.normal_(norm.bias, 0.0, 0.3)
+
+
+class FlakyNormNet(NormNet):
+    """NormNet that raises ``torch.OutOfMemoryError`` for inputs wider than ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > self.limit:
+            raise torch.OutOfMemoryError(f"simulated: out of memory at width {x.shape[-1]}")
+        return super().forward(x)

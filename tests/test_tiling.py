@@ -15,7 +15,7 @@ from mlbench.paths import data_dir
 from mlbench.probes import record_memory
 from mlbench.tiling import (TilingOutOfMemory, _ramp, owned_spans, pad_to_multiple, predict_tiled, run_tiled,
                             tile_starts)
-from probe_toys import FlakyNet, LocalNet, NormNet, StridedNet
+from probe_toys import FlakyNet, FlakyNormNet, LocalNet, NormNet, StridedNet
 
 
 def test_tile_starts_cover_with_overlap():
@@ -138,6 +138,18 @@ def test_pooled_norm_statistics_reproduce_the_whole_image():
     labels = [label for _, label in timeline.marks]
     assert labels[0] == "pooled norm statistics, pass 1: output changed by inf" and len(labels) <= 8
     assert all("forward" not in vars(m) for m in model.modules())  # the norms are themselves again
+
+
+def test_oom_during_pooled_passes_restarts_them_at_the_smaller_tile():
+    x, whole = _norm_case()
+    model = FlakyNormNet(limit=40)
+    with record_memory() as timeline:
+        run = run_tiled(model, x, tile=64, overlap=12, min_tile=16)
+    labels = [label for _, label in timeline.marks]
+    assert labels[0] == "out of memory at tile 64 on cpu: retry at tile 32"
+    assert labels[1] == "pooled norm statistics, pass 1: output changed by inf" and run.tile == 32 and run.settled
+    assert torch.allclose(run.output, whole, atol=1e-5)  # the statistics of the failed tile size are not reused
+    assert all("forward" not in vars(m) for m in model.modules())
 
 
 def test_one_tile_covering_the_image_is_one_exact_pass():

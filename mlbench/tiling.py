@@ -30,6 +30,7 @@ from mlbench.errors import MlbenchError, OptionsError
 from mlbench.pooled_norms import Box, PooledNorms
 from mlbench.probes._hooks import check_module
 from mlbench.probes.memory import note
+from mlbench.probes.shapes import shape_text, shape_of
 
 __all__ = ["predict_tiled", "run_tiled", "TiledRun", "POOLED_TOLERANCE", "pad_to_multiple", "tile_starts", "owned_spans", "TilingOutOfMemory"]
 
@@ -116,6 +117,18 @@ def _free(device: torch.device) -> None:
             pass
 
 
+def map_output(model: nn.Module, out: object) -> torch.Tensor:
+    """``out`` if it is one (N, C, h, w) tensor; else an :class:`OptionsError` naming what came back
+    (a dict of outputs such as torchvision's ``{"out": ..., "aux": ...}``, a sequence's features)."""
+    if isinstance(out, torch.Tensor) and out.dim() == 4:
+        return out
+    got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else (
+        f"a {type(out).__name__} of {shape_text(shape_of(out))}")
+    raise OptionsError(f"tiling needs a model that returns one (N, C, h, w) map per input, but "
+                       f"{type(model).__name__} returned {got}; wrap it in a module whose forward returns the map, "
+                       "e.g. model(x)['out'] for torchvision's segmentation models.")
+
+
 def _forward_tile(model: nn.Module, tile: torch.Tensor, device: torch.device, state: dict | None,
                   pooled: PooledNorms | None = None, index: int = 0, box: Box = (0, 0, 0, 0)) -> torch.Tensor:
     padded, (height, width) = pad_to_multiple(tile.to(device), int(getattr(model, "input_multiple", 1)))
@@ -124,7 +137,7 @@ def _forward_tile(model: nn.Module, tile: torch.Tensor, device: torch.device, st
             out = model(padded)
         else:  # CPU fallback: parameters copied to the CPU, the model itself is not moved
             out = torch.func.functional_call(model, state, (padded,))
-    return out[..., :height, :width].to("cpu", torch.float32)
+    return map_output(model, out)[..., :height, :width].to("cpu", torch.float32)
 
 
 def _blend(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, device: torch.device,
@@ -201,6 +214,16 @@ def _pooled_passes(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, d
                       "image; raise max_passes or use a larger tile (mb.tile_fidelity measures both).",
                       RuntimeWarning, stacklevel=4)
     return out, max_passes, False
+
+
+def _warn_training(model: nn.Module) -> None:
+    """Warn when layers in training mode make tiles differ from the whole image (and change the model)."""
+    training = sorted({type(m).__name__ for m in model.modules() if m.training and isinstance(
+        m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))})
+    if training:
+        warnings.warn(f"predict_tiled: {', '.join(training)} in training mode: each tile gets its own batch statistics "
+                      "or random dropout, and BatchNorm's running statistics are updated by every tile; call "
+                      "model.eval() first.", RuntimeWarning, stacklevel=4)
 
 
 def _check_args(model: nn.Module, x: torch.Tensor, tile: int, overlap: int) -> tuple[int, int]:
@@ -307,6 +330,7 @@ def run_tiled(
     passes it took."""
     model = check_module(model)
     multiple, tile = _check_args(model, x, tile, overlap)
+    _warn_training(model)
     if (norm_stats not in ("tile", "image") or not isinstance(max_passes, int) or max_passes < 1
             or not isinstance(tolerance, (int, float)) or not tolerance > 0):
         raise OptionsError(f"norm_stats must be 'tile' or 'image', max_passes a positive int and tolerance a positive "

@@ -156,3 +156,39 @@ def test_bad_arguments():
 def test_unknown_error():
     why = explain_error(KeyError("boom"))
     assert why.failure_class == "unknown" and "trace_shapes" in why.fix
+
+
+class _DictSegmenter(torch.nn.Module):
+    """torchvision-style output: {"out": map, "aux": map}; ``shrink`` makes the main map 2 px smaller."""
+
+    def __init__(self, shrink: bool = False) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 3, padding=0 if shrink else 1)
+
+    def forward(self, x):
+        return {"out": self.conv(x), "aux": self.conv(x)[:, :1]}
+
+
+def test_dict_outputs_are_compared_by_their_first_map():
+    fine = trace_shapes(_DictSegmenter(), torch.rand(1, 3, 16, 16))
+    assert fine.output_shape == (1, 2, 16, 16) and fine.output_shapes == {"out": (1, 2, 16, 16), "aux": (1, 1, 16, 16)}
+    assert fine.explain().summary.endswith("{out: (1, 2, 16, 16), aux: (1, 1, 16, 16)}, all outputs finite, "
+                                           "output size matches the input")
+    shrunk = trace_shapes(_DictSegmenter(shrink=True), torch.rand(1, 3, 16, 16)).explain()
+    assert shrunk.failure_class == "shape_mismatch" and "output 14x14 differs from input 16x16" in shrunk.summary
+
+
+def test_an_output_that_is_not_a_map_is_not_called_a_size_match():
+    lstm = torch.nn.LSTM(3, 5, batch_first=True)
+
+    class Sequence(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = lstm
+
+        def forward(self, x):
+            return self.lstm(x.flatten(2).transpose(1, 2))[0]
+
+    why = trace_shapes(Sequence(), torch.rand(1, 3, 4, 4)).explain()
+    assert why.failure_class == "ok" and "-> (1, 16, 5)" in why.summary
+    assert "no (N, C, H, W) output to compare with the input's size" in why.summary

@@ -120,6 +120,36 @@ def test_other_errors_propagate_and_bad_arguments():
         predict_tiled(LocalNet(), torch.rand(3, 40, 40))
 
 
+def test_models_that_do_not_return_one_map_get_a_clear_error():
+    class DictOut(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            return {"out": self.conv(x), "aux": [self.conv(x).mean()]}
+
+    with pytest.raises(OptionsError, match=r"DictOut returned a dict of \{out: \(1, 2, 32, 32\), aux: \(\)\}; wrap it "
+                                           r"in a module whose forward returns the map, e.g. model\(x\)\['out'\]"):
+        predict_tiled(DictOut(), torch.rand(1, 3, 40, 40), tile=32, overlap=8)
+    with pytest.raises(OptionsError, match=r"Flatten returned a tensor of shape \(1, 3072\)"):
+        predict_tiled(torch.nn.Flatten(), torch.rand(1, 3, 40, 40), tile=32, overlap=8)
+    with pytest.raises(OptionsError, match="DictOut returned a dict"):
+        mb.tile_fidelity(DictOut(), torch.rand(1, 3, 40, 40), tiles=[32], overlap=8)
+
+
+def test_layers_in_training_mode_are_warned_about():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Dropout2d(0.1))
+    x = torch.rand(1, 3, 40, 40)
+    with pytest.warns(RuntimeWarning, match="BatchNorm2d, Dropout2d in training mode.*call model.eval"):
+        predict_tiled(model, x, tile=32, overlap=8)
+    with pytest.warns(RuntimeWarning, match="BatchNorm2d, Dropout2d in training mode"):
+        mb.tile_fidelity(model, x, tiles=[32], overlap=8, norm_stats="tile")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predict_tiled(model.eval(), x, tile=32, overlap=8)
+
+
 def _norm_case() -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.rand(1, 3, 80, 90, generator=torch.Generator().manual_seed(0))
     x[..., :40, :] *= 3  # the top half is brighter: each tile's own statistics differ from the image's

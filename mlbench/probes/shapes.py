@@ -37,11 +37,12 @@ def shape_of(value: Any) -> Any:
     return type(value).__name__
 
 
-def _shape_text(shapes: Any) -> str:
+def shape_text(shapes: Any) -> str:
+    """``shape_of``'s result as compact text: ``(1, 2, 32, 32)``, ``{out: (1, 2, 32, 32), aux: ()}``."""
     if isinstance(shapes, list):
-        return ", ".join(_shape_text(s) for s in shapes) if len(shapes) != 1 else _shape_text(shapes[0])
+        return ", ".join(shape_text(s) for s in shapes) if len(shapes) != 1 else shape_text(shapes[0])
     if isinstance(shapes, dict):
-        return "{" + ", ".join(f"{k}: {_shape_text(v)}" for k, v in shapes.items()) + "}"
+        return "{" + ", ".join(f"{k}: {shape_text(v)}" for k, v in shapes.items()) + "}"
     return str(shapes).replace(",)", ")")
 
 
@@ -135,7 +136,11 @@ class ShapeTrace:
     Attributes
     ----------
     calls : tuple of ModuleCall
-    input_shape, output_shape : tuple of int
+    input_shape : tuple of int
+    output_shape : tuple of int or None
+        The output's shape; for a tuple, list or dict output (torchvision's ``{"out": ..., "aux": ...}``)
+        the shape of its first (N, C, H, W) tensor, the map compared with the input's size; None
+        when there is none (or the forward failed). ``output_shapes`` has every shape inside.
     error : BaseException or None
         The exception the forward raised (the trace keeps it instead of raising).
     failed : ModuleCall or None
@@ -150,7 +155,10 @@ class ShapeTrace:
         self._raw = (model, calls)  # frozen into ModuleCall records on first use, not inside the timed trace
         self.input_shape = tuple(x.shape)
         self.input_dtype = str(x.dtype).replace("torch.", "")
-        self.output_shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+        maps = [t for t in tensors_in(output) if t.dim() == 4]
+        self.output_shape = tuple(output.shape) if isinstance(output, torch.Tensor) else (
+            tuple(maps[0].shape) if maps else None)
+        self.output_shapes = shape_of(output) if output is not None else None
         self.error = error
         self.operands = operands
         self.input_nonfinite = 0
@@ -200,8 +208,10 @@ class ShapeTrace:
         resized = explain_output_size(facts, self.input_shape, self.output_shape or ())
         if resized is not None:
             return resized
-        return Explanation("ok", f"{self.model_name}: {self.input_shape} -> {self.output_shape}, "
-                           "all outputs finite, output size matches the input")
+        compared = (len(self.input_shape) == 4 and self.output_shape is not None and len(self.output_shape) == 4)
+        return Explanation("ok", f"{self.model_name}: {self.input_shape} -> {shape_text(self.output_shapes)}, "
+                           "all outputs finite, " + ("output size matches the input" if compared else
+                                                     "no (N, C, H, W) output to compare with the input's size"))
 
     def __repr__(self) -> str:
         status = "ok" if self.ok else f"FAILED in {self.failed.path if self.failed else '?'}: {type(self.error).__name__}"
@@ -269,8 +279,8 @@ def _freeze(model: nn.Module, calls: list[list[Any]]) -> tuple[ModuleCall, ...]:
         module, path = call[_MODULE], paths.get(call[_MODULE], "?")
         frozen.append(ModuleCall(
             index=index, path=path, type=type(module).__name__, depth=0 if path == "(model)" else path.count(".") + 1,
-            inputs=_shape_text(_plain_inputs(call[_INPUTS])),
-            outputs=_shape_text(_plain_output(call[_OUTPUTS])), dtype=str(call[_DTYPE]).replace("torch.", ""),
+            inputs=shape_text(_plain_inputs(call[_INPUTS])),
+            outputs=shape_text(_plain_output(call[_OUTPUTS])), dtype=str(call[_DTYPE]).replace("torch.", ""),
             device=str(call[_DEVICE]), parameters=counts.get(module, 0), seconds=round(call[_SECONDS], 6),
             status=call[_STATUS], finished=call[_FINISHED], **(call[_STATS] or {})))
     return tuple(frozen)
@@ -313,7 +323,7 @@ def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool = True, eval:
         recorder.calls[index][_STATUS] = "failed" if index == recorder.open[-1] else "raised through"
     operands = ()
     if recorder.open:
-        operands = tuple(_shape_text(s) for s in _plain_inputs(recorder.calls[recorder.open[-1]][_INPUTS]))
+        operands = tuple(shape_text(s) for s in _plain_inputs(recorder.calls[recorder.open[-1]][_INPUTS]))
     trace = ShapeTrace(model, x, recorder.calls, output, error, operands)
     if stats:
         trace.input_nonfinite = sum(_stats([x]).get(k, 0) for k in ("nan", "inf"))

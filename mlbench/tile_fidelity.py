@@ -112,6 +112,12 @@ def tile_fidelity(model: nn.Module, x: torch.Tensor, tiles: list[int] | None = N
     -------
     TileFidelity
         ``.table`` of IoU, passes and time per tile and mode, ``.smallest(mode)``, a text summary.
+
+    Notes
+    -----
+    Each size costs one plain tiled run and, for ``"image"``, 6 to 12 pooled passes: on 2 CPU
+    cores and a 512 px image the defaults took about 1 minute for CBAM-ResUNet and 2 to 3 for HRNet.
+    Pass fewer ``tiles`` or one mode to check a single choice.
     """
     model = check_module(model)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:

@@ -93,6 +93,7 @@ _EXTERNAL_COMMANDS = [
     ("mlbench.triage", "add_triage_command"), ("mlbench.doctor", "add_doctor_command"),
     ("mlbench.report", "add_report_command"), ("mlbench.sweep", "add_sweep_command"),
     ("mlbench.compare", "add_compare_command"), ("mlbench.probes.cli", "add_memory_command"),
+    ("mlbench.tile_fidelity", "add_tiles_command"),
     ("mlbench.service.cli", "add_serve_command"),
 ]
 

@@ -155,3 +155,39 @@ def tile_fidelity(model: nn.Module, x: torch.Tensor, tiles: list[int] | None = N
             rows.append({"tile": run.tile, "norm_stats": mode, "iou": round(iou, 4), "passes": run.passes,
                          "settled": run.settled, "time_ratio": round(seconds / max(whole_s, 1e-9), 1)})
     return TileFidelity(pd.DataFrame(rows), target, tuple(x.shape[-2:]))
+
+
+def add_tiles_command(sub) -> None:
+    """Add ``tiles IMAGE [--model M] [--input-size S] [--tiles ...] [--overlap O] [--mode ...] [--json]``."""
+    p = sub.add_parser("tiles", help="which tile sizes reproduce the whole-image mask (mask IoU per tile size)")
+    p.add_argument("image", help="image file, run through the pipeline's decode and preprocess stages")
+    p.add_argument("--model", default="hrnet", help="hrnet | cbam_resunet | ma_resunet (or a service id); trained weights")
+    p.add_argument("--input-size", type=int, default=512, help="side the image is preprocessed to (default 512)")
+    p.add_argument("--tiles", type=int, nargs="+", default=None, help="tile sides (default: 1/2 to 7/8 of the side)")
+    p.add_argument("--overlap", type=int, default=64)
+    p.add_argument("--mode", nargs="+", default=["tile", "image"], choices=["tile", "image"],
+                   help="norm_stats modes to measure (default both)")
+    p.add_argument("--target", type=float, default=0.99, help="mask IoU a tile must reach (default 0.99)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=_tiles)
+
+
+def _tiles(args) -> int:
+    """Exit 0 when some measured tile is faithful in the last mode asked for, else 1."""
+    import json
+
+    from mlbench.pipeline import Pipeline
+    from mlbench.zoo import load_model
+
+    model = load_model(args.model).eval()
+    run = Pipeline(model, input_size=args.input_size).start(args.image).run_until("preprocess").raise_for_error()
+    fidelity = tile_fidelity(model, run.output("preprocess"), args.tiles, args.overlap, norm_stats=tuple(args.mode),
+                             target=args.target)
+    smallest = {mode: fidelity.smallest(mode) for mode in args.mode}
+    if args.json:
+        print(json.dumps({"model": args.model, "image": str(args.image), "image_size": list(fidelity.image_size),
+                          "target": args.target, "smallest": smallest,
+                          "rows": fidelity.table.to_dict(orient="records")}, indent=1))
+    else:
+        print(fidelity)
+    return 0 if smallest[args.mode[-1]] is not None else 1

@@ -88,3 +88,19 @@ def test_bad_arguments_name_the_fix():
         mb.tile_fidelity(LocalNet(), _bright_top()[0])
     with pytest.raises(OptionsError, match="too small to tile with overlap 64"):
         mb.tile_fidelity(LocalNet(), _bright_top((100, 100)))
+
+
+def test_tiles_command(capsys):
+    import json
+
+    from mlbench.cli import main
+    from mlbench.samples import load_sample
+
+    image = str(load_sample("spheroids_8bit").path)
+    assert main(["tiles", image, "--model", "cbam_resunet", "--tiles", "384", "--mode", "tile", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["smallest"] == {"tile": 384} and report["image_size"] == [512, 512]
+    assert report["rows"][0]["tile"] == 384 and 0.99 <= report["rows"][0]["iou"] < 0.999
+    # the same run against a stricter target: no faithful tile, exit status 1, said in words
+    assert main(["tiles", image, "--model", "cbam_resunet", "--tiles", "384", "--mode", "tile", "--target", "0.999"]) == 1
+    assert "no measured tile is faithful" in capsys.readouterr().out

@@ -86,3 +86,29 @@ def test_limit_memory_simulates_out_of_memory():
         model(x)
     with pytest.raises(OptionsError, match="positive int"):
         limit_memory(0)
+
+
+def test_a_caught_exception_does_not_leave_its_module_running():
+    """A fast path that raises and is caught: what the fallback allocates belongs to the fallback."""
+    from mlbench.probes.accounting import ModuleStack
+
+    class Fallback(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fast, self.slow = torch.nn.Conv2d(2, 2, 1), torch.nn.Conv2d(3, 64, 3, padding=1)
+
+        def forward(self, x):
+            try:
+                return self.fast(x)
+            except RuntimeError:
+                return self.slow(x).sum(1, keepdim=True)  # the peak: 64 channels, in the fallback
+
+    model, stack, seen = Fallback(), ModuleStack(), []
+    with torch.no_grad(), stack.track(model, exit=lambda path, output: seen.append((path, stack.top()))):
+        model(torch.ones(1, 3, 32, 32))
+    assert seen == [("slow", "slow"), ("(model)", "(model)")] and stack.top() == "(outside modules)"
+    with torch.no_grad(), record_memory(model) as timeline:
+        model(torch.ones(1, 3, 32, 32))
+    assert timeline.peak.module == "(model)"  # the 64-channel sum, computed after "fast" raised
+    events = list(zip(timeline.table["event"], timeline.table["module"]))
+    assert ("enter", "fast") in events and ("exit", "fast") not in events and ("exit", "slow") in events

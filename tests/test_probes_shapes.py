@@ -192,3 +192,47 @@ def test_an_output_that_is_not_a_map_is_not_called_a_size_match():
     why = trace_shapes(Sequence(), torch.rand(1, 3, 4, 4)).explain()
     assert why.failure_class == "ok" and "-> (1, 16, 5)" in why.summary
     assert "no (N, C, H, W) output to compare with the input's size" in why.summary
+
+
+class _FallbackNet(torch.nn.Module):
+    """A fast path that raises and a fallback, the way attention kernels are often chosen;
+    ``convert`` re-raises the failure as a ValueError from the model itself."""
+
+    def __init__(self, convert: bool = False) -> None:
+        super().__init__()
+        self.convert = convert
+        self.fast = torch.nn.Conv2d(2, 2, 1)  # expects 2 channels: fails on the 3-channel input
+        self.slow = torch.nn.Conv2d(3, 2, 1)
+        self.head = torch.nn.Conv2d(2, 1, 1)
+
+    def forward(self, x):
+        try:
+            y = self.fast(x)
+        except RuntimeError as exc:
+            if self.convert:
+                raise ValueError("no kernel for this input") from exc
+            y = self.slow(x)
+        return self.head(y)
+
+
+def test_an_exception_the_model_catches_does_not_corrupt_the_trace():
+    trace = trace_shapes(_FallbackNet(), torch.rand(1, 3, 8, 8))
+    assert trace.ok and trace.failed is None and trace.explain().failure_class == "ok"
+    rows = {c.path: (c.status, c.outputs) for c in trace.calls}
+    assert rows == {"(model)": ("ok", "(1, 1, 8, 8)"), "fast": ("raised, caught", ""),
+                    "slow": ("ok", "(1, 2, 8, 8)"), "head": ("ok", "(1, 1, 8, 8)")}
+
+
+def test_the_failed_call_is_the_one_whose_error_ended_the_forward():
+    trace = trace_shapes(_FallbackNet(convert=True), torch.rand(1, 3, 8, 8))
+    assert not trace.ok and isinstance(trace.error, ValueError)
+    assert trace.failed.path == "(model)" and trace.operands == ("(1, 3, 8, 8)",)
+    assert [c.status for c in trace.calls] == ["failed", "raised, caught"]
+
+
+def test_module_calls_takes_pre_post_or_around():
+    from mlbench.probes._hooks import module_calls
+
+    with pytest.raises(OptionsError, match="either pre/post or around"):
+        with module_calls(ToyNet(), pre=lambda m, a: None, around=lambda m, c, a, k: c(m, *a, **k)):
+            pass

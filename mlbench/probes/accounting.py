@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
 
 try:  # private API: guarded, with a hook-based fallback in the callers
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -28,6 +30,8 @@ try:  # private API: guarded, with a hook-based fallback in the callers
 except ImportError:  # pragma: no cover - depends on the torch build
     TorchDispatchMode = object  # type: ignore[assignment,misc]
     DISPATCH_AVAILABLE = False
+
+from mlbench.probes._hooks import module_calls, module_paths
 
 CUDA_BLOCK = 512
 """The CUDA caching allocator rounds every allocation up to a multiple of 512 bytes."""
@@ -124,17 +128,35 @@ class LiveTensorCounter(TorchDispatchMode):
 
 
 class ModuleStack:
-    """The path of the innermost running module, kept by pre/post hooks (see ``module_hooks``)."""
+    """The path of the innermost running module of a model, kept while :meth:`track` is active."""
 
     def __init__(self) -> None:
         self.paths: list[str] = []
 
-    def enter(self, path: str, module: Any, args: Any) -> None:
-        self.paths.append(path)
+    @contextmanager
+    def track(self, model: nn.Module, enter: Callable[[str], None] | None = None,
+              exit: Callable[[str, Any], None] | None = None) -> Iterator["ModuleStack"]:
+        """Keep the stack over every submodule call of ``model`` while the block runs: ``enter(path)``
+        once a call is pushed, ``exit(path, output)`` before it is popped. A call that raises is
+        popped too (without ``exit``), so a fast path that fails and is caught by the model leaves
+        nothing stale behind for what its fallback allocates."""
+        paths, stack = module_paths(model), self.paths
 
-    def exit(self, path: str, module: Any, args: Any, output: Any) -> None:
-        if self.paths and self.paths[-1] == path:
-            self.paths.pop()
+        def around(module: nn.Module, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            path = paths[module]
+            stack.append(path)
+            try:
+                if enter is not None:
+                    enter(path)
+                output = call(module, *args, **kwargs)
+                if exit is not None:
+                    exit(path, output)
+                return output
+            finally:
+                stack.pop()
+
+        with module_calls(model, around=around):
+            yield self
 
     def top(self) -> str:
         return self.paths[-1] if self.paths else "(outside modules)"

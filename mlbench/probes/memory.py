@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from mlbench.probes._hooks import check_module, module_hooks
+from mlbench.probes._hooks import check_module
 from mlbench.probes.accounting import DISPATCH_AVAILABLE, LiveTensorCounter, MemoryBudget, ModuleStack, tensors_in
 from mlbench.probes.estimate import format_bytes
 
@@ -138,7 +138,7 @@ class MemoryTimeline:
         self._sampler.sample()
         with ExitStack() as stack:
             if self.model is not None:
-                stack.enter_context(module_hooks(self.model, self._pre, self._post))
+                stack.enter_context(self._stack.track(self.model, self._enter, self._exit_module))
             if DISPATCH_AVAILABLE:
                 stack.enter_context(self._counter)
             token = _ACTIVE.set(self)
@@ -167,16 +167,14 @@ class MemoryTimeline:
     def _where(self) -> str:
         return f"{self._stage}|{self._stack.top()}"
 
-    def _pre(self, path: str, module: nn.Module, args: Any) -> None:
-        self._stack.enter(path, module, args)
+    def _enter(self, path: str) -> None:
         self._row("enter", path)
 
-    def _post(self, path: str, module: nn.Module, args: Any, output: Any) -> None:
+    def _exit_module(self, path: str, output: Any) -> None:
         if not DISPATCH_AVAILABLE:  # pragma: no cover - fallback: count module outputs
             for tensor in tensors_in(output):
                 self._counter.track(tensor)
         self._row("exit", path)
-        self._stack.exit(path, module, args, output)
 
     def _row(self, event: str, module: str) -> None:
         counter = self._counter

@@ -50,8 +50,10 @@ def shape_text(shapes: Any) -> str:
 class ModuleCall:
     """One call of one module, in the order the calls started.
 
-    ``status`` is "ok", "failed" (raised; the innermost one is where the error happened) or
-    "running" (an outer module of a failed call). Statistics are None without ``stats=True``.
+    ``status`` is "ok"; "failed" for the innermost call of the error that ended the forward
+    (where it happened) and "raised through" for the calls it passed on its way out; or "raised,
+    caught" for a call whose exception the model caught itself (a fallback path). Statistics are
+    None without ``stats=True``.
     """
 
     index: int
@@ -96,38 +98,62 @@ def _stats(tensors: list[torch.Tensor]) -> dict[str, Any]:
 
 # One module call on record, a plain list (the cheapest record to build 1,255 times per small
 # HRNet forward); shapes stay torch.Size and dtype/device objects until the trace is frozen.
-_MODULE, _START, _INPUTS, _SECONDS, _FINISHED, _OUTPUTS, _DTYPE, _DEVICE, _STATS, _STATUS = range(10)
+# _FAILURE numbers the exception a call raised (0: none), to tell the one that ended the forward
+# from those the model caught itself.
+(_MODULE, _START, _INPUTS, _SECONDS, _FINISHED, _OUTPUTS, _DTYPE, _DEVICE, _STATS, _STATUS,
+ _FAILURE) = range(11)
 
 
 class _Recorder:
-    __slots__ = ("stats", "calls", "open", "finished")
+    __slots__ = ("stats", "calls", "finished", "raising", "failures")
 
     def __init__(self, stats: bool) -> None:
         self.stats = stats
         self.calls: list[list[Any]] = []
-        self.open: list[int] = []
         self.finished = 0
+        self.raising: BaseException | None = None  # the exception propagating now, if any
+        self.failures = 0
 
-    def pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        self.open.append(len(self.calls))
+    def around(self, module: nn.Module, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         first = args[0] if len(args) == 1 else None
-        inputs = first.shape if type(first) is torch.Tensor else shape_of(list(args))
-        self.calls.append([module, perf_counter(), inputs, 0.0, -1, "", "", "", None, "running"])
-
-    def post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        end = perf_counter()
-        call = self.calls[self.open.pop()]
-        call[_SECONDS], call[_FINISHED], call[_STATUS] = end - call[_START], self.finished, "ok"
+        record = [module, perf_counter(), first.shape if type(first) is torch.Tensor else shape_of(list(args)),
+                  0.0, -1, "", "", "", None, "running", 0]
+        self.calls.append(record)
+        try:
+            output = call(module, *args, **kwargs)
+        except BaseException as exc:  # noted and re-raised: the model may catch it, the trace decides at the end
+            record[_SECONDS] = perf_counter() - record[_START]
+            if exc is not self.raising:  # the innermost call of a new exception
+                self.raising, self.failures = exc, self.failures + 1
+                record[_STATUS] = "failed"
+            else:
+                record[_STATUS] = "raised through"
+            record[_FAILURE] = self.failures
+            raise
+        record[_SECONDS], record[_FINISHED], record[_STATUS] = perf_counter() - record[_START], self.finished, "ok"
         self.finished += 1
         if type(output) is torch.Tensor and not self.stats:
-            call[_OUTPUTS], call[_DTYPE], call[_DEVICE] = output.shape, output.dtype, output.device
-            return
+            record[_OUTPUTS], record[_DTYPE], record[_DEVICE] = output.shape, output.dtype, output.device
+            return output
         tensors = tensors_in(output)
-        call[_OUTPUTS] = shape_of(output)
+        record[_OUTPUTS] = shape_of(output)
         if tensors:
-            call[_DTYPE], call[_DEVICE] = tensors[0].dtype, tensors[0].device
+            record[_DTYPE], record[_DEVICE] = tensors[0].dtype, tensors[0].device
         if self.stats:
-            call[_STATS] = _stats(tensors)
+            record[_STATS] = _stats(tensors)
+        return output
+
+    def settle(self, error: BaseException | None) -> list[Any] | None:
+        """After the forward: calls whose exception the model caught say so; the innermost call of
+        ``error`` (the exception that ended the forward), if any, is returned."""
+        final = self.failures if error is not None and error is self.raising else -1
+        innermost = None
+        for record in self.calls:
+            if record[_FAILURE] and record[_FAILURE] != final:
+                record[_STATUS] = "raised, caught"
+            elif record[_FAILURE] and record[_STATUS] == "failed":
+                innermost = record
+        return innermost
 
 
 class ShapeTrace:
@@ -314,16 +340,13 @@ def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool = True, eval:
                            "convert an image with torch.from_numpy(image).permute(2, 0, 1)[None].float().")
     recorder = _Recorder(stats)
     output, error = None, None
-    with module_calls(model, recorder.pre, recorder.post, eval=eval), torch.no_grad():
+    with module_calls(model, around=recorder.around, eval=eval), torch.no_grad():
         try:
             output = model(x)
         except Exception as exc:  # kept in the trace, explained by .explain()
             error = exc
-    for index in recorder.open:
-        recorder.calls[index][_STATUS] = "failed" if index == recorder.open[-1] else "raised through"
-    operands = ()
-    if recorder.open:
-        operands = tuple(shape_text(s) for s in _plain_inputs(recorder.calls[recorder.open[-1]][_INPUTS]))
+    innermost = recorder.settle(error)
+    operands = () if innermost is None else tuple(shape_text(s) for s in _plain_inputs(innermost[_INPUTS]))
     trace = ShapeTrace(model, x, recorder.calls, output, error, operands)
     if stats:
         trace.input_nonfinite = sum(_stats([x]).get(k, 0) for k in ("nan", "inf"))

@@ -229,10 +229,3 @@ def test_the_failed_call_is_the_one_whose_error_ended_the_forward():
     assert trace.failed.path == "(model)" and trace.operands == ("(1, 3, 8, 8)",)
     assert [c.status for c in trace.calls] == ["failed", "raised, caught"]
 
-
-def test_module_calls_takes_pre_post_or_around():
-    from mlbench.probes._hooks import module_calls
-
-    with pytest.raises(OptionsError, match="either pre/post or around"):
-        with module_calls(ToyNet(), pre=lambda m, a: None, around=lambda m, c, a, k: c(m, *a, **k)):
-            pass

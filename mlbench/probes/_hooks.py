@@ -1,10 +1,9 @@
 """Calls around every submodule's forward, in one place, always removed.
 
-:func:`module_calls` calls ``pre(module, args)`` and ``post(module, args, output)``, or
-``around(module, call, args, kwargs)``, around every call of a submodule of ``model`` while the
-block runs, then removes itself and restores ``model.training`` in a ``finally``, even when the
-forward raises. The probes build on it: shape traces with ``around`` (which also sees calls that
-raise), memory timelines and estimates through ``ModuleStack.track``.
+:func:`module_calls` runs every call of a submodule of ``model`` through ``around(module, call,
+args, kwargs)`` while the block runs, then removes itself and restores ``model.training`` in a
+``finally``, even when the forward raises. The probes build on it: shape traces directly, memory
+timelines and estimates through ``ModuleStack.track``.
 
 It does not use PyTorch's hooks. Any forward hook, even a global one, sends every module call
 through ``Module._call_impl``'s slow path; on the small HRNet (1,255 module calls per forward)
@@ -26,8 +25,6 @@ from torch import nn
 
 from mlbench.errors import OptionsError
 
-CallPre = Callable[[nn.Module, tuple[Any, ...]], None]
-CallPost = Callable[[nn.Module, tuple[Any, ...], Any], None]
 CallAround = Callable[[nn.Module, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
 
 
@@ -47,29 +44,23 @@ def module_path(name: str) -> str:
 
 
 @contextmanager
-def module_calls(
-    model: nn.Module, pre: CallPre | None = None, post: CallPost | None = None, *, around: CallAround | None = None,
-    eval: bool = False,
-) -> Iterator[nn.Module]:
-    """Call ``pre(module, args)`` and ``post(module, args, output)`` around every call of a
-    submodule of ``model`` while the block runs (in eval mode with ``eval=True``).
+def module_calls(model: nn.Module, around: CallAround, *, eval: bool = False) -> Iterator[nn.Module]:
+    """Run every call of a submodule of ``model`` as ``around(module, call, args, kwargs)`` while
+    the block runs (in eval mode with ``eval=True``); ``around`` makes the call itself,
+    ``call(module, *args, **kwargs)``, and returns its output.
 
-    ``post`` is not called for a call that raises. Instead of ``pre`` and ``post``, ``around(module,
-    call, args, kwargs)`` may run the call itself (``call(module, *args, **kwargs)``, returning its
-    output): one Python call per module call instead of two, and a ``try`` around the call sees the
-    calls that raise, also when the model catches the exception itself. Blocks may nest and run in several threads;
+    One Python call per module call, and a ``try`` in ``around`` sees the calls that raise, also
+    when the model catches the exception itself. Blocks may nest and run in several threads;
     the dispatcher is removed when the last one ends, and every submodule's ``training`` flag is
     restored on exit, also on an exception. Paths are left to the caller (:func:`module_paths`):
     walking the names of the small HRNet's 1,169 modules costs 1.5% of a forward.
     """
-    if around is not None and (pre is not None or post is not None):
-        raise OptionsError("module_calls: pass either pre/post or around, not both.")
     modes = _training_flags(model)
     if eval:
         for module, training in modes.items():
             if training:
                 module.training = False
-    entry = (modes, pre, post, around)
+    entry = (modes, around)
     _activate(entry)
     try:
         yield model
@@ -97,7 +88,7 @@ def _training_flags(model: nn.Module) -> dict[nn.Module, bool]:
     return flags
 
 
-_Entry = tuple[dict[nn.Module, bool], "CallPre | None", "CallPost | None", "CallAround | None"]
+_Entry = tuple[dict[nn.Module, bool], "CallAround"]
 _LOCK = threading.Lock()
 _ACTIVE: tuple[_Entry, ...] = ()  # replaced, never mutated, so a running call reads a consistent snapshot
 _MODULE_CALL = nn.Module.__call__  # PyTorch's own, restored when the last block ends
@@ -121,39 +112,20 @@ def _deactivate(entry: _Entry) -> None:
 
 
 def _dispatch(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """``nn.Module.__call__`` while a block is active: the blocks' pre/post or around PyTorch's call."""
+    """``nn.Module.__call__`` while a block is active: the blocks' ``around`` PyTorch's call."""
     active = _ACTIVE
     if len(active) == 1:  # the usual case, kept cheap: 1,255 calls per small HRNet forward
-        members, pre, post, around = active[0]
+        members, around = active[0]
         if module not in members:
             return _MODULE_CALL(module, *args, **kwargs)
-        if around is not None:
-            return around(module, _MODULE_CALL, args, kwargs)
-        if pre is not None:
-            pre(module, args)
-        output = _MODULE_CALL(module, *args, **kwargs)
-        if post is not None:
-            post(module, args, output)
-        return output
+        return around(module, _MODULE_CALL, args, kwargs)
     call = _MODULE_CALL
-    for members, pre, post, around in reversed(active):  # the block entered first wraps outermost
+    for members, around in reversed(active):  # the block entered first wraps outermost
         if module in members:
-            call = _wrap(call, pre, post, around)
+            call = _wrap(call, around)
     return call(module, *args, **kwargs)
 
 
-def _wrap(call: Callable[..., Any], pre: CallPre | None, post: CallPost | None,
-          around: CallAround | None) -> Callable[..., Any]:
-    """``call`` with one block's callbacks around it (nested blocks)."""
-    if around is not None:
-        return lambda module, *args, **kwargs: around(module, call, args, kwargs)
-
-    def wrapped(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if pre is not None:
-            pre(module, args)
-        output = call(module, *args, **kwargs)
-        if post is not None:
-            post(module, args, output)
-        return output
-
-    return wrapped
+def _wrap(call: Callable[..., Any], around: CallAround) -> Callable[..., Any]:
+    """``call`` with one more block's ``around`` (nested blocks)."""
+    return lambda module, *args, **kwargs: around(module, call, args, kwargs)

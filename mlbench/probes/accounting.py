@@ -101,6 +101,13 @@ class LiveTensorCounter(TorchDispatchMode):
             self.curve.append(self.current)
         return out
 
+    def count_outputs(self, output: Any) -> None:
+        """At a module's exit, count the tensors in its output when the dispatch API is missing (an
+        approximation); with the API every tensor is already counted as it is made, so nothing."""
+        if not DISPATCH_AVAILABLE:  # pragma: no cover - depends on the torch build
+            for tensor in tensors_in(output):
+                self.track(tensor)
+
     def track(self, tensor: torch.Tensor) -> None:
         """Count ``tensor``'s storage if it is new (also usable without the mode, from hooks)."""
         storage = tensor.untyped_storage()
@@ -155,7 +162,7 @@ class ModuleStack:
             finally:
                 stack.pop()
 
-        with module_calls(model, around=around):
+        with module_calls(model, around):
             yield self
 
     def top(self) -> str:

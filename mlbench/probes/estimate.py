@@ -21,7 +21,7 @@ from torch import nn
 
 from mlbench.errors import ModelError, OptionsError
 from mlbench.probes._hooks import check_module
-from mlbench.probes.accounting import CUDA_BLOCK, DISPATCH_AVAILABLE, LiveTensorCounter, ModuleStack, tensors_in
+from mlbench.probes.accounting import CUDA_BLOCK, DISPATCH_AVAILABLE, LiveTensorCounter, ModuleStack
 
 __all__ = ["MemoryEstimate", "estimate_memory", "max_input_size", "input_shape_of", "format_bytes"]
 
@@ -116,7 +116,7 @@ def _run_meta(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, roun
     training = model.training
     model.eval()
     try:
-        with stack.track(model, exit=_fallback_exit(counter)), torch.no_grad():
+        with stack.track(model, exit=lambda path, output: counter.count_outputs(output)), torch.no_grad():
             if DISPATCH_AVAILABLE:
                 with counter:
                     out = torch.func.functional_call(model, state, (x,))
@@ -125,15 +125,6 @@ def _run_meta(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, roun
     finally:
         model.train(training)
     return counter, out, "meta + dispatch" if DISPATCH_AVAILABLE else "meta + module hooks (approximate)"
-
-
-def _fallback_exit(counter: LiveTensorCounter):
-    """Without the dispatch API, count each module's outputs as it exits (an approximation)."""
-    def exit(path: str, output: Any) -> None:
-        if not DISPATCH_AVAILABLE:  # pragma: no cover
-            for tensor in tensors_in(output):
-                counter.track(tensor)
-    return exit
 
 
 def _forward_failed(model: nn.Module, shape: tuple[int, ...], exc: Exception) -> ModelError:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mlbench.probes._hooks import check_module
-from mlbench.probes.accounting import DISPATCH_AVAILABLE, LiveTensorCounter, MemoryBudget, ModuleStack, tensors_in
+from mlbench.probes.accounting import DISPATCH_AVAILABLE, LiveTensorCounter, MemoryBudget, ModuleStack
 from mlbench.probes.estimate import format_bytes
 
 __all__ = ["MemoryPeak", "MemoryTimeline", "record_memory", "note", "limit_memory"]
@@ -171,9 +171,7 @@ class MemoryTimeline:
         self._row("enter", path)
 
     def _exit_module(self, path: str, output: Any) -> None:
-        if not DISPATCH_AVAILABLE:  # pragma: no cover - fallback: count module outputs
-            for tensor in tensors_in(output):
-                self._counter.track(tensor)
+        self._counter.count_outputs(output)
         self._row("exit", path)
 
     def _row(self, event: str, module: str) -> None:

@@ -181,9 +181,9 @@ class ShapeTrace:
         self._raw = (model, calls)  # frozen into ModuleCall records on first use, not inside the timed trace
         self.input_shape = tuple(x.shape)
         self.input_dtype = str(x.dtype).replace("torch.", "")
-        maps = [t for t in tensors_in(output) if t.dim() == 4]
-        self.output_shape = tuple(output.shape) if isinstance(output, torch.Tensor) else (
-            tuple(maps[0].shape) if maps else None)
+        main = output if isinstance(output, torch.Tensor) else next(
+            (t for t in tensors_in(output) if t.dim() == 4), None)
+        self.output_shape = tuple(main.shape) if main is not None else None
         self.output_shapes = shape_of(output) if output is not None else None
         self.error = error
         self.operands = operands
@@ -340,7 +340,7 @@ def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool = True, eval:
                            "convert an image with torch.from_numpy(image).permute(2, 0, 1)[None].float().")
     recorder = _Recorder(stats)
     output, error = None, None
-    with module_calls(model, around=recorder.around, eval=eval), torch.no_grad():
+    with module_calls(model, recorder.around, eval=eval), torch.no_grad():
         try:
             output = model(x)
         except Exception as exc:  # kept in the trace, explained by .explain()

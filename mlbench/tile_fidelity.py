@@ -23,7 +23,7 @@ from torch import nn
 from mlbench.errors import OptionsError
 from mlbench.metrics import pixel_scores
 from mlbench.probes._hooks import check_module
-from mlbench.tiling import map_output, run_tiled
+from mlbench.tiling import map_output, run_device, run_tiled
 
 __all__ = ["TileFidelity", "tile_fidelity", "logits_to_mask", "mask_iou"]
 
@@ -134,8 +134,7 @@ def tile_fidelity(model: nn.Module, x: torch.Tensor, tiles: list[int] | None = N
         if not tiles:
             raise OptionsError(f"the {tuple(x.shape[-2:])} image is too small to tile with overlap {overlap}: "
                                "pass tiles=[...] and a smaller overlap.")
-    first = next(model.parameters(), None)
-    device = options.get("device") or (first.device if first is not None else "cpu")
+    device = run_device(model, options.get("device"))
     whole_s = float("inf")
     for _ in range(2):  # the faster of two: the first call also pays one-off allocations
         start = time.perf_counter()

@@ -226,6 +226,14 @@ def _warn_training(model: nn.Module) -> None:
                       "model.eval() first.", RuntimeWarning, stacklevel=4)
 
 
+def run_device(model: nn.Module, device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else where the model's parameters are (the CPU for a model without any)."""
+    if device is not None:
+        return torch.device(device)
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def _check_args(model: nn.Module, x: torch.Tensor, tile: int, overlap: int) -> tuple[int, int]:
     """Validate the arguments; return the model's input multiple and the tile rounded down to it."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -336,8 +344,7 @@ def run_tiled(
         raise OptionsError(f"norm_stats must be 'tile' or 'image', max_passes a positive int and tolerance a positive "
                            f"number, got norm_stats={norm_stats!r}, max_passes={max_passes!r}, "
                            f"tolerance={tolerance!r}; e.g. norm_stats='image', max_passes=20, tolerance=0.01.")
-    first = next(model.parameters(), None)
-    device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+    device = run_device(model, device)
     min_tile = min_tile or max(64, multiple)
     current, state = tile, None
     while True:

@@ -97,10 +97,11 @@ def test_tiles_command(capsys):
     from mlbench.samples import load_sample
 
     image = str(load_sample("spheroids_8bit").path)
-    assert main(["tiles", image, "--model", "cbam_resunet", "--tiles", "384", "--mode", "tile", "--json"]) == 0
+    assert main(["tiles", image, "--model", "cbam_resunet", "--tiles", "384", "--mode", "image", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["smallest"] == {"tile": 384} and report["image_size"] == [512, 512]
-    assert report["rows"][0]["tile"] == 384 and 0.99 <= report["rows"][0]["iou"] < 0.999
+    assert report["smallest"] == {"image": 384} and report["image_size"] == [512, 512]
+    assert report["rows"][0]["tile"] == 384 and 0.999 <= report["rows"][0]["iou"] < 0.9999
     # the same run against a stricter target: no faithful tile, exit status 1, said in words
-    assert main(["tiles", image, "--model", "cbam_resunet", "--tiles", "384", "--mode", "tile", "--target", "0.999"]) == 1
+    assert main(["tiles", image, "--model", "cbam_resunet", "--tiles", "384", "--mode", "image",
+                 "--target", "0.9999"]) == 1
     assert "no measured tile is faithful" in capsys.readouterr().out

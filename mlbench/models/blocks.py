@@ -4,6 +4,9 @@ Every norm is ``nn.InstanceNorm2d(affine=True)``, as in the service. Attribute n
 service's checkpoints (``conv1``/``norm1``, ``W_g``/``W_x``/``psi``, ...), so the state dicts of
 the full-size models match ``reference/*.full.state_dict.tsv`` key for key.
 
+Dropout sits where the service's blocks have it, with its probabilities (it acts in train mode
+only, but a model left in train mode is a failure mlbench must reproduce).
+
 Note that ``InstanceNorm2d`` without running statistics raises ``ValueError: Expected more than 1
 spatial element when training`` on a 1x1 map in eval mode too; this sets each model's
 ``min_input_size``.
@@ -24,27 +27,14 @@ ConvSpec = tuple[int, int, int]
 """``(in_channels, out_channels, kernel_size)`` of one convolution in a residual body."""
 
 
-class InstanceNorm2d(nn.InstanceNorm2d):
-    """``nn.InstanceNorm2d`` computed by ``F.group_norm`` with one group per channel.
-
-    Same parameters, same results (to float rounding) and the same ``ValueError`` on a 1x1 map as
-    the stock module, about 6x faster on CPU (the stock CPU path repeats and copies the input).
-    Other inputs (unbatched, no affine, running statistics) use the stock forward.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or not self.affine or self.track_running_stats:
-            return super().forward(x)
-        if x.shape[2] * x.shape[3] == 1:
-            raise ValueError(
-                f"Expected more than 1 spatial element when training, got input size {x.size()}"
-            )
-        return F.group_norm(x, x.shape[1], self.weight, self.bias, self.eps)
-
-
 def norm2d(channels: int) -> nn.InstanceNorm2d:
-    """Return the norm used everywhere: ``InstanceNorm2d(channels, affine=True)``."""
-    return InstanceNorm2d(channels, affine=True)
+    """Return the norm used everywhere: ``nn.InstanceNorm2d(channels, affine=True)``.
+
+    The stock module, as in the service: a faster formulation (``F.group_norm`` with one group
+    per channel) gives the same values only to float rounding, and with the service's own
+    summation order the three models reproduce its forward bit for bit.
+    """
+    return nn.InstanceNorm2d(channels, affine=True)
 
 
 def conv_norm(
@@ -77,9 +67,13 @@ def conv_norm(
     return nn.Sequential(*layers)
 
 
-def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinearly resize ``x`` of shape (N, C, H, W) to spatial ``size`` (align_corners=False)."""
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+def resize_to(x: torch.Tensor, size: Sequence[int], *, align_corners: bool = False) -> torch.Tensor:
+    """Bilinearly resize ``x`` of shape (N, C, H, W) to spatial ``size``.
+
+    ``align_corners`` is the service's choice per model: False in CBAM-ResUNet's guards, True in
+    every HRNet upsampling (the two differ by up to a pixel's worth of shift at 1/32 scale).
+    """
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 
 def channel_pool(x: torch.Tensor) -> torch.Tensor:
@@ -111,12 +105,14 @@ class ResidualBlock(nn.Module):
         One convolution (no bias) per entry, registered as ``conv1``, ``conv2``, ...
     dropout : float
         ``Dropout2d`` probability after the first ReLU of the body; 0 for none.
+    dropout_out : float
+        ``Dropout2d`` probability after the body's last norm, before the residual sum; 0 for none.
     """
 
     norm_prefix: ClassVar[str] = "norm"
     shortcut_name: ClassVar[str] = "skip"
 
-    def __init__(self, convs: Sequence[ConvSpec], *, dropout: float = 0.0) -> None:
+    def __init__(self, convs: Sequence[ConvSpec], *, dropout: float = 0.0, dropout_out: float = 0.0) -> None:
         super().__init__()
         for index, (in_ch, out_ch, kernel) in enumerate(convs, start=1):
             conv = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=False)
@@ -125,6 +121,7 @@ class ResidualBlock(nn.Module):
         self.depth = len(convs)
         self.relu = nn.ReLU()
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_out = nn.Dropout2d(dropout_out) if dropout_out > 0 else nn.Identity()
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         """Run the convolutions, (N, C_in, H, W) -> (N, C_out, H, W), no final ReLU."""
@@ -134,7 +131,7 @@ class ResidualBlock(nn.Module):
                 x = self.dropout(x) if index == 2 else x
             x = self._modules[f"conv{index}"](x)
             x = self._modules[f"{self.norm_prefix}{index}"](x)
-        return x
+        return self.dropout_out(x)
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         """The identity, or the projection named ``shortcut_name`` when widths differ."""

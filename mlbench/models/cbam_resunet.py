@@ -4,7 +4,8 @@ A residual U-Net with CBAM attention (squeeze-excite, then spatial attention) in
 attention gates on the skips. Five encoder levels, each followed by a 2x2 max-pool, so the
 bottleneck runs at 1/32 of the input. Bilinear resize guards keep any input size: where an
 up-sampled map and its skip differ, the up-sampled map is resized to the skip's size, and the
-output is resized to the input's size.
+output is resized to the input's size. Those are the only guards: as in the service, an input
+whose 1/32 bottleneck map would be 1 x 1 (both sides under 64 px) makes ``InstanceNorm2d`` refuse.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from mlbench.models.blocks import (
 )
 
 NAME = "cbam_resunet"
-DROPOUT = 0.1
-"""Dropout probability of the parameter-free dropout slots (block body, SE, head)."""
+DROPOUT = 0.15
+"""The service's ``dropout_rate``: its blocks drop ``DROPOUT / 2`` after the first ReLU (and in the
+squeeze-excite MLP) and ``DROPOUT`` after the second norm; the bottleneck's blocks use 1.2 times
+that; the stem and the head drop ``DROPOUT / 2``. Train mode only."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,9 @@ class CbamConfig:
 
 
 FULL = CbamConfig((48, 96, 192, 384, 512), 1024)
-SMALL = CbamConfig((16, 32, 48, 64, 96), 128)
+SMALL = CbamConfig((16, 32, 48, 64, 80), 160)
+"""Small widths the service's own loader rebuilds: it reads the five ``downs.{i}`` widths from a
+checkpoint and always builds a bottleneck twice the last one."""
 
 
 class SqueezeExcite(nn.Module):
@@ -69,13 +74,13 @@ class SqueezeExcite(nn.Module):
     checkpoints). Shape kept: (N, C, H, W).
     """
 
-    def __init__(self, channels: int, reduction: int = 16, min_hidden: int = 8) -> None:
+    def __init__(self, channels: int, dropout: float, reduction: int = 16, min_hidden: int = 8) -> None:
         super().__init__()
         hidden = max(channels // reduction, min_hidden)
         self.fc = nn.Sequential(
             nn.Linear(channels, hidden, bias=False),
             nn.ReLU(),
-            nn.Dropout(DROPOUT),
+            nn.Dropout(dropout),
             nn.Linear(hidden, channels, bias=False),
             nn.Sigmoid(),
         )
@@ -86,22 +91,22 @@ class SqueezeExcite(nn.Module):
 
 
 class CbamBlock(ResidualBlock):
-    """3x3 conv, norm, ReLU, dropout, 3x3 conv, norm, + shortcut, ReLU, SE, spatial attention.
+    """3x3 conv, norm, ReLU, dropout, 3x3 conv, norm, dropout, + shortcut, ReLU, SE, spatial attention.
 
     The shortcut is ``adjust_channels`` (1x1 conv, no norm) when the widths differ.
     """
 
     shortcut_name = "adjust_channels"
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = DROPOUT) -> None:
         convs = [(in_channels, out_channels, 3), (out_channels, out_channels, 3)]
-        super().__init__(convs, dropout=DROPOUT)
+        super().__init__(convs, dropout=dropout / 2, dropout_out=dropout)
         self.adjust_channels = (
             nn.Conv2d(in_channels, out_channels, 1, bias=False)
             if in_channels != out_channels
             else None
         )
-        self.se = SqueezeExcite(out_channels)
+        self.se = SqueezeExcite(out_channels, dropout / 2)
         self.spatial_attention = SpatialAttention()
 
     def refine_output(self, y: torch.Tensor) -> torch.Tensor:
@@ -109,10 +114,11 @@ class CbamBlock(ResidualBlock):
 
 
 class CbamGate(AttentionGate):
-    """Attention gate (psi conv without bias) followed by spatial attention on the gated skip."""
+    """Attention gate (psi conv without bias, at least 8 inner channels) followed by spatial
+    attention on the gated skip."""
 
     def __init__(self, channels: int) -> None:
-        super().__init__(channels, channels, channels // 2)
+        super().__init__(channels, channels, max(channels // 2, 8))
         self.spatial_attention = SpatialAttention()
 
     def post_gate(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,11 +126,11 @@ class CbamGate(AttentionGate):
 
 
 class CbamResUNet(SegmentationNet):
-    """CBAM-ResUNet: (N, 3, H, W) -> (N, 1, H, W) raw logits, for any H, W >= 32.
+    """CBAM-ResUNet: (N, 3, H, W) -> (N, 1, H, W) raw logits, for any H, W that leave the
+    bottleneck more than one pixel (every square of 64 px or more; 63 x 100 works, 63 x 63 not).
 
-    A side of 32..63 px would leave a 1x1 bottleneck map, which ``InstanceNorm2d`` refuses
-    (in eval mode too), so the input guard stretches such inputs to 64 px (bilinear) and the
-    output guard resizes the logits back; below 32 px the norm's error surfaces as it is.
+    Below that ``InstanceNorm2d`` refuses the 1 x 1 bottleneck map (in eval mode too), exactly as
+    the service's class does.
 
     Parameters
     ----------
@@ -134,20 +140,21 @@ class CbamResUNet(SegmentationNet):
 
     mlbench_name = NAME
     input_multiple = 1
-    min_input_size = 32
-    guard_side = 64
-    """Inputs with a side in [min_input_size, guard_side) are stretched to ``guard_side``."""
+    min_input_size = 64
     sizes = {"full": FULL, "small": SMALL}
 
     def __init__(self, config: CbamConfig = FULL) -> None:
         super().__init__(config)
         widths, bottleneck = config.widths, config.bottleneck
-        self.init_conv = conv_norm(3, widths[0], 7, relu=True)
+        self.init_conv = nn.Sequential(
+            *conv_norm(3, widths[0], 7, relu=True), nn.Dropout2d(DROPOUT / 2)
+        )
         inputs = (widths[0],) + widths[:-1]
         self.downs = nn.ModuleList(CbamBlock(i, o) for i, o in zip(inputs, widths))
         self.pool = nn.MaxPool2d(2)
         self.bottleneck = nn.Sequential(
-            CbamBlock(widths[-1], bottleneck), CbamBlock(bottleneck, bottleneck)
+            CbamBlock(widths[-1], bottleneck, 1.2 * DROPOUT),
+            CbamBlock(bottleneck, bottleneck, 1.2 * DROPOUT),
         )
         ups: list[nn.Module] = []
         previous = bottleneck
@@ -158,14 +165,12 @@ class CbamResUNet(SegmentationNet):
         self.attentions = nn.ModuleList(CbamGate(width) for width in reversed(widths))
         head = widths[0] // 2
         self.final_conv = nn.Sequential(
-            *conv_norm(widths[0], head, 3, relu=True), nn.Dropout2d(DROPOUT), nn.Conv2d(head, 1, 1)
+            *conv_norm(widths[0], head, 3, relu=True), nn.Dropout2d(DROPOUT / 2), nn.Conv2d(head, 1, 1)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Segment ``x`` (N, 3, H, W); returns logits (N, 1, H, W)."""
         size = x.shape[-2:]
-        if self.min_input_size <= min(size) < self.guard_side:
-            x = resize_to(x, (max(size[0], self.guard_side), max(size[1], self.guard_side)))
         skips = []
         y = self.init_conv(x)
         for down in self.downs:

@@ -132,13 +132,16 @@ class HighResolutionModule(nn.Module):
         return [self.relu(self._fuse(target, xs)) for target in range(len(xs))]
 
     def _fuse(self, target: int, xs: list[torch.Tensor]) -> torch.Tensor:
-        out = xs[target]
+        """Sum every branch's contribution to ``target``, in branch order as the service does
+        (float sums depend on their order)."""
+        size = xs[target].shape[-2:]
+        out = None
         for source, x in enumerate(xs):
             path = self.fuse_layers[target][source]
-            if path is None:
-                continue
-            y = path(x)
-            out = out + (resize_to(y, out.shape[-2:]) if source > target else y)
+            y = x if path is None else path(x)
+            if source > target:
+                y = resize_to(y, size, align_corners=True)
+            out = y if out is None else out + y
         return out
 
 
@@ -205,9 +208,9 @@ class HRNet(SegmentationNet):
             transition = getattr(self, f"transition{stage - 1}")
             ys = getattr(self, f"stage{stage}")(_apply_transition(transition, ys))
         size = ys[0].shape[-2:]
-        y = torch.cat([ys[0], *(resize_to(branch, size) for branch in ys[1:])], dim=1)
+        y = torch.cat([ys[0], *(resize_to(branch, size, align_corners=True) for branch in ys[1:])], dim=1)
         y = self.last_layer(y)
-        return F.interpolate(y, scale_factor=4, mode="bilinear", align_corners=False)
+        return F.interpolate(y, scale_factor=4, mode="bilinear", align_corners=True)
 
 
 def _apply_transition(transition: nn.ModuleList, ys: list[torch.Tensor]) -> list[torch.Tensor]:

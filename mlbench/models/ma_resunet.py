@@ -1,8 +1,10 @@
 """MA-ResUNet, the service's ``resunet_advanced``.
 
 A residual U-Net whose blocks carry multi-stage attention (SimAM, then triplet attention, then a
-1x1 fusion with a residual), with attention gates on the skips and multi-head self-attention over
-all H x W tokens of the 1/16 bottleneck. It has no resize guard: H and W must be multiples of 16,
+1x1 fusion conv-norm-ReLU plus a residual), with attention gates on the skips and multi-head
+self-attention (no residual inside it) over all H x W tokens of the 1/16 bottleneck. SimAM and
+triplet attention follow the service's code, which differs from their papers; the golden outputs
+of the service's own classes pin them (``tests/test_golden.py``). It has no resize guard: H and W must be multiples of 16,
 else the attention gate's ``W_g(g) + W_x(x)`` raises PyTorch's size-mismatch error (1000 x 1000:
 ``The size of tensor a (124) must match the size of tensor b (125) at non-singleton dimension 3``).
 """
@@ -31,6 +33,8 @@ from mlbench.models.blocks import (
 NAME = "ma_resunet"
 ENCODER_DEPTHS = (2, 2, 3, 3)
 DECODER_DEPTH = 2
+DROPOUT = 0.1
+"""``Dropout2d`` probability after the first ReLU of every residual block (train mode only)."""
 WINDOW = 7
 """Window of the (unused) relative position bias table: (2 * 7 - 1) ** 2 = 169 rows."""
 
@@ -75,9 +79,10 @@ SMALL = MaConfig((16, 32, 48, 64), 128, 8)
 
 
 class SimAM(nn.Module):
-    """SimAM: parameter-free, per-neuron attention from an energy function; (N, C, H, W) kept.
+    """SimAM as the service computes it (not as its paper does); (N, C, H, W) kept.
 
-    Needs H * W > 1 (the variance divides by H * W - 1).
+    Per channel: ``y = (x - mean) / sqrt(var + 1e-4)`` with the population variance over H x W,
+    and the output is ``x * sigmoid(-y)``: above-average activations are damped, not boosted.
     """
 
     def __init__(self, e_lambda: float = 1e-4) -> None:
@@ -85,18 +90,21 @@ class SimAM(nn.Module):
         self.e_lambda = e_lambda
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance, mean = torch.var_mean(x, dim=(2, 3), keepdim=True)
-        energy = (x - mean).square() * (0.25 / (variance + self.e_lambda)) + 0.5
-        return x * torch.sigmoid(energy)
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        centred = x - mean
+        variance = centred.square().sum(dim=(2, 3), keepdim=True) / (x.shape[2] * x.shape[3])
+        return x * torch.sigmoid(-(centred / (variance + self.e_lambda).sqrt()))
 
 
 class TripletAttention(nn.Module):
-    """Three sigmoid gates from the channel-pooled map ``z = channel_pool(x)``, (N, 2, H, W).
+    """Three sigmoid gates multiplied onto ``x``, as the service computes them; (N, C, H, W) kept.
 
-    ``conv_ch`` (1x7) runs along W on ``z`` pooled over H (a W-profile, (N, 1, 1, W));
-    ``conv_cw`` (7x1) runs along H on ``z`` pooled over W (an H-profile, (N, 1, H, 1));
-    ``conv_hw`` (7x7) runs over the whole H x W map. The output is ``x`` times the mean of the
-    three gates, shape (N, C, H, W).
+    ``conv_ch`` (1 x 7) gates rows: ``x`` averaged over W, then channel mean and max, (N, 2, H, 1);
+    ``conv_cw`` (7 x 1) gates columns: ``x`` averaged over H, then channel mean and max,
+    (N, 2, 1, W); ``conv_hw`` (7 x 7) gates pixels from the channel mean and max of ``x``.
+    The output is ``x * rows * columns * pixels``. A 1 x 7 kernel on an (H, 1) map (and 7 x 1
+    on a (1, W) map) sees only its centre tap: those two gates are per-row and per-column
+    scalings of the pooled profiles, not convolutions along them.
     """
 
     def __init__(self, kernel_size: int = 7) -> None:
@@ -107,34 +115,36 @@ class TripletAttention(nn.Module):
         self.conv_hw = nn.Conv2d(2, 1, kernel_size, padding=pad, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = channel_pool(x)
-        w_gate = torch.sigmoid(self.conv_ch(z.mean(dim=2, keepdim=True)))
-        h_gate = torch.sigmoid(self.conv_cw(z.mean(dim=3, keepdim=True)))
-        hw_gate = torch.sigmoid(self.conv_hw(z))
-        return x * ((w_gate + h_gate + hw_gate) / 3)
+        rows = torch.sigmoid(self.conv_ch(channel_pool(x.mean(dim=3, keepdim=True))))
+        columns = torch.sigmoid(self.conv_cw(channel_pool(x.mean(dim=2, keepdim=True))))
+        pixels = torch.sigmoid(self.conv_hw(channel_pool(x)))
+        return x * rows * columns * pixels
 
 
 class MultiStageAttention(nn.Module):
-    """SimAM (``stage1``), triplet attention (``stage2``), 1x1 ``fusion`` + norm, plus residual."""
+    """SimAM (``stage1``), triplet attention (``stage2``), ``fusion`` (1x1 conv, norm, ReLU), + x."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.stage1 = SimAM()
         self.stage2 = TripletAttention()
-        self.fusion = conv_norm(channels, channels)
+        self.fusion = conv_norm(channels, channels, relu=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.fusion(self.stage2(self.stage1(x)))
 
 
 class MaBlock(ResidualBlock):
-    """3x3 conv, norm, ReLU, 3x3 conv, norm, multi-stage attention, + shortcut, ReLU.
+    """3x3 conv, norm, ReLU, dropout, 3x3 conv, norm, multi-stage attention, + shortcut, ReLU.
 
-    The shortcut is ``skip`` (1x1 conv + norm) when the widths differ.
+    The shortcut is ``skip`` (1x1 conv + norm) when the widths differ. The service's blocks
+    use their class default ``Dropout2d(0.1)`` (the model's ``dropout_rate=0.2`` never reaches
+    them); it only acts in train mode.
     """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__([(in_channels, out_channels, 3), (out_channels, out_channels, 3)])
+        convs = [(in_channels, out_channels, 3), (out_channels, out_channels, 3)]
+        super().__init__(convs, dropout=DROPOUT)
         self.attention = MultiStageAttention(out_channels)
         self.skip = conv_norm(in_channels, out_channels) if in_channels != out_channels else None
 
@@ -154,7 +164,10 @@ class MaGate(AttentionGate):
 
 
 class BottleneckAttention(nn.Module):
-    """Multi-head self-attention over all H x W tokens, plus a residual; (N, C, H, W) kept.
+    """Multi-head self-attention over all H x W tokens; (N, C, H, W) kept.
+
+    As in the service, the module returns ``proj(attention @ v)`` with **no** residual: the
+    bottleneck's next block sees only the attended map.
 
     ``qkv`` is a depthwise 3x3 conv then a 1x1 conv to 3C (no biases); ``proj`` a 1x1 conv with
     bias. The attention matrix (N, heads, H*W, H*W) is built explicitly with ``matmul``, so its
@@ -180,7 +193,7 @@ class BottleneckAttention(nn.Module):
         q, k, v = qkv.unbind(dim=1)
         attention = torch.softmax(torch.matmul(q.transpose(-2, -1), k) * self.scale, dim=-1)
         out = torch.matmul(v, attention.transpose(-2, -1)).reshape(n, c, h, w)
-        return x + self.proj(out)
+        return self.proj(out)
 
 
 def _stage(in_channels: int, out_channels: int, depth: int) -> nn.Sequential:

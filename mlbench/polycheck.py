@@ -32,11 +32,47 @@ def polygon_points(polygon: dict[str, Any]) -> np.ndarray:
                            "{id, points: [{x, y}], type}; pass Segmentation.polygons or response['polygons']") from exc
 
 
+def _parent_depths(polygons: Sequence[dict[str, Any]]) -> list[int] | None:
+    """Each polygon's number of ancestors along ``parent_id``; None when the chain cannot be
+    followed: an ``internal`` polygon without a parent in the list, ids not unique, a loop."""
+    index: dict[Any, int] = {}
+    for i, poly in enumerate(polygons):
+        if poly.get("id") is None or poly["id"] in index:
+            return None
+        index[poly["id"]] = i
+    depths = []
+    for poly in polygons:
+        if poly.get("type") == "internal" and poly.get("parent_id") not in index:
+            return None
+        depth, node, seen = 0, poly, set()
+        while node.get("parent_id") is not None:
+            parent = index.get(node["parent_id"])
+            if parent is None or parent in seen:
+                return None
+            depth, node = depth + 1, polygons[parent]
+            seen.add(parent)
+        depths.append(depth)
+    return depths
+
+
 def rasterize_polygons(polygons: Sequence[dict[str, Any]], shape: tuple[int, int],
                        transform: np.ndarray | None = None) -> np.ndarray:
-    """(H, W) bool: polygons drawn as a client draws them (largest first, internal erases).
+    """(H, W) bool: polygons drawn as a client draws them, islands inside holes kept.
 
-    ``transform`` is an optional (2, 2) matrix applied to the (x, y) points first.
+    Largest first, a polygon at even nesting depth fills and one at odd depth cuts a hole
+    (keeping its boundary pixels, which belong to the object). The depth is the number of
+    ancestors along ``parent_id`` when every ``internal`` polygon names a parent in the
+    list: the service types every contour with a parent ``internal``, an island inside a
+    hole too, so the type alone loses islands. Without usable parent ids the depth is the
+    geometric nesting (even-odd rule).
+
+    Parameters
+    ----------
+    polygons : list of dict
+        ``{id, points [{x, y}], type, parent_id?}``; ids may be ints or ``"polygon_<n>"``.
+    shape : (H, W)
+    transform : (2, 2) array, optional
+        Applied to the (x, y) points first.
     """
     import cv2
 
@@ -44,11 +80,13 @@ def rasterize_polygons(polygons: Sequence[dict[str, Any]], shape: tuple[int, int
     pts = [polygon_points(p) for p in polygons]
     if transform is not None:
         pts = [np.round(p @ np.asarray(transform).T).astype(np.int32) for p in pts]
+    depths = _parent_depths(polygons)
+    depths = depths if depths is not None else _depths(pts)
     order = sorted(range(len(pts)), key=lambda i: -abs(cv2.contourArea(pts[i])) if len(pts[i]) else 0)
     for i in order:
         if len(pts[i]) == 0:
             continue
-        if polygons[i].get("type") == "internal":
+        if depths[i] % 2 == 1:
             cv2.fillPoly(canvas, [pts[i]], 0)
             cv2.polylines(canvas, [pts[i]], True, 1)
         else:
@@ -116,7 +154,7 @@ def _object_rows(polygons, pts, depths, drawn, mask) -> pd.DataFrame:
             row["round_trip_iou"] = round(_iou(drawn & region, obj), 4) if region.any() else 0.0
         rows.append(row)
     columns = ["id", "type", "depth", "vertices", "area", "parent_id", "crossings", "round_trip_iou", "type_ok", "parent_ok"]
-    return pd.DataFrame(rows, columns=columns).astype({"parent_id": "Int64", "type_ok": bool, "parent_ok": bool})
+    return pd.DataFrame(rows, columns=columns).astype({"parent_id": object, "type_ok": bool, "parent_ok": bool})
 
 
 def _dropped(mask: np.ndarray, min_area: float) -> tuple[pd.DataFrame, int]:

@@ -1,12 +1,14 @@
 """From a mask to the service's polygons.
 
-The service ran ``cv2.findContours`` (RETR_TREE when holes are wanted, else
-RETR_EXTERNAL; CHAIN_APPROX_SIMPLE), dropped contours under 50 px of area, typed any
-contour with a parent as ``internal`` and looked the parent's contour index up as a
-position among the polygons it had already emitted, so once a small contour had been
-dropped parent ids went missing (or named the wrong polygon), and islands inside holes
-were typed as holes. ``hierarchy="as_served"`` keeps that behaviour; ``"tree"`` types each contour by
-its nesting depth and links every hole to its kept outer contour.
+The service ran ``cv2.findContours`` (RETR_TREE when holes are wanted, else RETR_EXTERNAL;
+CHAIN_APPROX_SIMPLE), skipped contours under 50 px of area and those with fewer than 3 points,
+and numbered the rest ``polygon_1``, ``polygon_2``, ... with float ``x``/``y`` points. Every
+contour with a parent became ``internal``, whatever its depth, so an island inside a hole is typed
+as a hole; its ``parent_id`` is the emitted polygon whose contour index is the hierarchy's parent,
+and is left out when that parent was not emitted. ``hierarchy="as_served"`` reproduces that
+exactly (``tests/test_golden.py`` pins it against the service's own ``predict()``); ``"tree"``
+(the ``fixed`` preset) types each contour by its nesting depth (odd depths are holes, even depths
+outer contours, islands included) and links every hole to its outer contour, in the same fields.
 """
 
 from __future__ import annotations
@@ -42,14 +44,18 @@ def _depths(rows: np.ndarray) -> list[int]:
     return depths
 
 
-def _polygon(poly_id: int, contour: np.ndarray, kind: str, confidence: float, parent: int | None) -> dict[str, Any]:
-    points = contour.reshape(-1, 2)
+def polygon_id(number: int) -> str:
+    """The service's polygon id: ``polygon_<number>``, numbered from 1 over emitted polygons."""
+    return f"polygon_{number}"
+
+
+def _polygon(number: int, points: np.ndarray, kind: str, confidence: float, parent: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "id": poly_id,
-        "points": [{"x": int(x), "y": int(y)} for x, y in points],
+        "id": polygon_id(number),
+        "points": [{"x": float(x), "y": float(y)} for x, y in points],
         "type": kind,
         "class": "spheroid",
-        "confidence": round(float(confidence), 4),
+        "confidence": float(confidence),
         "vertices_count": int(len(points)),
     }
     if parent is not None:
@@ -72,7 +78,8 @@ def mask_to_polygons(
     mask : (H, W) bool or integer array
         Foreground where non-zero.
     confidence : float
-        Written into every polygon (the service used the global maximum probability).
+        Written into every polygon (the service wrote ``sigmoid(raw output).max()``, the same for
+        every polygon of an image).
     detect_holes : bool
         Also emit inner contours (holes) as ``internal`` polygons.
     min_area : float
@@ -83,35 +90,27 @@ def mask_to_polygons(
     Returns
     -------
     list of dict
-        ``{id, points [{x, y}], type, class, confidence, vertices_count, parent_id?}``, ids from 1.
+        ``{id, points [{x, y}], type, class, confidence, vertices_count, parent_id?}``; ids are
+        ``"polygon_1"``, ``"polygon_2"``, ...; points are floats in the mask's pixel space.
     """
     import cv2
 
     if hierarchy not in ("tree", "as_served"):
         raise OptionsError(f"hierarchy={hierarchy!r} is unknown; expected 'tree' or 'as_served'")
     contours, rows = find_contours(np.asarray(mask) != 0, detect_holes)
-    kept = [i for i, c in enumerate(contours) if cv2.contourArea(c) >= min_area]
-    if hierarchy == "as_served":
-        return _as_served(contours, rows, kept, confidence)
+    kept = [i for i, c in enumerate(contours) if cv2.contourArea(c) >= min_area and len(c) >= 3]
+    number = {i: n for n, i in enumerate(kept, start=1)}  # contour index -> polygon number
     depths = _depths(rows)
-    ids = {i: n for n, i in enumerate(kept, start=1)}
     polygons = []
-    for i in kept:
-        internal = depths[i] % 2 == 1
-        parent = ids.get(int(rows[i][3])) if internal else None
-        polygons.append(_polygon(ids[i], contours[i], "internal" if internal else "external", confidence, parent))
-    return polygons
-
-
-def _as_served(contours, rows, kept, confidence) -> list[dict[str, Any]]:
-    """The service's loop, bug for bug: the parent's contour index is looked up as a position
-    in the list of polygons already emitted. Once the area filter has dropped an earlier
-    contour the positions shift, so the parent id goes missing (index past the end) or
-    names the wrong polygon; every contour with a parent is typed internal."""
-    polygons: list[dict[str, Any]] = []
-    for i in kept:
-        parent_idx = int(rows[i][3])
-        internal = parent_idx != -1
-        parent = polygons[parent_idx]["id"] if internal and parent_idx < len(polygons) else None
-        polygons.append(_polygon(len(polygons) + 1, contours[i], "internal" if internal else "external", confidence, parent))
+    for n, i in enumerate(kept, start=1):
+        parent_index = int(rows[i][3])
+        if hierarchy == "as_served":  # any parent makes a hole; parent looked up among those emitted
+            internal = parent_index != -1
+            emitted = number.get(parent_index, n) < n
+        else:
+            internal = depths[i] % 2 == 1
+            emitted = internal and parent_index in number
+        parent = polygon_id(number[parent_index]) if emitted else None
+        kind = "internal" if internal else "external"
+        polygons.append(_polygon(n, contours[i].reshape(-1, 2), kind, confidence, parent))
     return polygons

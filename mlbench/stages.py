@@ -131,10 +131,15 @@ def postprocess(ctx: StageContext):
 
 
 def polygons(ctx: StageContext) -> list[dict[str, Any]]:
-    """Mask -> the service's polygons (confidence = global maximum probability, as served)."""
-    post = ctx.outputs["postprocess"]
+    """Mask -> the service's polygons; confidence is ``sigmoid(raw output).max()`` as served.
+
+    The service took the sigmoid of the raw output for the confidence even when its
+    post-processing had not (an output already inside [0, 1]); for logits both agree with the
+    maximum probability at the model's resolution.
+    """
+    post, raw = ctx.outputs["postprocess"], ctx.outputs["forward"]
     return mask_to_polygons(
-        post.mask, confidence=float(post.probability.max()) if post.probability.size else 0.0,
+        post.mask, confidence=float(torch.sigmoid(raw.float()).max()) if raw.numel() else 0.0,
         detect_holes=ctx.options.detect_holes, min_area=ctx.options.min_area, hierarchy=ctx.options.hierarchy,
     )
 

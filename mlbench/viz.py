@@ -108,7 +108,7 @@ def show_polygons(image: np.ndarray, polygons: Sequence[dict[str, Any]], *, titl
     fig, axes = _figure(1, width=4.5, height=4.5)
     ax = axes[0, 0]
     ax.imshow(to_display(image))
-    colours = label_colours([p.get("id", 0) for p in polygons]) / 255.0
+    colours = label_colours(np.arange(1, len(polygons) + 1)) / 255.0  # by position: ids are "polygon_<n>" strings
     for poly, colour in zip(polygons, colours):
         pts = polygon_points(poly)
         if len(pts) == 0:

@@ -33,17 +33,23 @@ def test_tree_polygons_round_trip_and_report_the_dropped_speck():
     assert check_polygons(mask, mask_to_polygons(mask, min_area=1), min_area=1).ok
 
 
-def test_as_served_types_the_island_as_a_hole_and_loses_parent_ids():
+def test_as_served_types_the_island_as_a_hole_whose_parent_is_the_hole():
     mask = ring_scene()
     served = mask_to_polygons(mask, hierarchy="as_served")
-    assert [p.get("parent_id") for p in served if p["type"] == "internal"] == [None, None]
+    by_id = {p["id"]: p for p in served}
+    internal = [p for p in served if p["type"] == "internal"]
+    assert len(internal) == 2  # the hole and the island inside it, both typed internal
+    (hole,) = [p for p in internal if by_id[p["parent_id"]]["type"] == "external"]
+    (island,) = [p for p in internal if p is not hole]
+    assert island["parent_id"] == hole["id"]
+    assert all(isinstance(p["id"], str) and p["id"].startswith("polygon_") for p in served)
+    assert all(isinstance(q["x"], float) for p in served for q in p["points"])
     report = check_polygons(mask, served)
     assert report.objects["type_ok"].tolist().count(False) == 1
-    assert report.objects["parent_ok"].tolist().count(False) == 2
-    text = repr(report)
-    assert "typed wrong for their nesting" in text and "without a valid parent_id" in text
-    # drawn as a hole, the island loses its 8x8 interior (its boundary pixels stay); the speck is dropped
-    assert report.round_trip_iou == pytest.approx(1 - (64 + 9) / mask.sum(), abs=1e-4)
+    assert report.objects["parent_ok"].all()
+    assert "typed wrong for their nesting" in repr(report)
+    # the parent chain keeps the island when drawn; only the speck is lost
+    assert report.round_trip_iou == pytest.approx(1 - 9 / mask.sum(), abs=1e-4)
 
 
 def test_lost_holes_are_reported():

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .pipeline import Run
+from .segment import NO_POLYGONS_WARNING
 from .stages import describe
 
 __all__ = ["stage_summaries", "outcome_of", "previews", "state_sha256", "array_stats"]
@@ -70,7 +71,7 @@ def outcome_of(run: Run) -> dict[str, Any]:
                "mask_fraction": round(float(mask.mean()) if mask.size else 0.0, 6),
                "max_probability": round(float(run.output("postprocess").probability.max()), 6)}
     if not outcome["polygons"]:
-        outcome["warning"] = "No polygons detected; try a lower threshold or check the image"
+        outcome["warning"] = NO_POLYGONS_WARNING
     return outcome
 
 

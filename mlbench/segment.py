@@ -14,32 +14,45 @@ import torch
 
 from .pipeline import Pipeline, Run
 
-__all__ = ["Segmentation", "segment", "build_response"]
+__all__ = ["Segmentation", "segment", "build_response", "NO_POLYGONS_WARNING"]
+
+NO_POLYGONS_WARNING = ("No polygons detected - image may not contain detectable cells or threshold may need "
+                       "adjustment")
+"""The service's ``warning`` when a segmentation found no polygon."""
 
 
 def build_response(run: Run) -> dict[str, Any]:
-    """The service's response body for a completed run.
+    """The service's ``POST /api/v1/segment`` body for a completed run.
 
-    Keys: polygons, model_used, threshold_used, image_size {width, height},
+    Keys, in the service's order: model_used, threshold_used, image_size {width, height},
+    polygons, processing_info {device, num_polygons, confidence_scores, batch_size},
     processing_time, inference_time, preprocessing_time (seconds, 3 decimals), device,
-    success, and ``warning`` when no polygon was found.
+    gpu_enabled, batch_size_used, success, and ``warning`` when no polygon was found.
+    The first five are what the service's model loader returned (its batch items carry
+    only those); ``model_used`` is the model's registry name (the service replaces it
+    with its id).
     """
     timings = run.timings
     height, width = run.output("decode").image.shape[:2]
     polygons = run.output("polygons")
+    device = str(run.options.device)
     response: dict[str, Any] = {
-        "success": True,
-        "polygons": polygons,
         "model_used": run.pipeline.model_name,
         "threshold_used": float(run.options.threshold),
         "image_size": {"width": int(width), "height": int(height)},
+        "polygons": polygons,
+        "processing_info": {"device": device, "num_polygons": len(polygons),
+                            "confidence_scores": [p["confidence"] for p in polygons], "batch_size": 1},
         "processing_time": round(sum(timings.values()), 3),
         "inference_time": round(timings.get("forward", 0.0), 3),
         "preprocessing_time": round(timings.get("decode", 0.0) + timings.get("preprocess", 0.0), 3),
-        "device": run.options.device,
+        "device": device,
+        "gpu_enabled": bool(torch.cuda.is_available()),
+        "batch_size_used": 1,
+        "success": True,
     }
     if not polygons:
-        response["warning"] = "No polygons detected; try a lower threshold or check the image"
+        response["warning"] = NO_POLYGONS_WARNING
     return response
 
 

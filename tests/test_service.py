@@ -96,7 +96,7 @@ def test_header_checks_sniff_content_and_count_pixels_before_decoding():
     with pytest.raises(Refusal, match="96x96 = 9,216 pixels, above the limit of 9,000") as err:
         check_upload(PNG, "x.png", None, 9000)
     assert err.value.status == 413 and err.value.extra["limit"] == 9000
-    with pytest.raises(Refusal, match="Invalid file type") as err:
+    with pytest.raises(Refusal, match=r"Invalid image file\. Supported formats: PNG, JPG") as err:
         check_upload(tif.getvalue(), "cells.tif", (".png", ".jpg"), None)
     assert err.value.status == 400
     with pytest.raises(Refusal, match="header cannot be read"):
@@ -127,11 +127,11 @@ def test_cancel_hooks_stop_a_forward_at_the_next_layer():
 # ---- routes ----------------------------------------------------------------------------------------
 def test_health_models_status_livez_readyz_metrics(served):
     _, client = served
-    for path in ("/health", "/api/v1/health"):
-        body = client.get(path).json()
-        assert set(body) >= {"status", "timestamp", "models_loaded", "gpu_available"}
-        assert body["models_loaded"] == ["hrnet", "slow"]
-    models = client.get("/api/v1/models").json()
+    body = client.get("/health").json()
+    assert set(body) >= {"status", "timestamp", "models_loaded", "gpu_available"}
+    assert body["models_loaded"] == 2 and body["models"] == ["hrnet", "slow"]
+    assert client.get("/api/v1/health").json()["device"]["device_name"] == "CPU"
+    models = client.get("/api/v1/models").json()["models"]
     assert models["hrnet"]["architecture"] == "bright" and models["hrnet"]["input_size"] == 64
     assert client.get("/livez").json() == {"alive": True}
     assert client.get("/readyz").json()["ready"] is True
@@ -170,7 +170,7 @@ def test_validation_errors_keep_fastapi_detail_schema(served):
     missing = client.post("/api/v1/segment", data={"threshold": "0.3"})
     assert missing.status_code == 422 and missing.json()["detail"][0]["loc"] == ["body", "file"]
     unknown = _post(client, model="unet")
-    assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["body", "model"]
+    assert unknown.status_code == 422 and unknown.json()["errors"][0]["loc"] == ["body", "model"]
 
 
 def test_query_parameters_are_flagged_not_silently_used(served):
@@ -187,7 +187,7 @@ def test_limits_answer_413_and_415_with_the_values(served):
     huge = _post(client, data=make_png(256))
     assert huge.status_code == 413 and huge.json()["pixels"] == 65536 and huge.json()["limit"] == 40_000
     text = _post(client, data=b"just some text")
-    assert text.status_code == 415 and text.json()["detail"][0]["loc"] == ["body", "file"]
+    assert text.status_code == 415 and text.json()["errors"][0]["loc"] == ["body", "file"]
 
 
 def test_timeout_answers_504_and_the_cancelled_run_releases_the_model(served):
@@ -209,7 +209,7 @@ def test_batch_segment_reports_each_file(served):
     _, client = served
     files = [("files", ("a.png", PNG)), ("files", ("b.txt", b"hello"))]
     body = client.post("/api/v1/batch-segment", files=files).json()
-    assert body["total"] == 2 and body["successful"] == 1 and body["results"][1]["status"] == 415
+    assert body["batch_size"] == 2 and body["successful_count"] == 1 and body["results"][1]["status"] == 415
 
 
 async def _burst(url: str, n: int, model: str) -> tuple[list[int], list[float]]:
@@ -276,7 +276,8 @@ def test_as_served_rejects_tif_blocks_the_loop_and_answers_500_for_unknown_model
     settings = ServiceSettings.as_served(models={"hrnet": SlowModel(0.6, steps=6)}, options={"input_size": 64})
     with serve_in_thread(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         tif = _post(client, name="cells.tif", data=_tiff_bytes())
-        assert tif.status_code == 400 and ".tif" not in tif.json()["allowed"]
+        assert tif.status_code == 400
+        assert tif.json() == {"detail": "Invalid image file. Supported formats: PNG, JPG, JPEG, TIFF, BMP"}
         assert _post(client, model="unet").status_code == 500
         statuses, health = asyncio.run(_burst(server.url, 1, "hrnet"))
     assert statuses == [200] and max(health) > 0.4  # /health stalled behind the forward
@@ -330,7 +331,7 @@ def test_a_real_small_model_is_served_under_its_service_id_and_aliases():
                                options={"input_size": 64}, warmup=True)
     with serve_in_thread(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=60) as client:
         _wait_ready(client)
-        assert client.get("/api/v1/models").json()["resunet_small"]["architecture"] == "cbam_resunet"
+        assert client.get("/api/v1/models").json()["models"]["resunet_small"]["architecture"] == "cbam_resunet"
         body = _post(client, model="cbam_resunet").json()
         assert body["model_used"] == "resunet_small" and body["image_size"] == {"width": 96, "height": 96}
     assert not model._forward_pre_hooks  # the cancel hooks were removed at shutdown
@@ -491,3 +492,34 @@ def test_a_worker_process_that_cannot_start_is_reported():
 
     with pytest.raises(WorkerDied, match=r"did not start \(exit code 1"):
         ProcessWorker(b"not a pickle", "fixed", {}, start_timeout_s=60)
+
+
+# ---- the service's own checkpoints: --weights-dir ------------------------------------------------
+def test_weights_dir_serves_the_services_training_dicts_at_their_widths_and_1024(tmp_path):
+    import argparse
+
+    from mlbench.models import CbamConfig
+
+    widths = CbamConfig((8, 16, 24, 32, 40), 80)  # not the bundled small widths: read from the tensors
+    saved = mb.build_model("cbam_resunet", widths=widths, seed=4)
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in saved.state_dict().items()}, "epoch": 7,
+                "best_iou": 0.9, "args": argparse.Namespace(lr=1e-3)}, tmp_path / "resunet_small_best_model.pth")
+    settings = ServiceSettings.as_served(weights_dir=str(tmp_path))
+    with serve_in_thread(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        assert client.get("/health").json()["models_loaded"] == 1
+        assert list(client.get("/api/v1/models").json()["models"]) == ["resunet_small"]
+        assert _post(client, model="resunet_small").status_code == 200
+        served = server.app.state.service.pipelines["resunet_small"].model
+    assert served.config == widths and served.mlbench_input_size == 1024
+    assert all(torch.equal(a, b) for a, b in zip(served.state_dict().values(), saved.state_dict().values()))
+
+
+def test_weights_dir_without_the_services_files_is_refused(tmp_path):
+    from mlbench.service.settings import weights_files
+
+    (tmp_path / "model.pth").write_bytes(b"x")
+    with pytest.raises(mb.OptionsError, match=r"holds none of the service's checkpoint files.*hrnet_best_model\.pth"
+                                              r".*it holds \['model\.pth'\]"):
+        weights_files(tmp_path)
+    with pytest.raises(mb.OptionsError, match=r"is not a folder"):
+        weights_files(tmp_path / "nothing")

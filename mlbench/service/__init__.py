@@ -1,7 +1,11 @@
-"""The reference segmentation service: FastAPI over the one Pipeline, with a bounded
-queue, per-model circuit breakers, limits, health/readiness/metrics and JSON logs.
-Inference runs in worker threads (``executor="thread"``, the default for in-process apps)
-or in worker processes that can be killed (``executor="process"``, ``mlbench serve``'s).
+"""The reference segmentation service: the real service's API over the one Pipeline.
+
+``ServiceSettings.as_served()`` answers every recorded request of the real service as it
+did (``tests/data/service_api/``); ``ServiceSettings()`` (``fixed``) keeps its endpoints,
+envelopes and field names and adds a bounded queue, per-model circuit breakers, limits,
+request ids, ``/livez``, ``/readyz``, ``/metrics`` and JSON logs. Inference runs in worker
+threads (``executor="thread"``, the default for in-process apps) or in worker processes
+that can be killed (``executor="process"``, ``mlbench serve``'s).
 
 >>> from mlbench.service import ServiceSettings, create_app
 >>> app = create_app(ServiceSettings(queue_size=8, timeout_s=30))

@@ -1,33 +1,41 @@
-"""The FastAPI app: the service's routes over :class:`~mlbench.service.core.Service`.
+"""The FastAPI app: the real service's routes and envelopes over :class:`~mlbench.service.core.Service`.
 
-Paths and response schema are those of the real service (``/health``,
-``/api/v1/{health,models,status,segment,batch-segment}``) plus ``/livez``, ``/readyz``
-and ``/metrics``. Errors answer JSON ``{detail, error, message, request_id, ...}``;
-validation errors keep FastAPI's 422 detail schema.
+Paths, field names and error texts are those of the real service (see
+``tests/data/service_api/``): ``/``, ``/health``, ``/api/v1/{health,models,status,segment,
+batch-segment,segment/{task_id}}``, ``/api/{calculate-metrics,batch-calculate-metrics,
+metrics-info}``, ``/api/v1/monitoring/gpu/*``, CORS ``*`` and an ``OPTIONS /{path}``
+catch-all. Under ``as_served`` every answer is the service's own; under ``fixed`` the
+corrections come as extra keys (``error``, ``message``, ``request_id``, ...), other status
+codes for client mistakes, and the routes ``/livez``, ``/readyz`` and ``/metrics``.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from contextlib import asynccontextmanager
-from typing import Any
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
-from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from pydantic.version import version_short
+from starlette.exceptions import HTTPException
 
 from .core import Service
-from .limits import Refusal, body_limit
+from .limits import Refusal
 from .logs import log_event
-from .metrics import to_prometheus
 from .middleware import ServiceMiddleware
+from .routes import add_info_routes, add_segment_routes, rejection_reason
 from .settings import ServiceSettings
+from .tool_routes import add_tool_routes
 
 __all__ = ["create_app"]
 
-_FORM_FIELDS = ("model", "threshold", "detect_holes")
+CORS_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+"""What the service's ``allow_methods=["*"]`` meant in its Starlette (newer ones add QUERY)."""
+PYDANTIC_VERSION = version_short()
+"""The ``url`` of a 422 item names the pydantic docs of this version, as FastAPI <= 0.108 did."""
 
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
@@ -51,12 +59,17 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         await service.stop()
         log_event("shutdown_done")
 
-    app = FastAPI(title="mlbench reference segmentation service", version="1.0", lifespan=lifespan)
+    app = FastAPI(title="Cell Segmentation Microservice", description="mlbench's reference segmentation service",
+                  version="1.0.0", lifespan=lifespan)
     app.state.service = service
     app.add_middleware(ServiceMiddleware, service=service)
+    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=False, allow_methods=CORS_METHODS,
+                       allow_headers=["*"])  # outermost, so refusals answered by ServiceMiddleware carry it too
     _add_error_handlers(app, service)
-    _add_info_routes(app, service)
-    _add_segment_routes(app, service)
+    add_info_routes(app, service)
+    add_segment_routes(app, service)
+    add_tool_routes(app, service)
+    _add_preflight_route(app)
     return app
 
 
@@ -65,90 +78,44 @@ def _request_id(request: Request) -> str | None:
 
 
 def _add_error_handlers(app: FastAPI, service: Service) -> None:
+    preset = service.settings.preset
+
     @app.exception_handler(Refusal)
     async def refusal(request: Request, exc: Refusal):
-        service.metrics.reject(_reason(exc))
+        service.metrics.reject(rejection_reason(exc))
         log_event("refused", request_id=_request_id(request), status=exc.status, error=exc.code, message=exc.message)
-        return JSONResponse(exc.body(_request_id(request)), status_code=exc.status, headers=exc.headers())
+        return JSONResponse(exc.body(_request_id(request), preset), status_code=exc.status, headers=exc.headers())
 
     @app.exception_handler(RequestValidationError)
     async def validation(request: Request, exc: RequestValidationError):
+        """FastAPI's 422 ``{"detail": [{type, loc, msg, input, ctx?, url}]}`` (+ error, message, request_id)."""
         service.metrics.reject("validation")
-        return await request_validation_exception_handler(request, exc)
+        detail = [{**item, "url": f"https://errors.pydantic.dev/{PYDANTIC_VERSION}/v/{item['type']}"}
+                  for item in jsonable_encoder(exc.errors())]
+        if preset == "as_served":
+            return JSONResponse({"detail": detail}, status_code=422)
+        fields = "; ".join(f"{'.'.join(str(p) for p in item['loc'][1:]) or item['loc'][0]}: {item['msg']}"
+                           for item in detail)
+        refusal = Refusal(422, "validation_error", f"the request does not fit the API ({fields}); see /docs for the "
+                          "form fields and their ranges")
+        return JSONResponse({**refusal.body(_request_id(request)), "detail": detail}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        """Under ``fixed`` an unknown path answers 404 (the OPTIONS catch-all made it a 405)."""
+        if preset == "fixed" and exc.status_code == 405 and (exc.headers or {}).get("Allow") == "OPTIONS":
+            paths = sorted({r.path for r in app.routes if getattr(r, "include_in_schema", False)} - {"/{path}"})
+            refusal = Refusal(404, "not_found", f"{request.method} {request.url.path} is no route of this service; "
+                              f"check the path: the routes are {', '.join(paths)}")
+            return JSONResponse(refusal.body(_request_id(request)), status_code=404)
+        return await http_exception_handler(request, exc)
 
 
-def _reason(exc: Refusal) -> str:
-    return {"inference_timeout": "timeout", "image_error": "validation", "empty_file": "validation",
-            "unknown_model": "validation", "inference_failed": "failure"}.get(exc.code, exc.code)
+def _add_preflight_route(app: FastAPI) -> None:
+    """The service's ``OPTIONS /{path}`` catch-all (registered last, so real routes' 405s keep their Allow)."""
 
-
-def _add_info_routes(app: FastAPI, service: Service) -> None:
-    @app.get("/health")
-    @app.get("/api/v1/health")
-    async def health() -> dict[str, Any]:
-        return service.health()
-
-    @app.get("/livez")
-    async def livez() -> dict[str, Any]:
-        return {"alive": True}
-
-    @app.get("/readyz")
-    async def readyz():
-        ready, checks = service.readiness()
-        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503,
-                            headers={} if ready else {"Retry-After": "1"})
-
-    @app.get("/api/v1/models")
-    async def models() -> dict[str, Any]:
-        return service.models_report()
-
-    @app.get("/api/v1/status")
-    async def status() -> dict[str, Any]:
-        ready, checks = service.readiness()
-        snapshot = service.snapshot()
-        return {**service.health(), "ready": ready, "checks": checks, "queue": snapshot["queue"],
-                "models": service.models_report(), "settings": service.settings.to_dict(),
-                "uptime_s": round(time.monotonic() - service.started_at, 1)}
-
-    @app.get("/metrics")
-    async def metrics(format: str = "prometheus"):
-        snapshot = service.snapshot()
-        return JSONResponse(snapshot) if format == "json" else PlainTextResponse(to_prometheus(snapshot))
-
-
-def _ignored_query(request: Request, service: Service) -> list[str]:
-    ignored = [k for k in _FORM_FIELDS if k in request.query_params]
-    return ignored if service.settings.preset == "fixed" else []
-
-
-def _add_segment_routes(app: FastAPI, service: Service) -> None:
-    settings = service.settings
-    limit = settings.max_body_bytes
-
-    @app.post("/api/v1/segment", max_body_size=limit)
-    async def segment(request: Request, file: UploadFile = File(...), model: str = Form(settings.default_model),
-                      threshold: float = Form(0.5, ge=0.1, le=0.9), detect_holes: bool = Form(True)):
-        data = await file.read()
-        body = await service.segment(data, file.filename, model, threshold, detect_holes,
-                                     _ignored_query(request, service))
-        return Response(body, media_type="application/json")  # encoded by the worker, off the event loop
-
-    @app.post("/api/v1/batch-segment", max_body_size=body_limit(settings, "batch-segment"))
-    async def batch_segment(files: list[UploadFile] = File(...), model: str = Form(settings.default_model),
-                            threshold: float = Form(0.5, ge=0.1, le=0.9), detect_holes: bool = Form(True)):
-        if len(files) > settings.max_batch:
-            raise Refusal(413, "too_many_files", f"{len(files)} files sent; at most {settings.max_batch} per batch "
-                          "request: split the batch", sent=len(files), limit=settings.max_batch)
-        results, successful = [], 0
-        for upload in files:  # each item is spliced from the worker's JSON, never decoded here
-            head = json.dumps({"filename": upload.filename, "status": 200})[:-1].encode()
-            try:
-                body = await service.segment(await upload.read(), upload.filename, model, threshold, detect_holes)
-                results.append(head + b", " + body[1:])
-                successful += 1
-            except Refusal as exc:
-                service.metrics.reject(_reason(exc))
-                item = {"filename": upload.filename, "status": exc.status, "success": False, **exc.body()}
-                results.append(json.dumps(item).encode())
-        tail = json.dumps({"total": len(results), "successful": successful}).encode()
-        return Response(b'{"results": [' + b", ".join(results) + b"], " + tail[1:], media_type="application/json")
+    @app.options("/{path:path}")
+    async def options_handler(path: str) -> JSONResponse:
+        return JSONResponse({}, headers={"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods":
+                                         "GET, POST, OPTIONS", "Access-Control-Allow-Headers": "*",
+                                         "Access-Control-Max-Age": "600"})

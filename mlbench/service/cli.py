@@ -22,6 +22,12 @@ def add_serve_command(sub) -> None:
     p.add_argument("--max-wait", type=float, default=10.0, help="seconds a request may wait for a worker (503)")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request inference timeout in seconds (504)")
     p.add_argument("--input-size", type=int, default=None, help="model input side (default: the model's own)")
+    p.add_argument("--weights-dir", default=None,
+                   help="serve the service's own checkpoints: a folder with hrnet_best_model.pth, "
+                        "resunet_small_best_model.pth, resunet_advanced_best_model.pth (input 1024 px unless "
+                        "--input-size); default: the bundled small models")
+    p.add_argument("--metrics-export-dir", default=None,
+                   help="folder POST /api/v1/monitoring/gpu/export-metrics writes into (default: export off)")
     p.set_defaults(run=_serve)
 
 
@@ -31,12 +37,15 @@ def _serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .logs import configure_logging
     from .runner import DrainingServer
-    from .settings import ServiceSettings
+    from .settings import ServiceSettings, weights_files
 
     options = {"input_size": args.input_size} if args.input_size else {}
     common = dict(freeze_gc=True, executor=args.executor, workers=args.workers, queue_size=args.queue_size,
-                  max_wait_s=args.max_wait, timeout_s=args.timeout, options=options)
+                  max_wait_s=args.max_wait, timeout_s=args.timeout, options=options,
+                  metrics_export_dir=args.metrics_export_dir, weights_dir=args.weights_dir)
     settings = ServiceSettings.as_served(**common) if args.preset == "as_served" else ServiceSettings(**common)
+    if settings.weights_dir is not None:
+        weights_files(settings.weights_dir)  # a wrong folder stops here, before the server starts
     configure_logging()
     app = create_app(settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False, lifespan="on",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
@@ -18,12 +17,15 @@ import torch
 from ..errors import MlbenchError
 from ..pipeline import Pipeline
 from ..stages import default_input_size
-from .breaker import OPEN, CircuitBreaker
-from .limits import Refusal, check_upload, field_error
+from .answers import BATCH_ITEM_KEYS
+from .breaker import CircuitBreaker
+from .failures import served_open, stage_refusal, timeout_refusal, unknown_model
+from .limits import Refusal, check_upload
 from .metrics import Metrics
 from .logs import log_event
-from .queue import (InferenceCancelled, InferenceTimeout, Job, QueueFull, QueueWaitExpired, WorkerPool,
-                    current_worker, install_cancel_hooks)
+from .monitoring import GpuMonitor
+from .queue import (InferenceTimeout, Job, QueueFull, QueueWaitExpired, WorkerPool, current_worker,
+                    install_cancel_hooks)
 from .settings import ServiceSettings, resolve_models
 from .work import Outcome, WorkerDied, freeze_heap, pickle_models, process_worker_factory, run_pipeline, warm_up
 
@@ -41,7 +43,7 @@ def _load(settings: ServiceSettings) -> dict[str, torch.nn.Module]:
 
 def _extra_fields(model_id: str, threshold: float, ignored_query: tuple[str, ...]) -> dict[str, Any]:
     """Fields the service adds to the pipeline's response (the worker encodes them with it)."""
-    extra: dict[str, Any] = {"model_used": model_id, "queue_time": 0.0}
+    extra: dict[str, Any] = {"model_used": model_id}
     if ignored_query:
         extra["warnings"] = [f"query parameter(s) {', '.join(ignored_query)} ignored: send them as multipart form "
                              f"fields; used model={model_id}, threshold={threshold}"]
@@ -59,6 +61,7 @@ class Service:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.monitor = GpuMonitor(settings.metrics_export_dir)
         self.pool = WorkerPool(settings.workers, settings.queue_size, settings.worker_nice)
         self.pipelines: dict[str, Pipeline] = {}
         self.locks: dict[str, threading.Lock] = {}
@@ -150,69 +153,30 @@ class Service:
 
     # ---- lookups and reports -----------------------------------------------------------------
     def model_id(self, name: str) -> str:
-        """The served id for ``name`` (an id, a registry name or an alias); 422 when unknown."""
+        """The served id for ``name``: an id, or under ``fixed`` also a registry name or alias.
+
+        Raises
+        ------
+        Refusal
+            For a model this service does not serve (500 as served, 422 under ``fixed``).
+        """
         if name in self.pipelines:
             return name
-        from ..models import resolve_name
+        if self.settings.preset == "fixed":
+            from ..models import resolve_name
 
-        try:
-            canonical = resolve_name(name)
-        except MlbenchError:
-            canonical = None
-        for model_id, pipeline in self.pipelines.items():
-            if canonical is not None and pipeline.model_name == canonical:
-                return model_id
-        message = f"unknown model {name!r}; this service serves {sorted(self.pipelines)}"
-        if self.settings.preset == "as_served":
-            raise Refusal(500, "unknown_model", f"Model {name} not available")
-        raise field_error("unknown_model", "model", message, name, models=sorted(self.pipelines))
+            try:
+                canonical = resolve_name(name)
+            except MlbenchError:
+                canonical = None
+            for model_id, pipeline in self.pipelines.items():
+                if canonical is not None and pipeline.model_name == canonical:
+                    return model_id
+        raise unknown_model(name, list(self.pipelines), self.settings.preset)
 
     def input_size(self, model_id: str) -> int:
         pipeline = self.pipelines[model_id]
         return pipeline.options.input_size or default_input_size(pipeline.model)
-
-    def models_report(self) -> dict[str, Any]:
-        out = {}
-        for model_id, pipeline in self.pipelines.items():
-            model = pipeline.model
-            out[model_id] = {
-                "name": model_id, "architecture": pipeline.model_name, "loaded": True,
-                "parameters": self.parameters[model_id], "input_size": self.input_size(model_id),
-                "weights": "bundled" if hasattr(model, "mlbench_weights_sha256") else "injected",
-                "warm_up": self.warm.get(model_id, "skipped"), "breaker": self.breakers[model_id].state,
-                "busy": self.locks[model_id].locked(),
-                "zombies": sum(job.zombie for job in list(self.pool.running) if job.model_id == model_id),
-            }
-        return out
-
-    def health(self) -> dict[str, Any]:
-        return {"status": "healthy" if self.loaded and not self.draining else ("draining" if self.draining else "starting"),
-                "timestamp": datetime.now(timezone.utc).isoformat(), "models_loaded": sorted(self.pipelines),
-                "gpu_available": bool(torch.cuda.is_available())}
-
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Whether to route traffic here, and each check with its value."""
-        breakers = {mid: b.state for mid, b in self.breakers.items()}
-        checks = {"models_loaded": self.loaded, "warm_up_done": self.warmed and all(v == "ok" for v in self.warm.values()),
-                  "breakers_closed": all(s != OPEN for s in breakers.values()),
-                  "queue_below_high_water": self.pool.depth < self.settings.high_water_mark,
-                  "not_draining": not self.draining, "workers_started": self.load_error is None}
-        return all(checks.values()), {**checks, "breakers": breakers, "queue_depth": self.pool.depth,
-                                      "high_water_mark": self.settings.high_water_mark}
-
-    def snapshot(self) -> dict[str, Any]:
-        """The ``/metrics`` JSON: queue, rejections, breakers, latency percentiles, zombies."""
-        out = self.metrics.to_dict()
-        processes = [worker.to_dict() for worker in self.pool.worker_objects]
-        out["queue"] = {"depth": self.pool.depth, "capacity": self.settings.queue_size, "workers": self.settings.workers,
-                        "executor": self.settings.executor, "admitted": self.admitted, "running": len(self.pool.running),
-                        "zombies": self.pool.zombies, "cancelled_runs_stopped": len(self.pool.stopped_after_cancel),
-                        "killed_after_timeout": sum(p["killed_after_timeout"] for p in processes),
-                        "worker_processes": processes}
-        out["models"] = {mid: {"breaker": info["breaker"], "busy": info["busy"], "zombies": info["zombies"]}
-                         for mid, info in self.models_report().items()}
-        out["breakers"] = {mid: b.to_dict() for mid, b in self.breakers.items()}
-        return out
 
     def retry_estimate(self) -> float:
         """Seconds until a queue slot is likely free: queued jobs x recent median latency / workers."""
@@ -243,31 +207,35 @@ class Service:
 
     # ---- segment -----------------------------------------------------------------------------
     async def segment(self, data: bytes, filename: str | None, model: str, threshold: float,
-                      detect_holes: bool, ignored_query: tuple[str, ...] = ()) -> bytes:
-        """One image through the model's Pipeline: the service's JSON response body, or a Refusal.
+                      detect_holes: bool, ignored_query: tuple[str, ...] = (), item: dict | None = None) -> Outcome:
+        """One image through the model's Pipeline: an Outcome with the JSON body, or a Refusal.
 
         ``ignored_query`` names form fields the caller sent in the query string: the answer
-        then carries a ``warnings`` entry saying they were ignored.
+        then carries a ``warnings`` entry saying they were ignored. ``item`` holds the fields
+        of a batch item (filename, batch_index, ...); as served such an item carries only
+        the model loader's keys (:data:`~mlbench.service.answers.BATCH_ITEM_KEYS`).
         """
         if not self.loaded:
             await self.start()
         if self.draining:
             raise Refusal(503, "draining", "the service is shutting down; retry on another instance", retry_after=5)
-        settings = self.settings
-        header = check_upload(data, filename, settings.allowed_extensions, settings.max_pixels)
-        model_id = self.model_id(model)
+        settings, fixed = self.settings, self.settings.preset == "fixed"
+        header, model_id = self._admit_upload(data, filename, model)
         options = {"threshold": float(threshold), "detect_holes": bool(detect_holes)}
-        extra = _extra_fields(model_id, float(threshold), ignored_query)
+        extra = {**_extra_fields(model_id, float(threshold), ignored_query if fixed else ()), **(item or {})}
+        keys = BATCH_ITEM_KEYS if item is not None and not fixed else None
         if settings.blocking_route:  # the historic async route: the forward blocks the event loop
-            outcome = run_pipeline(self.pipelines[model_id], data, options, extra=extra)
-            return self._finish(model_id, outcome, time.monotonic())
+            started = time.monotonic()
+            outcome = run_pipeline(self.pipelines[model_id], data, options, extra=extra, keys=keys)
+            return self._finish(model_id, outcome, started)
         breaker = self.breakers[model_id]
         if not breaker.allow():
             raise Refusal(503, "breaker_open", f"model {model_id!r} is failing: its circuit breaker is open after "
                           f"{breaker.failures} consecutive failures; retry after the cool-down",
                           retry_after=breaker.retry_after(), model=model_id, breaker=breaker.to_dict())
-        job = Job(model_id, lambda token: self._infer(model_id, data, options, token, {
-            **extra, "queue_time": round(time.monotonic() - job.enqueued_at, 3)}), self.locks[model_id])
+        waited = (lambda: {"queue_time": round(time.monotonic() - job.enqueued_at, 3)}) if fixed else dict
+        job = Job(model_id, lambda token: self._infer(model_id, data, options, token, {**extra, **waited()}, keys),
+                  self.locks[model_id])
         try:
             outcome = await self.pool.run(job, settings.max_wait_s, settings.timeout_s)
         except (QueueFull, QueueWaitExpired) as exc:
@@ -278,50 +246,46 @@ class Service:
                           queue_depth=self.pool.depth, queue_size=settings.queue_size) from exc
         except InferenceTimeout as exc:
             breaker.record_failure("timeout")
-            raise self._timeout_refusal(model_id, header) from exc
+            self.monitor.record(model_id, settings.timeout_s, False, "timeout")
+            raise timeout_refusal(settings, model_id, self.input_size(model_id), header) from exc
         except WorkerDied as exc:
             breaker.record_failure("worker died")
             self.metrics.fail(model_id)
-            raise Refusal(500, "worker_died", f"model {model_id!r}: {exc}", model=model_id) from exc
+            raise Refusal(500, "worker_died", f"Segmentation failed: model {model_id!r}: {exc}",
+                          model=model_id) from exc
         return self._finish(model_id, outcome, job.enqueued_at, job.started_at)
 
-    def _infer(self, model_id: str, data: bytes, options: dict, token, extra: dict) -> Outcome:
+    def _admit_upload(self, data: bytes, filename: str | None, model: str) -> tuple[tuple | None, str]:
+        """The checks before any work, in the service's order: the upload's name (as served) or
+        content and size (fixed), PIL's first look (as served), then the model: ``(header, model id)``."""
+        header = check_upload(data, filename, self.settings.allowed_extensions, self.settings.max_pixels)
+        if self.settings.preset == "as_served":
+            served_open(data)
+        return header, self.model_id(model)
+
+    def _infer(self, model_id: str, data: bytes, options: dict, token, extra: dict, keys) -> Outcome:
         """Run one request in this worker thread, or in the thread's worker process."""
         worker = current_worker()
         if worker is not None:
-            return worker.run(model_id, data, options, token, extra)
-        return run_pipeline(self.pipelines[model_id], data, options, token, extra)
-
-    def _timeout_refusal(self, model_id: str, header: tuple[str, int, int] | None) -> Refusal:
-        size = f"{header[2]}x{header[1]}" if header else "unknown size"
-        timeout = self.settings.timeout_s
-        return Refusal(504, "inference_timeout",
-                       f"model {model_id!r} did not finish a {size} image (model input {self.input_size(model_id)} px) "
-                       f"within the {timeout:g} s inference timeout; the run was cancelled: it stops at the next layer "
-                       f"{self._stop_note()} (see /metrics). Send a smaller image, pick a faster model, or raise timeout_s",
-                       model=model_id, timeout_s=timeout, image_size=size, input_size=self.input_size(model_id))
-
-    def _stop_note(self) -> str:
-        if self.settings.executor == "process":
-            return f"or its worker process is killed {self.settings.kill_grace_s:g} s after the cancel"
-        return "(its worker thread cannot be killed)"
+            return worker.run(model_id, data, options, token, extra, keys)
+        return run_pipeline(self.pipelines[model_id], data, options, token, extra, keys)
 
     def _finish(self, model_id: str, outcome: Outcome, enqueued_at: float,
-                started_at: float | None = None) -> bytes:
-        """JSON body of a finished run, or the Refusal its failure maps to (+ breaker)."""
-        breaker = self.breakers[model_id]
-        if outcome.error is not None:
-            exc, stage = outcome.error, outcome.stage
-            if isinstance(exc, InferenceCancelled):
-                raise Refusal(504, "inference_timeout", str(exc), model=model_id)
-            if stage == "decode" and self.settings.preset == "fixed":
-                raise field_error("image_error", "file", f"the image cannot be decoded: {exc}", "upload")
-            breaker.record_failure(f"{stage}: {type(exc).__name__}")
-            self.metrics.fail(model_id)
-            raise Refusal(500, "inference_failed", f"stage {stage!r} failed for model {model_id!r}: "
-                          f"{type(exc).__name__}: {exc}", model=model_id, stage=stage)
-        breaker.record_success()
+                started_at: float | None = None) -> Outcome:
+        """A finished run's Outcome, or the Refusal its failure maps to (+ breaker, metrics, monitor)."""
         now = time.monotonic()
         start = started_at if started_at is not None else enqueued_at
+        fixed = self.settings.preset == "fixed"
+        if outcome.error is not None:
+            refusal = stage_refusal(outcome.error, outcome.stage, model_id, self.settings.preset, now - start)
+            if refusal.status >= 500 and refusal.status != 504:
+                self.breakers[model_id].record_failure(f"{outcome.stage}: {type(outcome.error).__name__}")
+                self.metrics.fail(model_id)
+            if fixed:
+                self.monitor.record(model_id, now - start, False, refusal.message)
+            raise refusal
+        self.breakers[model_id].record_success()
         self.metrics.observe_inference(now - start, start - enqueued_at)
-        return outcome.body
+        if fixed:
+            self.monitor.record(model_id, now - start, True)
+        return outcome

@@ -9,34 +9,45 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import PurePath
 from typing import Any
 
 from ..errors import MlbenchError
 from ..io import bytes_io, sniff_format
 
-__all__ = ["Refusal", "image_header", "check_upload", "body_limit", "body_too_large"]
+__all__ = ["Refusal", "field_error", "check_extension", "image_header", "check_upload", "body_limit", "body_too_large"]
 
 
 class Refusal(MlbenchError, RuntimeError):
     """An HTTP error answer: ``status``, a stable ``code``, the message and extra JSON fields.
 
-    ``detail_list`` makes the body FastAPI's validation schema (``detail`` = list of
-    ``{type, loc, msg, input}``) so every 422 has the same shape.
+    Its body is the service's ``{"detail": message}``; under ``fixed`` the corrections
+    come as extra keys: ``error`` (the code), ``message``, ``request_id``, ``retry_after_s``,
+    ``errors`` (FastAPI's ``[{type, loc, msg, input}]`` items for a field error) and ``extra``.
+    ``item_error`` is the text a failed ``batch-segment`` item carries as its ``error``
+    (the service gave the bare exception text there, without the "Segmentation failed: ");
+    ``served_detail`` replaces the message as ``detail`` as served (the service answered
+    some failures with an object there).
     """
 
     def __init__(self, status: int, code: str, message: str, *, retry_after: float | None = None,
-                 detail_list: list[dict] | None = None, **extra: Any) -> None:
+                 errors: list[dict] | None = None, item_error: str | None = None, served_detail: Any = None,
+                 **extra: Any) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
-        self.retry_after, self.detail_list, self.extra = retry_after, detail_list, extra
+        self.retry_after, self.errors, self.extra = retry_after, errors, extra
+        self.item_error = item_error if item_error is not None else message
+        self.served_detail = served_detail
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))} if self.retry_after is not None else {}
 
-    def body(self, request_id: str | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"detail": self.detail_list if self.detail_list is not None else self.message,
-                                "error": self.code, "message": self.message, **self.extra}
+    def body(self, request_id: str | None = None, preset: str = "fixed") -> dict[str, Any]:
+        """The JSON answer: ``{"detail"}`` as served, plus the corrections under ``fixed``."""
+        if preset == "as_served":
+            return {"detail": self.served_detail if self.served_detail is not None else self.message}
+        body: dict[str, Any] = {"detail": self.message, "error": self.code, "message": self.message, **self.extra}
+        if self.errors is not None:
+            body["errors"] = self.errors
         if self.retry_after is not None:
             body["retry_after_s"] = max(1, math.ceil(self.retry_after))
         if request_id:
@@ -45,9 +56,25 @@ class Refusal(MlbenchError, RuntimeError):
 
 
 def field_error(code: str, field: str, message: str, value: Any, status: int = 422, **extra: Any) -> Refusal:
-    """A 422 (or other) refusal about one form field, in FastAPI's detail schema."""
+    """A 422 (or other) refusal about one form field; ``errors`` holds it in FastAPI's item schema."""
     item = {"type": code, "loc": ["body", field], "msg": message, "input": value}
-    return Refusal(status, code, message, detail_list=[item], **extra)
+    return Refusal(status, code, message, errors=[item], **extra)
+
+
+def check_extension(filename: str | None, allowed: tuple[str, ...], batch: bool = False) -> None:
+    """The service's allow-list: the text after the last dot, lower-cased, must be in ``allowed``.
+
+    Raises
+    ------
+    Refusal
+        400 with the service's text (``batch`` names the file, as its batch route did).
+    """
+    suffix = "." + (filename or "").rsplit(".", 1)[-1].lower() if "." in (filename or "") else ""
+    if suffix not in allowed:
+        names = ", ".join(ext.lstrip(".").upper() for ext in allowed)
+        where = f": {filename}" if batch else ""
+        raise Refusal(400, "extension_not_allowed", f"Invalid image file{where}. Supported formats: {names}",
+                      extension=suffix, allowed=list(allowed), filename=filename)
 
 
 def image_header(data: bytes) -> tuple[str, int, int]:
@@ -89,11 +116,7 @@ def check_upload(data: bytes, filename: str | None, allowed_extensions: tuple[st
     (the historic service read nothing before decoding).
     """
     if allowed_extensions is not None:
-        suffix = PurePath(filename or "").suffix.lower()
-        if suffix not in allowed_extensions:
-            raise Refusal(400, "extension_not_allowed",
-                          f"Invalid file type. Allowed types: {', '.join(allowed_extensions)}",
-                          extension=suffix, allowed=list(allowed_extensions))
+        check_extension(filename, allowed_extensions)
         return None
     if not data:
         raise field_error("empty_file", "file", "the uploaded file is empty (0 bytes); send the file again", "0 bytes")

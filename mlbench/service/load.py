@@ -32,7 +32,7 @@ class BurstReport:
     ----------
     statuses : status code of each request, in send order (0 = no answer: client timeout).
     latencies : seconds until each request's answer, in send order.
-    depth : ``(t, queue depth)`` samples from ``/metrics``.
+    depth : ``(t, queue depth)`` samples from ``/metrics`` (none from an ``as_served`` service).
     health : ``(t, seconds)`` of each ``/health`` probe during the burst.
     retry_after : ``Retry-After`` values (seconds) of the refused requests.
     """
@@ -77,8 +77,9 @@ def _probe(url: str, stop: threading.Event, t0: float, sample_s: float, depth: l
             started = time.perf_counter()
             client.get("/health")
             health.append((round(started - t0, 4), round(time.perf_counter() - started, 4)))
-            metrics = client.get("/metrics", params={"format": "json"}).json()
-            depth.append((round(time.perf_counter() - t0, 4), int(metrics["queue"]["depth"])))
+            metrics = client.get("/metrics", params={"format": "json"})
+            if metrics.status_code == 200:  # the as_served service has no /metrics (405)
+                depth.append((round(time.perf_counter() - t0, 4), int(metrics.json()["queue"]["depth"])))
             stop.wait(sample_s)
 
 

@@ -79,7 +79,7 @@ class ServiceMiddleware:
         self.service.metrics.reject(refusal.code)
         log_event("refused", request_id=request_id, status=refusal.status, error=refusal.code, message=refusal.message)
         seen["status"] = refusal.status
-        await _send_json(send, refusal.status, refusal.body(request_id),
+        await _send_json(send, refusal.status, refusal.body(request_id, self.service.settings.preset),
                          {**refusal.headers(), "X-Request-ID": request_id})
 
     def _sender(self, send, scope: dict[str, Any], request_id: str, seen: dict):
@@ -95,7 +95,8 @@ class ServiceMiddleware:
                     refusal = body_too_large(self.service.settings, scope["path"], sent)
                     self.service.metrics.reject(refusal.code)
                     seen["status"] = 413
-                    await _send_json(send, 413, refusal.body(request_id), {"X-Request-ID": request_id})
+                    await _send_json(send, 413, refusal.body(request_id, self.service.settings.preset),
+                                     {"X-Request-ID": request_id})
                     return
                 seen["status"] = message["status"]
                 message = {**message, "headers": [*message.get("headers", []),

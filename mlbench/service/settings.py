@@ -10,18 +10,26 @@ the queue, breaker or size limits it claimed to have.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
 from ..errors import OptionsError
 
-__all__ = ["ServiceSettings", "SERVICE_MODEL_IDS", "AS_SERVED_EXTENSIONS"]
+__all__ = ["ServiceSettings", "SERVICE_MODEL_IDS", "AS_SERVED_EXTENSIONS", "SERVED_BATCH_SIZES"]
 
 SERVICE_MODEL_IDS = ("hrnet", "resunet_small", "resunet_advanced")
 """The ids the real service exposes (``resunet_*`` are aliases of the registry names)."""
-AS_SERVED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
-"""The historic allow-list: it forgot ``.tif`` and ``.tiff``."""
+AS_SERVED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tiff", ".bmp")
+"""The historic allow-list, checked on the file name only: ``.tiff`` passes, ``.tif`` does not."""
+SERVED_BATCH_SIZES: dict[str, dict[str, float]] = {
+    "hrnet": {"optimal_batch_size": 12, "max_safe_batch_size": 16, "expected_throughput": 17.79},
+    "resunet_small": {"optimal_batch_size": 3, "max_safe_batch_size": 16, "expected_throughput": 6.55},
+    "resunet_advanced": {"optimal_batch_size": 1, "max_safe_batch_size": 1, "expected_throughput": 2.34},
+}
+"""The service's ``config/batch_sizes.json`` (measured on an RTX A5000): what ``/api/v1/models``
+reports and ``max_safe_batch_size`` caps ``batch-segment`` at (400 above it)."""
 
 
 @dataclass(frozen=True)
@@ -31,9 +39,12 @@ class ServiceSettings:
     Attributes
     ----------
     models : mapping id -> nn.Module or zero-argument factory, optional
-        The served models. None loads the bundled small models with
-        :func:`mlbench.load_model` under the service ids ``hrnet``, ``resunet_small``
-        and ``resunet_advanced``.
+        The served models. None loads, under the service ids ``hrnet``, ``resunet_small``
+        and ``resunet_advanced``, the checkpoints of ``weights_dir`` or else the bundled small
+        models (:func:`mlbench.load_model`).
+    weights_dir : a folder laid out like the service's ``weights/``: ``<id>_best_model.pth``
+        for each id (its training dicts load safely, at the widths their tensors say, with the
+        service's 1024 px input). Ids without a file are not served; no file at all is an error.
     default_model : the ``model`` form field's default (the service used ``hrnet``).
     preset : pipeline preset, ``"fixed"`` or ``"as_served"``.
     options : extra pipeline options for every request (e.g. ``{"input_size": 128}``).
@@ -69,9 +80,16 @@ class ServiceSettings:
     warmup : run one small forward per model before ``/readyz`` turns ready.
     drain_timeout_s : at shutdown, how long to wait for queued work to finish.
     clock : the breaker clock (seconds), injectable for deterministic tests.
+    batch_sizes : id -> ``{optimal_batch_size, max_safe_batch_size, expected_throughput}``
+        (default :data:`SERVED_BATCH_SIZES`); a model missing here gets the service's
+        defaults 1, 1, 1.0 under ``as_served`` and ``max_batch`` as its limit under ``fixed``.
+    metrics_export_dir : the folder ``POST /api/v1/monitoring/gpu/export-metrics`` writes
+        into (created when missing); None switches the export off (501). A ``filepath`` that
+        leaves the folder (absolute, ``..``, a symlink out) answers 400.
     """
 
     models: Mapping[str, Any] | None = None
+    weights_dir: str | None = None
     default_model: str = "hrnet"
     preset: str = "fixed"
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -95,6 +113,8 @@ class ServiceSettings:
     warmup: bool = True
     drain_timeout_s: float = 10.0
     clock: Callable[[], float] | None = None
+    batch_sizes: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: dict(SERVED_BATCH_SIZES))
+    metrics_export_dir: str | None = None
 
     def __post_init__(self) -> None:
         checks = {"workers": self.workers >= 1, "queue_size": self.queue_size >= 1, "max_wait_s": self.max_wait_s > 0,
@@ -126,6 +146,12 @@ class ServiceSettings:
                       max_wait_s=3600.0, warmup=False)
         return cls(**{**served, **overrides})
 
+    def batch_config(self, model_id: str) -> dict[str, float]:
+        """``{optimal_batch_size, max_safe_batch_size, expected_throughput}`` of one served model."""
+        default = 1 if self.preset == "as_served" else self.max_batch
+        config = {"optimal_batch_size": 1, "max_safe_batch_size": default, "expected_throughput": 1.0}
+        return {**config, **dict(self.batch_sizes.get(model_id, {}))}
+
     def with_changes(self, **changes: Any) -> "ServiceSettings":
         """A copy with some settings changed."""
         return replace(self, **changes)
@@ -135,14 +161,40 @@ class ServiceSettings:
         out = {k: v for k, v in asdict(replace(self, models=None, clock=None)).items() if k not in ("models", "clock")}
         out["models"] = sorted(self.models) if self.models is not None else list(SERVICE_MODEL_IDS)
         out["options"] = dict(self.options)
+        out["batch_sizes"] = {k: dict(v) for k, v in self.batch_sizes.items()}
         return out
 
 
+def weights_files(weights_dir: str | Path) -> dict[str, Path]:
+    """The service's checkpoint files found in ``weights_dir``: id -> ``<id>_best_model.pth``.
+
+    Raises
+    ------
+    OptionsError
+        When the folder does not exist or holds none of the three files.
+    """
+    folder = Path(weights_dir)
+    if not folder.is_dir():
+        raise OptionsError(f"weights_dir {str(weights_dir)!r} is not a folder (absolute path {folder.absolute()}); "
+                           "pass the folder that holds the service's <id>_best_model.pth files")
+    found = {sid: folder / f"{sid}_best_model.pth" for sid in SERVICE_MODEL_IDS}
+    found = {sid: path for sid, path in found.items() if path.is_file()}
+    if not found:
+        names = ", ".join(f"{sid}_best_model.pth" for sid in SERVICE_MODEL_IDS)
+        present = sorted(p.name for p in folder.iterdir())[:8]
+        raise OptionsError(f"weights_dir {str(folder)!r} holds none of the service's checkpoint files ({names}); "
+                           f"it holds {present or 'nothing'}. Rename the files to these names, or load your own "
+                           "with mb.load_model(path) and pass models={'hrnet': model}")
+    return found
+
+
 def resolve_models(settings: ServiceSettings) -> dict[str, torch.nn.Module]:
-    """Instantiate the served models: injected modules/factories, or the bundled weights."""
+    """Instantiate the served models: injected modules/factories, a weights folder, or the bundled weights."""
     if settings.models is None:
         from ..zoo import load_model
 
+        if settings.weights_dir is not None:
+            return {sid: load_model(path, model=sid) for sid, path in weights_files(settings.weights_dir).items()}
         return {sid: load_model(sid) for sid in SERVICE_MODEL_IDS}
     models = {}
     for sid, source in settings.models.items():

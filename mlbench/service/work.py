@@ -44,19 +44,22 @@ class WorkerDied(MlbenchError, RuntimeError):
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one request's run produced: the JSON ``body`` when it finished, else ``stage`` + ``error``."""
+    """What one request's run produced: the JSON ``body`` and its polygon count when it
+    finished, else ``stage`` + ``error``."""
 
     body: bytes | None = None
     stage: str | None = None
     error: BaseException | None = None
+    polygons: int = 0
 
 
 def run_pipeline(pipeline, data: bytes, options: dict, token: CancelToken | None = None,
-                 extra: dict | None = None) -> Outcome:
+                 extra: dict | None = None, keys: tuple[str, ...] | None = None) -> Outcome:
     """Run every stage of ``pipeline`` on ``data``, checking ``token`` between stages.
 
-    The response body (with ``extra`` fields) is JSON-encoded here, in the worker: a large
-    answer (1.8 MB of polygons took 130 ms to encode, measured) never holds the event loop.
+    The response body (only ``keys`` of it when given, then the ``extra`` fields) is
+    JSON-encoded here, in the worker: a large answer (1.8 MB of polygons took 130 ms to
+    encode, measured) never holds the event loop.
     """
     from ..segment import build_response
 
@@ -67,7 +70,9 @@ def run_pipeline(pipeline, data: bytes, options: dict, token: CancelToken | None
         run.step()
     if run.failed:
         return Outcome(stage=run.failed_stage, error=run.error)
-    return Outcome(body=json.dumps({**build_response(run), **(extra or {})}).encode())
+    response = build_response(run)
+    body = {key: response[key] for key in keys} if keys is not None else response
+    return Outcome(body=json.dumps({**body, **(extra or {})}).encode(), polygons=len(response["polygons"]))
 
 
 def _portable(outcome: Outcome) -> Outcome:
@@ -116,8 +121,8 @@ def _child_main(conn, cancel, spec: dict) -> None:
         job = conn.recv()
         if job is None:
             return
-        model_id, data, options, extra = job
-        conn.send(_portable(run_pipeline(pipelines[model_id], data, options, token, extra)))
+        model_id, data, options, extra, keys = job
+        conn.send(_portable(run_pipeline(pipelines[model_id], data, options, token, extra, keys)))
 
 
 def pickle_models(models: dict) -> bytes:
@@ -189,11 +194,12 @@ class ProcessWorker:
         self._spawn()
         self.respawn_s.append(round(time.monotonic() - started, 3))
 
-    def run(self, model_id: str, data: bytes, options: dict, token: CancelToken, extra: dict | None = None) -> Outcome:
+    def run(self, model_id: str, data: bytes, options: dict, token: CancelToken, extra: dict | None = None,
+            keys: tuple[str, ...] | None = None) -> Outcome:
         """Run one request in the child; cancel, then kill after ``grace_s``, when ``token`` is cancelled."""
         self.recover()
         self.cancel.clear()
-        self.conn.send((model_id, data, options, extra))
+        self.conn.send((model_id, data, options, extra, keys))
         cancelled_at = None
         while not self.conn.poll(0.02):
             if not self.process.is_alive():

@@ -34,13 +34,14 @@ def test_encode_image_accepts_paths_bytes_and_arrays(tmp_path):
     name, data = encode_image(np.zeros((8, 8), np.uint16))
     assert name == "image.png" and mb.read_image(data)[0].dtype == np.uint16
     name, data = encode_image(np.zeros((8, 8, 3), np.float32))
-    assert name == "image.tif" and mb.read_image(data)[0].dtype == np.float32
+    assert name == "image.tiff" and mb.read_image(data)[0].dtype == np.float32  # .tif fails the real allow-list
     with pytest.raises(mb.OptionsError, match="must be a path, bytes or a numpy array, got list"):
         encode_image([1, 2])
 
 
 def test_client_health_models_and_segment(client):
-    assert client.health()["models_loaded"] == ["hrnet", "slow"]
+    health = client.health()
+    assert health["models_loaded"] == 2 and health["models"] == ["hrnet", "slow"]  # a count, as served; ids: fixed
     assert set(client.models()) == {"hrnet", "slow"}
     result = client.segment(PNG, model="hrnet", threshold=0.4, detect_holes=False)
     assert isinstance(result, SegmentResult) and result.threshold_used == 0.4 and result.warnings == ()
@@ -60,6 +61,10 @@ def test_client_errors_become_explanations(client):
     with pytest.raises(ServiceError, match="model 'slow' did not finish this 96x96 image within 0.3 s") as err:
         client.segment(PNG, model="slow")
     assert err.value.code == "inference_timeout" and err.value.request_id.startswith("req-")
+    cut = PNG[: len(PNG) // 2]
+    with pytest.raises(ServiceError, match=rf"you sent the file 'cut.png' \({len(cut):,} bytes\)") as err:
+        client.segment(cut, filename="cut.png")
+    assert err.value.code == "image_error" and "no 'file'" not in str(err.value)
 
 
 def test_batch_segment_parses_each_file_and_explains_each_failure(client):
@@ -71,11 +76,13 @@ def test_batch_segment_parses_each_file_and_explains_each_failure(client):
     flat = batch.results["image_3.png"]  # a flat image: logits 0, probability 0.5 > 0.4 everywhere
     assert (flat.width, flat.height) == (64, 64) and flat.to_mask().all() and batch.results["image_0.png"].polygons
     text, pixels = batch.errors["image_1.bin"], batch.errors["image_2.png"]
-    assert text.status == 415 and "not an image by its content" in str(text) and text.sent["filename"] == "image_1.bin"
+    assert text.status == 415 and text.code == "unsupported_type" and text.sent["filename"] == "image_1.bin"
+    assert str(text).startswith("415: the upload is not an image") and text.sent["batch_index"] == 1
     assert pixels.status == 413 and "200x200 = 40,000 pixels and the service accepts at most 22,500" in str(pixels)
     assert pixels.request_id.startswith("req-") and pixels.code == "too_many_pixels"
     assert repr(batch).splitlines()[0] == "BatchResult: 2 of 4 file(s) segmented"
-    assert "- image_1.bin: 415: the upload is not an image" in repr(batch) and batch.to_dict()["total"] == 4
+    assert "- image_1.bin: 415: the upload is not an image" in repr(batch) and batch.to_dict()["batch_size"] == 4
+    assert batch.warnings == ()
 
 
 def test_batch_segment_refusals_of_the_whole_request(client):
@@ -92,24 +99,35 @@ def test_batch_segment_refusals_of_the_whole_request(client):
 def test_explanations_of_bare_real_service_answers():
     tif = explain_error(400, {"detail": "Invalid file type. Allowed types: .png, .jpg, .jpeg, .bmp"},
                         sent={"filename": "cells.tif"})
-    assert "allow-list refused it" in tif and "'cells.tif'" in tif
+    assert "refused 'cells.tif': its extension '.tif' is not in its allow-list (.png .jpg .jpeg .bmp)" in tif
+    assert "Neither '.tif' nor '.tiff' passes" in tif
     assert "(5,000,000 bytes) is larger than the service's body size limit" in explain_error(
         413, "Content Too Large", sent={"body_bytes": 5_000_000})
     missing = explain_error(422, {"detail": [{"type": "missing", "loc": ["body", "file"], "msg": "Field required",
                                               "input": None}]}, sent={"threshold": 0.3})
-    assert "no 'file' form field was sent" in missing and "multipart file field named 'file'" in missing
+    assert "the request had no 'file' field" in missing and "multipart file field named 'file'" in missing
+    decode = explain_error(422, {"detail": "the image cannot be decoded", "error": "image_error", "errors": [
+        {"type": "image_error", "loc": ["body", "file"], "msg": "the image cannot be decoded", "input": "upload"}]},
+        sent={"filename": "cut.png", "file_bytes": 812})
+    assert "you sent the file 'cut.png' (812 bytes)" in decode and "no 'file'" not in decode
+    assert "Fix: the file arrived but its content is refused" in decode
     busy = explain_error(429, {"detail": "x", "error": "queue_full", "queue_depth": 8, "queue_size": 8},
                          {"retry-after": "3"})
     assert "queue is full (8 of 8 waiting)" in busy and "retry after 3 s" in busy
     assert "keeps the forward running" in explain_error(504, {"detail": "Inference timeout"})
-    assert "answers 500 for an unknown model" in explain_error(500, {"detail": "Model unet not found"})
+    assert "has no model 'unet' and did not list its models" in explain_error(500, {"detail": "Model unet not found"})
+    assert "answers 500 for an unknown model" in explain_error(500, {"detail": "Segmentation failed: CUDA error"})
+    assert "inference timed out after 60 s" in explain_error(504, {"detail": {"error": "Model inference timeout",
+                                                                              "message": "x", "timeout": 60}})
     assert retry_after_of({}, {"retry_after_s": 4}) == 4.0 and retry_after_of({}, "text") is None
 
 
 def test_explain_success_flags_ignored_query_parameters():
     body = {"threshold_used": 0.5, "model_used": "hrnet", "polygons": []}
     notes = explain_success(body, {"threshold": 0.8, "model": "resunet_small"})
-    assert len(notes) == 2 and "asked threshold=0.8 but the service used 0.5" in notes[0]
+    assert len(notes) == 3 and "asked threshold=0.8 but the service used 0.5" in notes[0]
+    assert notes[2].startswith("no polygons in this answer (at threshold 0.5")
+    assert explain_success({**body, "warning": "No polygons detected"}, {})[-1] == "No polygons detected"
     assert explain_success({"model_used": "resunet_small"}, {"model": "cbam_resunet"}) == []
 
 
@@ -118,7 +136,7 @@ def test_explain_raw_response(client):
     text = client.explain(response, sent={"threshold": 0.8})
     assert text.startswith("200: OK") and "asked threshold=0.8 but the service used 0.5" in text
     missing = client.http.post("/api/v1/segment", data={"threshold": "0.3"})
-    assert "no 'file' form field was sent" in client.explain(missing, sent={"threshold": 0.3})
+    assert "the request had no 'file' field" in client.explain(missing, sent={"threshold": 0.3})
     assert repr(client) == "ServiceClient(in-process app)"
 
 
@@ -133,3 +151,26 @@ def test_client_against_a_live_url():
         assert repr(live) == f"ServiceClient({server.url})"
     with pytest.raises(mb.OptionsError, match="not a loopback address"):
         serve_in_thread(create_app(settings), host="0.0.0.0")
+
+
+def test_client_against_the_as_served_preset(tmp_path):
+    """The historic preset answers in the real service's words; the client explains them the same way."""
+    settings = ServiceSettings.as_served(models={"hrnet": BrightModel()}, options={"input_size": 64})
+    (tmp_path / "cells.png").write_bytes(PNG)
+    (tmp_path / "page.png").write_bytes(b"<!DOCTYPE html>\n<html><body>502 Bad Gateway</body></html>")
+    with ServiceClient(create_app(settings), timeout=30) as served:
+        result = served.segment(PNG, filename="cells.png", model="hrnet", threshold=0.4)
+        assert result.model_used == "hrnet" and result.threshold_used == 0.4 and result.to_mask().any()
+        with pytest.raises(ServiceError, match=r"refused 'cells.tif' \(\d[\d,]* bytes\): its extension '.tif'") as err:
+            served.segment(PNG, filename="cells.tif")
+        assert err.value.status == 400 and err.value.code == "extension_not_allowed"
+        with pytest.raises(ServiceError, match="has no model 'unet'") as err:
+            served.segment(PNG, filename="cells.png", model="unet")
+        assert err.value.code == "unknown_model"
+        with pytest.raises(ServiceError, match=r"is cut short \(truncated\)") as err:
+            served.segment(PNG[: len(PNG) // 2], filename="cut.png")
+        assert err.value.code == "image_error"
+        batch = served.batch_segment([tmp_path / "cells.png", tmp_path / "page.png"])
+        assert list(batch.results) == ["cells.png"] and batch.errors["page.png"].code == "image_error"
+        assert "starts with `<!DOCTYPE html>`, so it is an HTML page" in str(batch.errors["page.png"])
+        assert batch.warnings == ()

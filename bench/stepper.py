@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import mlbench as mb  # noqa: E402
-from mlbench.stages import STAGE_NAMES  # noqa: E402
+from mlbench.pipeline.stages import STAGE_NAMES  # noqa: E402
 from mlbench.widgets import Stepper  # noqa: E402
 
 TARGET_SECONDS = 0.300

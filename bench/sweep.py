@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from mlbench.sweep import sweep, sweep_executor  # noqa: E402
-from mlbench.synthetic import make_spheroids  # noqa: E402
+from mlbench.studies import sweep, sweep_executor  # noqa: E402
+from mlbench.samples.synthetic import make_spheroids  # noqa: E402
 
 MODELS = ("hrnet", "cbam_resunet", "ma_resunet")
 TARGET = 1.6

@@ -22,7 +22,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlbench.paths import sha256_file  # noqa: E402
-from mlbench.synthetic import make_spheroids  # noqa: E402
+from mlbench.samples.synthetic import make_spheroids  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "samples"
 

@@ -1,17 +1,24 @@
 """The ``mlbench`` command line. Every inspector prints text by default and JSON with ``--json``.
 
 Exit status: 0 on success, 1 when the inspected thing has a problem or a stage failed,
-2 for bad arguments.
+2 for bad arguments, 3 when the command cannot run here (an optional package is missing,
+or the command's module failed to load).
+
+Every command is listed whatever is installed. One whose optional extra is missing (fastapi
+for ``serve``) says which extra to install when run; one whose module fails for another
+reason says how, with the exception; neither stops the other commands.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from typing import Callable
 
-from .errors import MlbenchError, OptionsError
+from mlbench.checks.environment_probes import Requirement, install_command, requirement_for_module
+from mlbench.errors import MlbenchError, OptionsError
 
 __all__ = ["main"]
 
@@ -43,7 +50,7 @@ def _segment_parser(sub) -> None:
 
 
 def _segment(args) -> int:
-    from .pipeline import Pipeline
+    from mlbench.pipeline.run import Pipeline
 
     options = {"input_size": args.input_size}
     if args.threshold is not None:
@@ -59,7 +66,7 @@ def _segment(args) -> int:
     if args.overlay:
         from PIL import Image
 
-        from .overlay import overlay
+        from mlbench.image.display import overlay
 
         Image.fromarray(overlay(run.output("decode").image, seg.mask)).save(args.overlay)
     if args.json:
@@ -79,7 +86,12 @@ def _lab_parser(sub) -> None:
 def _lab(args) -> int:
     import os
     import subprocess
+    from importlib.util import find_spec
     from pathlib import Path
+
+    for module in ("jupyterlab", "ipywidgets"):
+        if find_spec(module) is None:
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
 
     notebooks = Path(__file__).resolve().parents[1] / "notebooks"
     command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={args.port}",
@@ -87,50 +99,120 @@ def _lab(args) -> int:
     return subprocess.call(command)
 
 
-# Sub-commands that live beside the concept they inspect: (module, function that adds the parser).
+# Sub-commands that live beside the concept they inspect:
+# (command, module, function that adds its parser, the extra it needs beyond the core: "" for none).
 _EXTERNAL_COMMANDS = [
-    ("mlbench.imagecheck", "add_check_image_command"), ("mlbench.weights", "add_check_weights_command"),
-    ("mlbench.triage", "add_triage_command"), ("mlbench.doctor", "add_doctor_command"),
-    ("mlbench.report", "add_report_command"), ("mlbench.sweep", "add_sweep_command"),
-    ("mlbench.compare", "add_compare_command"), ("mlbench.probes.cli", "add_memory_command"),
-    ("mlbench.tile_fidelity", "add_tiles_command"),
-    ("mlbench.service.cli", "add_serve_command"),
+    ("check-image", "mlbench.checks.image", "add_check_image_command", ""),
+    ("check-weights", "mlbench.checks.weights", "add_check_weights_command", ""),
+    ("triage", "mlbench.failures._triage", "add_triage_command", ""),
+    ("doctor", "mlbench.checks.environment", "add_doctor_command", ""),
+    ("report", "mlbench.cases._report", "add_report_command", ""),
+    ("sweep", "mlbench.studies._sweep", "add_sweep_command", ""),
+    ("compare", "mlbench.studies.compare", "add_compare_command", ""),
+    ("memory", "mlbench.probes.cli", "add_memory_command", ""),
+    ("tiles", "mlbench.studies._tile_fidelity", "add_tiles_command", ""),
+    ("serve", "mlbench.service.cli", "add_serve_command", "service"),
 ]
+COMMAND_EXTRAS = {"lab": "lab", **{name: extra for name, _, _, extra in _EXTERNAL_COMMANDS if extra}}
+"""The extra of ``pyproject.toml``'s optional-dependencies that each optional command needs."""
+
+CANNOT_RUN = 3
+"""Exit status of a command that cannot run in this environment."""
 
 
-def _missing_extra(sub, name: str, error: ImportError) -> None:
-    p = sub.add_parser(name, help=f"unavailable: {error}")
-    p.set_defaults(run=lambda args: _fail(f"`mlbench {name}` needs a missing package ({error}); "
-                                          "install the extra: pip install 'mlbench[service]'"))
+def _missing_module(error: BaseException | None) -> str | None:
+    """The module a ``ModuleNotFoundError`` names: ``error`` itself or one it was raised ``from``."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ModuleNotFoundError) and error.name:
+            return error.name
+        seen.add(id(error))
+        error = error.__cause__
+    return None
+
+
+def _missing_requirement(command: str, error: BaseException) -> Requirement | None:
+    """The requirement to install when ``command`` failed because a package is missing; None otherwise.
+
+    The package is looked up among mlbench's declared requirements (with its extra, or its range
+    for a core one); one not declared there (a dependency of a dependency) falls back to the
+    command's own extra (:data:`COMMAND_EXTRAS`). A missing ``mlbench.*`` module is a broken
+    install, not a missing extra: None.
+    """
+    module = _missing_module(error)
+    if module is None or module.split(".")[0] == "mlbench":
+        return None
+    requirement = requirement_for_module(module)
+    if requirement is None and command in COMMAND_EXTRAS:
+        requirement = Requirement(module, module, "", COMMAND_EXTRAS[command])
+    return requirement
+
+
+def _install_hint(command: str, error: BaseException) -> str | None:
+    """What is missing for ``command`` and the pip command that installs it; None for any other failure."""
+    requirement = _missing_requirement(command, error)
+    if requirement is None:
+        return None
+    part = f"part of the '{requirement.extra}' extra" if requirement.extra else "a core dependency of mlbench"
+    return (f"`mlbench {command}` needs {requirement.name} ({part}), which is not installed here "
+            f"({type(error).__name__}: {error}); install it: {install_command(requirement)}")
+
+
+def _load_failure(command: str, module: str, error: BaseException) -> str:
+    """Why ``command`` cannot run: the extra to install, or the exception its module raised."""
+    hint = _install_hint(command, error)
+    if hint is not None:
+        return hint
+    return (f"`mlbench {command}` could not be loaded: {module} raised {type(error).__name__}: {error}; "
+            "the other commands still work. Fix that error, or reinstall mlbench (pip install -e .) and run "
+            "`mlbench doctor`")
+
+
+def _add_unavailable(sub, command: str, module: str, error: Exception) -> None:
+    """List ``command`` all the same; running it (with any arguments) says why it cannot run."""
+    message, requirement = _load_failure(command, module, error), _missing_requirement(command, error)
+    short = install_command(requirement) if requirement else f"{module} failed to load ({type(error).__name__})"
+    sub.choices.pop(command, None)  # its own add function may have failed half-way
+    p = sub.add_parser(command, help=f"UNAVAILABLE here: {short}", description=message)
+    p.set_defaults(run=lambda args: _fail(message), unavailable=True)
 
 
 def _fail(message: str) -> int:
     print(message, file=sys.stderr)
-    return 2
+    return CANNOT_RUN
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
+    """The ``mlbench`` parser with every command; one that cannot load is listed as unavailable."""
     parser = argparse.ArgumentParser(prog="mlbench", description="Debug image-segmentation inference.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS.values():
         add(sub)
-    for module, function in _EXTERNAL_COMMANDS:
+    for name, module, function, _ in _EXTERNAL_COMMANDS:
         try:
             getattr(importlib.import_module(module), function)(sub)
-        except ImportError as error:  # an optional extra (fastapi for serve) is not installed
-            _missing_extra(sub, "serve", error)
+        except Exception as error:  # noqa: BLE001 - any failure stays with its own command
+            _add_unavailable(sub, name, module, error)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mlbench`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "unavailable", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.run(args)
+    except ModuleNotFoundError as exc:  # an optional package the command imports when it runs
+        hint = _install_hint(args.command, exc)
+        if hint is None:
+            raise
+        return _fail(hint)
     except MlbenchError as exc:
         print(f"mlbench {args.command}: {exc}", file=sys.stderr)
+        if _missing_module(exc) is not None:
+            return CANNOT_RUN
         return 2 if isinstance(exc, OptionsError) else 1
 
 

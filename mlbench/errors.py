@@ -39,3 +39,7 @@ class StageError(MlbenchError, RuntimeError):
 
 class DataError(MlbenchError, ValueError):
     """A sample name that does not exist or bundled data that fails its checksum."""
+
+
+class MlbenchWarning(UserWarning):
+    """Something mlbench did on the user's behalf and says so (a model switched to eval mode)."""

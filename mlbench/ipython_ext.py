@@ -18,7 +18,7 @@ _STATE: dict[int, Any] = {}
 def diagnosis_text(exc: BaseException) -> str:
     """The block printed under a traceback: never raises (a failing triage must not hide the error)."""
     try:
-        from .triage import triage
+        from mlbench.failures import triage
 
         diagnosis = triage(exc)
     except Exception as problem:  # the user's exception matters more than ours
@@ -34,7 +34,7 @@ def _handler(shell: Any, etype: type, evalue: BaseException, tb: Any, tb_offset:
 
 def _triage_magic(line: str = "") -> None:
     """``%triage``: diagnose the last exception (``sys.last_value``) again, or the text given."""
-    from .triage import triage
+    from mlbench.failures import triage
 
     if line.strip():
         print(repr(triage(line)))

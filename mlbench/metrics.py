@@ -28,7 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import OptionsError
+from mlbench.errors import OptionsError
+from mlbench.findings import ReportText
 
 __all__ = ["PixelScores", "pixel_scores", "Matching", "match_objects", "matching_curve", "to_labels"]
 
@@ -37,8 +38,8 @@ def _ratio(num: float, den: float, empty: float) -> float:
     return float(num) / float(den) if den else empty
 
 
-@dataclass(frozen=True)
-class PixelScores:
+@dataclass(frozen=True, repr=False)
+class PixelScores(ReportText):
     """Pixel-level agreement of a binary prediction with the truth.
 
     IoU and Dice are 1.0 when both masks are empty; precision is NaN when nothing is
@@ -53,7 +54,7 @@ class PixelScores:
     fp: int
     fn: int
 
-    def __repr__(self) -> str:
+    def text(self) -> str:
         return (f"PixelScores(iou={self.iou:.4f}, dice={self.dice:.4f}, precision={self.precision:.4f}, "
                 f"recall={self.recall:.4f}, tp={self.tp}, fp={self.fp}, fn={self.fn})")
 
@@ -255,8 +256,8 @@ def _object_table(ov: _Overlap, mt: np.ndarray, mp: np.ndarray, ms: np.ndarray,
     return table.astype({"true_area": "int64", "pred_area": "int64", "merged": bool, "split": bool})
 
 
-@dataclass(frozen=True, eq=False)
-class Matching:
+@dataclass(frozen=True, eq=False, repr=False)
+class Matching(ReportText):
     """Object-level agreement at one IoU threshold (StarDist's ``matching`` definitions).
 
     Attributes
@@ -298,7 +299,7 @@ class Matching:
     _SCALARS = ("thresh", "tp", "fp", "fn", "n_true", "n_pred", "precision", "recall", "f1", "accuracy",
                 "mean_true_score", "mean_matched_score", "panoptic_quality")
 
-    def __repr__(self) -> str:
+    def text(self) -> str:
         return (f"Matching(thresh={self.thresh:g}: tp={self.tp}, fp={self.fp}, fn={self.fn}, "
                 f"precision={self.precision:.4f}, recall={self.recall:.4f}, f1={self.f1:.4f}, "
                 f"accuracy={self.accuracy:.4f}, mean_matched_iou={self.mean_matched_score:.4f}, "
@@ -355,6 +356,16 @@ def match_objects(true_labels: np.ndarray, pred_labels: np.ndarray, thresh: floa
     ------
     OptionsError
         For different shapes, float or negative labels, or a threshold outside [0, 1].
+
+    Examples
+    --------
+    One object found (shifted by a row), one missed:
+
+    >>> truth = np.zeros((64, 64), int); truth[5:20, 5:20] = 1; truth[30:50, 30:50] = 2
+    >>> pred = np.zeros((64, 64), int); pred[6:21, 5:20] = 1
+    >>> m = match_objects(truth, pred)
+    >>> m.tp, m.fp, m.fn, m.precision, m.recall
+    (1, 0, 1, 1.0, 0.5)
     """
     many = not np.isscalar(thresh)
     thresholds = [float(t) for t in (thresh if many else [thresh])]

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .models import build_model, list_models
-from .options import IMAGENET_MEAN, IMAGENET_STD
-from .paths import data_dir, sha256_file
-from .synthetic import make_spheroids
+from mlbench.models import build_model, list_models
+from mlbench.models.cards import IMAGENET_MEAN, IMAGENET_STD
+from mlbench.pipeline.options import PRESET_NAMES
+from mlbench.paths import data_dir, sha256_file
+from mlbench.samples.synthetic import make_spheroids
 
 __all__ = ["Recipe", "train_model", "evaluate_iou", "main"]
 
@@ -122,7 +123,7 @@ def _train(name: str, recipe: Recipe, log) -> torch.nn.Module:
 
 def evaluate_iou(model: torch.nn.Module, input_size: int, n: int = 50, size: int = 512, seed: int = 12345) -> float:
     """Pixel IoU (all images pooled) of the ``fixed`` pipeline on ``n`` generated images never seen in training."""
-    from .pipeline import Pipeline
+    from mlbench.pipeline.run import Pipeline
 
     rng = np.random.default_rng(seed)
     pipeline = Pipeline(model, input_size=input_size)
@@ -138,15 +139,15 @@ def evaluate_iou(model: torch.nn.Module, input_size: int, n: int = 50, size: int
 
 def _sample_ious(model: torch.nn.Module) -> dict[str, dict[str, float]]:
     """Pixel IoU of the freshly written weights on every bundled sample, both presets."""
-    from .samples import list_samples, load_sample
-    from .segment import segment
+    from mlbench.samples.bundled import list_samples, load_sample
+    from mlbench.pipeline import segment
 
     out: dict[str, dict[str, float]] = {}
     for sample_name in list_samples():
         sample = load_sample(sample_name)
         truth = sample.mask > 0
         out[sample_name] = {}
-        for preset in ("fixed", "as_served"):
+        for preset in PRESET_NAMES:
             mask = segment(sample.path, model, preset=preset).mask
             union = (mask | truth).sum()
             out[sample_name][preset] = round(float((mask & truth).sum() / union) if union else 1.0, 4)
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=data_dir() / "weights")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (one process per core trains best)")
     args = parser.parse_args(argv)
-    from .zoo import load_trained
+    from mlbench.models.loading import load_trained
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)

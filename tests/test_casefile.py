@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 import mlbench as mb
-from mlbench.casebook import Casebook, similar_cases
-from mlbench.casefile import CaseError, load_case, save_case
+from mlbench.cases.casebook import Casebook
+from mlbench.failures.case_index import similar_cases
+from mlbench.cases.casefile import CaseError, load_case, save_case
 from mlbench.errors import DataError, OptionsError
-from mlbench.triage import make_diagnosis, triage
+from mlbench.failures._triage import make_diagnosis, triage
 
 torch.set_num_threads(1)
 
@@ -48,7 +49,7 @@ def test_failed_run_round_trip_and_replay(tmp_path, failing_run):
     assert meta["diagnosis"]["numbers"] == {"size_a": 8, "size_b": 9, "dimension": 3}
     assert set(meta["files"]) == {"image.png", "previews/decoded.png"}
     repo = str(Path(mb.__file__).resolve().parents[1])
-    assert 'File ".../mlbench/stages.py"' in meta["traceback"] and repo not in meta["traceback"]
+    assert 'File ".../pipeline/stages.py"' in meta["traceback"] and repo not in meta["traceback"]
     case = load_case(path)
     assert case.replay.same and case.replay.differences == ()
     assert case.image_bytes == failing_run.source

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import mlbench as mb
-from mlbench.client import BatchResult, SegmentResult, ServiceClient, ServiceError, encode_image
-from mlbench.http_errors import explain_error, explain_success, retry_after_of
+from mlbench.client.service_client import BatchResult, SegmentResult, ServiceClient, ServiceError, encode_image
+from mlbench.client.explain import explain_error, explain_success, retry_after_of
 from mlbench.service import ServiceSettings, create_app
 from mlbench.service.fakes import BrightModel, SlowModel, make_png
 

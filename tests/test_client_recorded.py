@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import mlbench as mb
-from mlbench.client import BatchResult, SegmentResult, ServiceClient, ServiceError
+from mlbench.client.service_client import BatchResult, SegmentResult, ServiceClient, ServiceError
 
 RECORDED = json.loads((Path(__file__).parent / "data" / "service_api" / "recorded_seed.json").read_text())["requests"]
 HTML = b"<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>\n"

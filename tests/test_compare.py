@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import mlbench as mb
-from mlbench.compare import compare_models, measure, summarize_comparison
+from mlbench.studies.compare import compare_models, measure, summarize_comparison
 from mlbench.metrics import match_objects, pixel_scores
 
 
@@ -77,7 +77,7 @@ def test_compare_command_prints_the_table(monkeypatch, capsys):
 
     import pandas as pd
 
-    import mlbench.compare as compare
+    import mlbench.studies.compare as compare
 
     seen = {}
 

@@ -10,9 +10,9 @@ import tifffile
 from PIL import Image
 
 import mlbench as mb
-from mlbench.options import make_options
-from mlbench.polygons import mask_to_polygons
-from mlbench.preprocess import normalize_tensor, scale_divisor, to_unit_range
+from mlbench.pipeline.options import make_options
+from mlbench.pipeline.polygons import mask_to_polygons
+from mlbench.pipeline.preprocess import normalize_tensor, scale_divisor, to_unit_range
 
 
 def disk(shape, center, radius):
@@ -40,13 +40,35 @@ def test_make_spheroids_rejects_bad_shape():
 def test_presets_and_unknown_options():
     served = make_options("as_served")
     assert served.decoder == "pil" and served.normalize == "none" and served.sigmoid == "if_outside_unit"
-    assert make_options("fixed").normalize == "imagenet"
+    assert make_options("fixed").normalize is None  # the card says: ImageNet for the bundled models
+    assert make_options("fixed").resolved(mb.ModelCard()).normalize == "imagenet"
     with pytest.raises(mb.OptionsError, match="preset='nope' is unknown"):
         make_options("nope")
-    with pytest.raises(mb.OptionsError, match=r"unknown pipeline option\(s\) \['tresh'\]"):
+    with pytest.raises(mb.OptionsError, match=r"unknown option 'tresh' \(tresh=0.3\); did you mean 'threshold'\? valid: "):
         make_options("fixed", tresh=0.3)
     with pytest.raises(mb.OptionsError, match="threshold=1.5 is outside"):
         make_options("fixed", threshold=1.5)
+
+
+VALID = ("valid: convert_rgb, decoder, detect_holes, device, hierarchy, input_size, interpolation, min_area, "
+         "normalize, resize, scaling, sigmoid, threshold, train_mode")
+
+
+def test_unknown_options_name_the_closest_valid_one_everywhere():
+    """make_options, mb.Pipeline and Run.with_options share one check and one message."""
+    expected = r"^unknown option 'treshold' \(treshold=0.3\); did you mean 'threshold'\? " + VALID + "$"
+    model = mb.build_model("cbam_resunet", "small").eval()
+    run = mb.Pipeline(model).start(np.zeros((32, 32), np.uint8))
+    for attempt in (lambda: make_options("fixed", treshold=0.3), lambda: mb.Pipeline(model, treshold=0.3),
+                    lambda: mb.Pipeline("no-such-model", treshold=0.3), lambda: run.with_options(treshold=0.3)):
+        with pytest.raises(mb.OptionsError, match=expected) as caught:
+            attempt()
+        assert isinstance(caught.value, ValueError)
+    with pytest.raises(ValueError, match=r"^unknown option 'colour' \(colour='red'\); " + VALID + "$"):
+        run.with_options(colour="red")
+    with pytest.raises(mb.OptionsError, match=r"^unknown options 'treshold' \(did you mean 'threshold'\?\), 'colour'; valid: "):
+        mb.Pipeline(model, treshold=0.3, colour="red")
+    assert run.with_options(threshold=0.3).options.threshold == 0.3
 
 
 def test_scale_divisor_follows_effective_bit_depth():
@@ -131,7 +153,7 @@ def test_polygons_area_filter_and_no_holes():
 
 
 def test_describe_survives_arrays_without_numbers():
-    from mlbench.stages import describe
+    from mlbench.pipeline.stages import describe
 
     assert describe(np.array(["a", None], dtype=object)) == "array(2,) object"
     assert describe(np.array([1.5, -2.0], np.float32)) == "array(2,) float32 range -2..1.5"

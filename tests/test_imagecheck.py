@@ -14,7 +14,7 @@ import tifffile
 from PIL import Image
 
 import mlbench as mb
-from mlbench.imagecheck import add_check_image_command, check_image, served_decode
+from mlbench.checks.image import add_check_image_command, check_image, served_decode
 
 
 def _png(array: np.ndarray) -> bytes:

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 import mlbench as mb
-from mlbench.normcheck import check_normalization, training_reference
-from mlbench.options import make_options
-from mlbench.preprocess import normalize_tensor, preprocess_array
+from mlbench.checks.normalization import check_normalization, training_reference
+from mlbench.pipeline.options import make_options
+from mlbench.pipeline.preprocess import normalize_tensor, preprocess_array
 
 
 @pytest.fixture(scope="module")
 def unit_input():
     """A generated spheroid image scaled to [0, 1], three channels, (1, 3, 128, 128), no mean/std."""
     image, _ = mb.make_spheroids((128, 128), 3, np.random.default_rng(42))
-    return preprocess_array(image, make_options("fixed", normalize="none"), 128)
+    return preprocess_array(image, make_options("fixed", normalize="none", input_size=128))
 
 
 MISTAKES = {
@@ -51,7 +51,7 @@ def test_each_mistake_is_named(unit_input, mistake):
 
 
 def test_served_input_of_the_8_bit_sample_lacks_mean_std():
-    run = mb.Pipeline(mb.build_model("ma_resunet"), preset="as_served", input_size=128).start(
+    run = mb.Pipeline(mb.build_model("ma_resunet").eval(), preset="as_served", input_size=128).start(
         mb.load_sample("spheroids_8bit").path).run_until("preprocess")
     report = check_normalization(run.output("preprocess"))
     assert report.diagnosis == "no_mean_std"
@@ -86,15 +86,16 @@ def test_reference_from_manifest_or_imagenet(tmp_path, monkeypatch):
 
 
 def test_report_dict_text_and_plot(unit_input):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     report = check_normalization(unit_input * 255)
     as_json = json.loads(json.dumps(report.to_dict()))
     assert as_json["diagnosis"] == "range_0_255" and as_json["channel_max"][0] <= 255
     assert "expected mean" in str(report)
-    axes = report.plot()
-    assert [ax.get_title() for ax in axes] == ["model input", "training input"]
-    plt.close("all")
+    fig = report.plot()
+    assert isinstance(fig, Figure) and [ax.get_title() for ax in fig.axes] == ["model input", "training input"]
+    mine = Figure()
+    axes = mine.subplots(1, 2)
+    assert report.plot(axes=axes) is mine and len(axes[1].patches) == 3  # one step histogram per channel
+    with pytest.raises(mb.OptionsError, match=r"NormReport.plot draws 2 panel\(s\) but was given 1 object"):
+        report.plot(axes=axes[:1])

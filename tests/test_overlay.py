@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import mlbench as mb
-from mlbench.overlay import PALETTE, label_colours, overlay
+from mlbench.image.display import PALETTE, label_colours, overlay
 
 
 def _blend(grey: int, colour, alpha=0.45):
@@ -69,7 +69,7 @@ def test_viz_does_not_import_matplotlib_at_import_time():
     import subprocess
     import sys
 
-    code = "import sys, mlbench.viz, mlbench.metrics, mlbench.polycheck, mlbench.compare; print('matplotlib' in sys.modules)"
+    code = "import sys, mlbench.viz, mlbench.metrics, mlbench.checks.polygons, mlbench.studies.compare; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -78,8 +78,8 @@ def test_viz_figures_have_the_expected_panels():
     from matplotlib.figure import Figure
 
     from mlbench import viz
-    from mlbench.polycheck import threshold_counts
-    from mlbench.polygons import mask_to_polygons
+    from mlbench.checks.polygons import threshold_counts
+    from mlbench.pipeline.polygons import mask_to_polygons
 
     image, labels = mb.make_spheroids((64, 64), 2, np.random.default_rng(0))
     prob = (labels > 0).astype(np.float32) * 0.8
@@ -98,3 +98,67 @@ def test_viz_figures_have_the_expected_panels():
 
     table = pd.DataFrame({"image": ["a", "a"], "model": ["m1", "m2"], "pixel_iou": [0.5, 0.7], "seconds": [1.0, 2.0]})
     assert [a.get_title() for a in viz.plot_comparison(table).axes] == ["pixel_iou", "seconds"]
+    fig = viz.show_error_maps(image, {"a": labels > 0, "b": np.roll(labels > 0, 3, axis=1)}, labels)
+    assert isinstance(fig, Figure) and [a.get_title()[:2] for a in fig.axes] == ["a:", "b:"]
+
+
+def test_heat_maps_have_a_colour_bar():
+    from mlbench import viz
+
+    image, labels = mb.make_spheroids((32, 32), 1, np.random.default_rng(0))
+    fig = viz.show_segmentation(image, (labels > 0).astype(np.float32))
+    probability, bar = fig.axes[1], fig.axes[-1]
+    assert probability.images[0].colorbar is not None and bar.get_label() == "<colorbar>"
+
+
+def _plot_inputs():
+    import pandas as pd
+
+    from mlbench.checks.polygons import threshold_counts
+    from mlbench.pipeline.polygons import mask_to_polygons
+
+    image, labels = mb.make_spheroids((48, 48), 2, np.random.default_rng(1))
+    prob = (labels > 0).astype(np.float32) * 0.8
+    counts = threshold_counts(prob, (0.3, 0.9))
+    table = pd.DataFrame({"image": ["a", "a"], "model": ["m1", "m2"], "pixel_iou": [0.5, 0.7], "seconds": [1.0, 2.0]})
+    return image, labels, prob, mask_to_polygons(labels > 0, min_area=5), counts, table
+
+
+def test_every_plot_draws_into_the_given_axes_and_returns_their_figure():
+    from matplotlib.figure import Figure
+
+    from mlbench import viz
+
+    image, labels, prob, polys, counts, table = _plot_inputs()
+    fig = Figure()
+    axes = fig.subplots(2, 2)  # any array of Axes, one per panel
+    assert viz.show_segmentation(image, prob, truth=labels, axes=axes) is fig
+    assert all(ax.images for ax in axes.ravel()) and len(fig.axes) == 5  # and the probability's colour bar
+    fig = Figure()
+    ax = fig.subplots()
+    assert viz.show_polygons(image, polys, ax=ax) is fig and len(ax.lines) == len(polys)
+    fig = Figure()
+    axes = fig.subplots(1, 2)
+    assert viz.show_error_maps(image, {"a": labels > 0, "b": labels > 0}, labels, axes=axes, title="t") is fig
+    assert all(ax.images for ax in axes) and fig.get_suptitle() == "t"
+    fig = Figure()
+    axes = fig.subplots(1, 2)
+    assert viz.plot_threshold_curve(counts, counts[["thresh", "foreground"]], axes=axes) is fig
+    assert axes[0].lines and axes[1].lines and len(fig.axes) == 3  # and the twin of the first
+    fig = Figure()
+    axes = list(fig.subplots(1, 2))
+    assert viz.plot_comparison(table, axes=axes) is fig and [a.get_title() for a in axes] == ["pixel_iou", "seconds"]
+
+
+def test_plots_refuse_axes_that_do_not_fit():
+    from matplotlib.figure import Figure
+
+    from mlbench import viz
+
+    image, labels, prob, polys, counts, table = _plot_inputs()
+    ax = Figure().subplots()
+    with pytest.raises(mb.OptionsError, match=r"show_segmentation draws 3 panel\(s\) but was given 1 object\(s\) "
+                                              r"of type \['Axes'\]; pass 3 matplotlib Axes"):
+        viz.show_segmentation(image, prob, axes=[ax])
+    with pytest.raises(mb.OptionsError, match=r"show_polygons draws 1 panel\(s\) but was given 1 object\(s\) of type \['str'\]"):
+        viz.show_polygons(image, polys, ax="left")

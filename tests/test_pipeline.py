@@ -20,8 +20,7 @@ RESPONSE_KEYS = {"success", "polygons", "model_used", "threshold_used", "image_s
 def tiny():
     """An untrained small CBAM-ResUNet run at 64 px: fast, deterministic."""
     model = mb.build_model("cbam_resunet", "small", seed=3).eval()
-    model.mlbench_input_size = 64
-    return model
+    return mb.attach_card(model, mb.card(model).changed(input_size=64))
 
 
 @pytest.fixture(scope="module")

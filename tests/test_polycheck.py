@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import mlbench as mb
-from mlbench.polycheck import check_polygons, rasterize_polygons, threshold_counts
-from mlbench.polygons import mask_to_polygons
+from mlbench.checks.polygons import check_polygons, rasterize_polygons, threshold_counts
+from mlbench.pipeline.polygons import mask_to_polygons
 
 
 def ring_scene():

@@ -63,9 +63,12 @@ def test_plot_returns_figure():
         model(torch.ones(1, 3, 8, 8))
     figure = timeline.plot()
     assert figure.axes[0].get_ylabel() == "MiB"
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    plt.close(figure)
+    assert isinstance(figure, Figure)
+    mine = Figure()
+    ax = mine.subplots()
+    assert timeline.plot(ax=ax) is mine and ax.get_ylabel() == "MiB" and ax.lines
 
 
 def test_note_outside_recording_is_ignored_and_bad_model():

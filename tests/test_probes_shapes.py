@@ -7,7 +7,7 @@ import torch
 
 import mlbench as mb
 from mlbench.errors import OptionsError
-from mlbench.preprocess import normalize_tensor
+from mlbench.pipeline.preprocess import normalize_tensor
 from mlbench.probes import explain_error, size_chain, trace_shapes, valid_sides
 from probe_toys import ToyNet, TupleNet
 

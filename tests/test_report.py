@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 import mlbench as mb
-from mlbench.casefile import save_case
+from mlbench.cases.casefile import save_case
 from mlbench.errors import OptionsError
-from mlbench.report import SECTION_TITLES, add_report_command, markdown_to_html, report
+from mlbench.cases._report import SECTION_TITLES, add_report_command, markdown_to_html, report
 
 torch.set_num_threads(1)
 

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 import mlbench as mb
-from mlbench.segment import NO_POLYGONS_WARNING
+from mlbench.pipeline.result import NO_POLYGONS_WARNING
 from mlbench.service import ServiceSettings, create_app, serve_in_thread
 from mlbench.service.fakes import BrightModel
 

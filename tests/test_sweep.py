@@ -14,8 +14,8 @@ import tifffile
 from PIL import Image
 
 from mlbench.errors import MlbenchError, OptionsError
-from mlbench.sweep import CrashIf, add_sweep_command, read_rows, sweep, sweep_executor, sweep_tasks
-from mlbench.synthetic import make_spheroids
+from mlbench.studies._sweep import CrashIf, add_sweep_command, read_rows, sweep, sweep_executor, sweep_tasks
+from mlbench.samples.synthetic import make_spheroids
 
 MODEL = "cbam_resunet"
 
@@ -90,6 +90,14 @@ def test_bad_arguments_raise(folder, monkeypatch):
     monkeypatch.setitem(sys.modules, "distributed", None)
     with pytest.raises(MlbenchError, match="pip install 'mlbench\\[dask\\]'"):
         sweep_executor("local")
+
+
+def test_progress_is_a_tqdm_bar_with_count_and_eta_and_can_be_switched_off(folder, capsys):
+    _sweep(folder, progress=True)
+    err = capsys.readouterr().err
+    assert "sweep: 100%" in err and "4/4 [" in err and "task/s" in err and "<" in err  # count, elapsed<ETA, rate
+    _sweep(folder, progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def _cli(argv):

@@ -8,8 +8,8 @@ import torch
 
 import mlbench as mb
 from mlbench.errors import OptionsError
-from mlbench.tile_fidelity import TileFidelity, logits_to_mask, mask_iou
-from mlbench.tiling import run_tiled
+from mlbench.studies._tile_fidelity import TileFidelity, logits_to_mask, mask_iou
+from mlbench.probes.tiling import run_tiled
 from probe_toys import LocalNet, NormNet
 
 
@@ -94,7 +94,7 @@ def test_tiles_command(capsys):
     import json
 
     from mlbench.cli import main
-    from mlbench.samples import load_sample
+    from mlbench.samples.bundled import load_sample
 
     image = str(load_sample("spheroids_8bit").path)
     assert main(["tiles", image, "--model", "cbam_resunet", "--tiles", "384", "--mode", "image", "--json"]) == 0

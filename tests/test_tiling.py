@@ -13,7 +13,7 @@ from mlbench.errors import OptionsError
 from mlbench.metrics import pixel_scores
 from mlbench.paths import data_dir
 from mlbench.probes import record_memory
-from mlbench.tiling import (TilingOutOfMemory, _ramp, owned_spans, pad_to_multiple, predict_tiled, run_tiled,
+from mlbench.probes.tiling import (TilingOutOfMemory, _ramp, owned_spans, pad_to_multiple, predict_tiled, run_tiled,
                             tile_starts)
 from probe_toys import FlakyNet, FlakyNormNet, LocalNet, NormNet, StridedNet
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlbench.errors import OptionsError
-from mlbench.triage import FAILURE_CLASSES, Diagnosis, add_triage_command, triage
+from mlbench.failures._triage import FAILURE_CLASSES, Diagnosis, add_triage_command, triage
 
 def _load(name: str) -> list[dict]:
     """One labelled set of error texts from tests/data (JSON lines)."""
@@ -49,7 +49,7 @@ def test_oom_numbers_old_and_new_torch_messages():
     assert old.numbers["requested_bytes"] == 20 * 2**20
     assert old.numbers["free_bytes"] == int(16.81 * 2**20)
     assert old.numbers["total_bytes"] == int(10.76 * 2**30)
-    assert "requested 20.00 MiB with 16.81 MiB free of 10.76 GiB total on cuda:0" in old.explanation
+    assert "requested 20 MiB with 16.8 MiB free of 10.8 GiB total on cuda:0" in old.explanation  # mb.findings.format_bytes
     new = triage("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 1 has a total capacity of "
                  "23.69 GiB of which 1.31 GiB is free.", casebook=False)
     assert new.numbers["requested_bytes"] == 2 * 2**30 and new.numbers["device"] == "cuda:1"
@@ -553,7 +553,7 @@ def test_a_long_json_log_line_keeps_its_head_and_the_error_at_its_end():
     filler = "".join(f"INFO request {i} handled in 12 ms\n" for i in range(80_000))  # over 2 MiB: the streamed path
     text = triage(io.BytesIO((filler + record + "\n" + filler).encode()), casebook=False)
     assert text.failure_class == "cuda_oom" and "Tried to allocate 2.00 GiB" in text.evidence
-    from mlbench.triage_stream import read_stream
+    from mlbench.failures.stream import read_stream
     kept, _, _ = read_stream(io.BytesIO((filler + record + "\n").encode()))
     line = next(line for line in kept.splitlines() if "inference.worker" in line)
     assert line.startswith('{"time": "2026-01-01') and " \u2026 " in line and len(line) < 2100 and line.endswith('capacity)"}')

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 import mlbench as mb
-from mlbench.weights import add_check_weights_command, check_weights, read_checkpoint, strip_prefix
+from mlbench.checks.weights import add_check_weights_command, check_weights, read_checkpoint
+from mlbench.models.checkpoint_io import strip_prefix
 
 
 @pytest.fixture(scope="module")

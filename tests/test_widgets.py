@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import mlbench as mb
-from mlbench.pipeline import StageRecord
-from mlbench.postprocess import Postprocessed
-from mlbench.stages import STAGE_NAMES, Decoded
+from mlbench.pipeline.run import StageRecord
+from mlbench.pipeline.postprocess import Postprocessed
+from mlbench.pipeline.stages import STAGE_NAMES, Decoded
 from mlbench.metrics import pixel_scores
 from mlbench.widgets import Stepper
 from mlbench.widgets import views

@@ -21,7 +21,7 @@ def data_copy(tmp_path, monkeypatch):
 def test_load_model_is_trained_eval_and_checked():
     model = mb.load_model("resunet_advanced")
     assert model.mlbench_name == "ma_resunet" and not model.training
-    assert len(model.mlbench_weights_sha256) == 64 and model.mlbench_input_size == 256
+    assert len(mb.card(model).sha256) == 64 and mb.card(model).input_size == 256
     assert all(p.dtype.is_floating_point and p.dtype.itemsize == 4 for p in model.parameters())
 
 
@@ -44,7 +44,7 @@ def test_load_model_missing_file_and_manifest(data_copy):
 
 
 def test_manifest_records_quality():
-    from mlbench.zoo import load_manifest
+    from mlbench.models.loading import load_manifest
 
     for name, entry in load_manifest()["models"].items():
         assert entry["heldout_pixel_iou"] >= 0.90, name

@@ -27,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import mlbench as mb  # noqa: E402
-from mlbench.casefile import load_case, save_case  # noqa: E402
+from mlbench.cases.casefile import load_case, save_case  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

@@ -18,6 +18,8 @@ from mlbench.models.registry import (
     model_config,
     resolve_name,
 )
+from mlbench.models.cards import ModelCard, attach_card, card
+from mlbench.models.loading import load_checkpoint, load_model, register_model
 
 __all__ = [
     "ALIASES",
@@ -32,6 +34,12 @@ __all__ = [
     "build_model",
     "config_from_state_dict",
     "list_models",
+    "ModelCard",
+    "attach_card",
+    "card",
+    "load_checkpoint",
+    "load_model",
+    "register_model",
     "model_config",
     "resolve_name",
 ]

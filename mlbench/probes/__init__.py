@@ -5,13 +5,13 @@
 >>> mb.estimate_memory(model, 2048); mb.max_input_size(model, 8 * 1024**3)   # doctest: +SKIP
 """
 
-from mlbench.probes.estimate import MemoryEstimate, estimate_memory, format_bytes, max_input_size
+from mlbench.probes.estimate import MemoryEstimate, estimate_memory, max_input_size
 from mlbench.probes.explain import Explanation, explain_error, explain_output_size, size_chain, valid_sides
 from mlbench.probes.memory import MemoryPeak, MemoryTimeline, limit_memory, note, record_memory
 from mlbench.probes.shapes import ModuleCall, ShapeTrace, trace_shapes
 
 __all__ = [
     "Explanation", "MemoryEstimate", "MemoryPeak", "MemoryTimeline", "ModuleCall", "ShapeTrace",
-    "estimate_memory", "explain_error", "explain_output_size", "format_bytes", "limit_memory", "max_input_size", "note",
+    "estimate_memory", "explain_error", "explain_output_size", "limit_memory", "max_input_size", "note",
     "record_memory", "size_chain", "trace_shapes", "valid_sides",
 ]

@@ -28,7 +28,8 @@ def add_memory_command(sub) -> None:
 
 def _memory(args: argparse.Namespace) -> int:
     from mlbench.models import build_model
-    from mlbench.probes.estimate import estimate_memory, format_bytes, max_input_size
+    from mlbench.findings import format_bytes
+    from mlbench.probes.estimate import estimate_memory, max_input_size
 
     model = build_model(args.model, args.size, device="meta")
     dtype = getattr(torch, args.dtype)

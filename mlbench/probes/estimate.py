@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from mlbench.errors import ModelError, OptionsError
+from mlbench.findings import ReportText, format_bytes
+from mlbench.models.cards import card
 from mlbench.probes._hooks import check_module
 from mlbench.probes.accounting import CUDA_BLOCK, DISPATCH_AVAILABLE, LiveTensorCounter, ModuleStack
 
@@ -28,18 +30,8 @@ __all__ = ["MemoryEstimate", "estimate_memory", "max_input_size", "input_shape_o
 _GB = 1024**3
 
 
-def format_bytes(nbytes: float) -> str:
-    """``1536`` -> ``'1.5 KiB'``; binary units, three significant digits."""
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.3g} {unit}"
-        value /= 1024
-    return f"{value:.3g} GiB"  # pragma: no cover
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
+@dataclass(frozen=True, repr=False)
+class MemoryEstimate(ReportText):
     """Predicted memory of one inference forward pass (no gradients); all sizes in bytes.
 
     ``peak_bytes = parameter_bytes + input_bytes + activation_peak_bytes``. Not included:
@@ -71,7 +63,7 @@ class MemoryEstimate:
         """A JSON-ready dict of every field."""
         return asdict(self)
 
-    def __repr__(self) -> str:
+    def text(self) -> str:
         size = "x".join(str(s) for s in self.input_shape)
         return "\n".join([
             f"MemoryEstimate({self.model}, input {size} {self.dtype} on {self.device}; method {self.method})",
@@ -138,7 +130,7 @@ def _forward_failed(model: nn.Module, shape: tuple[int, ...], exc: Exception) ->
 
 
 def _name(model: nn.Module) -> str:
-    return getattr(model, "mlbench_name", "") or type(model).__name__
+    return card(model).name
 
 
 def _round_to(device: str | torch.device) -> int:
@@ -176,6 +168,16 @@ def estimate_memory(
     ModelError
         If the forward pass fails for this shape (the message explains why, e.g. a side that is
         not a multiple of the model's stride).
+
+    Examples
+    --------
+    The full-size MA-ResUNet at the service's 1024 px, built on the meta device (nothing allocated):
+
+    >>> import mlbench as mb
+    >>> from mlbench.findings import format_bytes
+    >>> estimate = estimate_memory(mb.build_model("ma_resunet", "full", device="meta"), 1024)
+    >>> format_bytes(estimate.peak_bytes), estimate.peak_where
+    ('1.45 GiB', 'decoder1.1.attention.stage2')
     """
     model = check_module(model)
     shape = input_shape_of(input_shape)

@@ -13,6 +13,11 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
+from mlbench.findings import ReportText
+from mlbench.models.cards import card
+
 __all__ = ["Explanation", "explain_error", "valid_sides", "size_chain", "explain_output_size"]
 
 _SIZE = re.compile(r"size of tensor a \((\d+)\) must match the size of tensor b \((\d+)\) at non-singleton dimension (\d+)")
@@ -25,8 +30,8 @@ _DTYPE = re.compile(r"expected scalar type (\w+) but found (\w+)|Input type \((.
 _OOM = re.compile(r"out of memory|can't allocate memory|OutOfMemory", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
-class Explanation:
+@dataclass(frozen=True, repr=False)
+class Explanation(ReportText):
     """Why a forward pass failed (or misbehaved) and how to fix it; the repr is the report."""
 
     failure_class: str
@@ -41,7 +46,7 @@ class Explanation:
         """A JSON-ready dict of every field."""
         return asdict(self)
 
-    def __repr__(self) -> str:
+    def text(self) -> str:
         lines = [f"{self.failure_class}: {self.summary}"]
         lines += [f"  evidence: {item}" for item in self.evidence]
         lines += [f"  cause:    {self.cause}"] if self.cause else []
@@ -69,7 +74,11 @@ def size_chain(side: int, multiple: int) -> list[int]:
 
 
 def _model_facts(model: Any) -> tuple[str, int, int]:
-    name = getattr(model, "mlbench_name", "") or (type(model).__name__ if model is not None else "the model")
+    """Name, input multiple and minimum side, from the model's card (a stand-in object's attributes)."""
+    if isinstance(model, torch.nn.Module):
+        about = card(model)
+        return about.name, about.input_multiple, about.min_input_size
+    name = getattr(model, "name", "") or "the model"
     return name, int(getattr(model, "input_multiple", 1)), int(getattr(model, "min_input_size", 1))
 
 
@@ -115,7 +124,7 @@ def explain_error(
     exc : BaseException
         The exception.
     model : nn.Module, optional
-        Supplies ``mlbench_name``, ``input_multiple`` and ``min_input_size``.
+        Its card supplies the name, ``input_multiple`` and ``min_input_size``.
     input_shape : tuple of int, optional
         Shape of the model input (N, C, H, W).
     input_dtype : torch.dtype, optional
@@ -176,7 +185,7 @@ def _explain_broadcast(text, exc, name, multiple, minimum, shape, dtype):
     return ("shape_mismatch", f"an in-place operation on a [{have}] tensor needs [{want}]",
             "a 1-channel (grayscale) image met a 3-channel mean/std: in-place normalisation cannot grow the "
             "channel axis (the service's refactor dropped convert('RGB'))",
-            "make the image 3-channel before normalising: PIL .convert('RGB') or mb.preprocess.to_three_channels", ())
+            "make the image 3-channel before normalising: PIL .convert('RGB'), or a card with channels=1 for a grey model", ())
 
 
 def _explain_dtype(text, exc, name, multiple, minimum, shape, dtype):

@@ -25,7 +25,7 @@ from torch import nn
 
 from mlbench.probes._hooks import check_module
 from mlbench.probes.accounting import DISPATCH_AVAILABLE, LiveTensorCounter, MemoryBudget, ModuleStack
-from mlbench.probes.estimate import format_bytes
+from mlbench.findings import ReportText, format_bytes
 
 __all__ = ["MemoryPeak", "MemoryTimeline", "record_memory", "note", "limit_memory"]
 
@@ -88,8 +88,8 @@ def _nvml_handle() -> Any:
         return None
 
 
-@dataclass(frozen=True)
-class MemoryPeak:
+@dataclass(frozen=True, repr=False)
+class MemoryPeak(ReportText):
     """Where live tensor memory peaked: bytes, stage, module, seconds from the start."""
 
     bytes: int
@@ -98,12 +98,12 @@ class MemoryPeak:
     seconds: float
     rss_growth_bytes: int
 
-    def __repr__(self) -> str:
+    def text(self) -> str:
         return (f"MemoryPeak({format_bytes(self.bytes)} of live tensors in stage {self.stage!r}, "
                 f"module {self.module!r}; process RSS grew by {format_bytes(self.rss_growth_bytes)})")
 
 
-class MemoryTimeline:
+class MemoryTimeline(ReportText):
     """One memory timeline; filled while the ``with`` block runs, read afterwards.
 
     Parameters
@@ -249,7 +249,7 @@ class MemoryTimeline:
                 "baseline_bytes": self.baseline_bytes, "rss_growth_bytes": peak.rss_growth_bytes,
                 "marks": [label for _, label in self.marks], "stages": [name for name, _, _ in self.stages]}
 
-    def __repr__(self) -> str:
+    def text(self) -> str:
         if not self.rows:
             return "MemoryTimeline(empty: use it as `with mb.record_memory(model) as timeline:`)"
         peak = self.peak
@@ -264,7 +264,17 @@ class MemoryTimeline:
 
     def plot(self, ax: Any = None) -> Any:
         """Draw live tensors, RSS growth and CUDA allocated over time, with stages shaded, marks
-        as dashed lines and the peak annotated; returns the matplotlib Figure."""
+        as dashed lines and the peak annotated (see :func:`mlbench.probes.plotting.plot_timeline`).
+
+        Parameters
+        ----------
+        ax : matplotlib Axes, optional
+            Draw into it; default a new Figure.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+        """
         from mlbench.probes.plotting import plot_timeline
 
         return plot_timeline(self, ax)

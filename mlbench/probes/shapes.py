@@ -19,9 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from mlbench.findings import ReportText
 from mlbench.probes._hooks import check_module, module_calls, module_paths
 from mlbench.probes.accounting import tensors_in
 from mlbench.probes.explain import Explanation, explain_error, explain_output_size
+from mlbench.models.cards import card
 
 __all__ = ["ModuleCall", "ShapeTrace", "trace_shapes", "shape_of"]
 
@@ -156,7 +158,7 @@ class _Recorder:
         return innermost
 
 
-class ShapeTrace:
+class ShapeTrace(ReportText):
     """The record of one forward pass, module by module; the repr is a readable summary.
 
     Attributes
@@ -175,9 +177,10 @@ class ShapeTrace:
 
     def __init__(self, model: nn.Module, x: torch.Tensor, calls: list[list[Any]],
                  output: Any, error: BaseException | None, operands: tuple[str, ...]) -> None:
-        self.model_name = getattr(model, "mlbench_name", "") or type(model).__name__
-        self._facts = SimpleNamespace(mlbench_name=self.model_name, input_multiple=getattr(model, "input_multiple", 1),
-                                      min_input_size=getattr(model, "min_input_size", 1))
+        about = card(model)
+        self.model_name = about.name
+        self._facts = SimpleNamespace(name=about.name, input_multiple=about.input_multiple,
+                                      min_input_size=about.min_input_size)
         self._raw = (model, calls)  # frozen into ModuleCall records on first use, not inside the timed trace
         self.input_shape = tuple(x.shape)
         self.input_dtype = str(x.dtype).replace("torch.", "")
@@ -239,7 +242,7 @@ class ShapeTrace:
                            "all outputs finite, " + ("output size matches the input" if compared else
                                                      "no (N, C, H, W) output to compare with the input's size"))
 
-    def __repr__(self) -> str:
+    def text(self) -> str:
         status = "ok" if self.ok else f"FAILED in {self.failed.path if self.failed else '?'}: {type(self.error).__name__}"
         lines = [f"ShapeTrace({self.model_name}, input {self.input_shape} {self.input_dtype}, "
                  f"{len(self.calls)} module calls, {status})"]
@@ -331,6 +334,15 @@ def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool = True, eval:
     ShapeTrace
         Never raises for a failing forward: the error is kept in ``.error`` and explained by
         ``.explain()``.
+
+    Examples
+    --------
+    MA-ResUNet refuses a side that is not a multiple of 16; the trace names the module:
+
+    >>> import mlbench as mb
+    >>> trace = trace_shapes(mb.build_model("ma_resunet"), torch.rand(1, 3, 100, 100))
+    >>> trace.ok, trace.failed.path, trace.failed.inputs
+    (False, 'att3', '(1, 48, 24, 24), (1, 48, 25, 25)')
     """
     model = check_module(model)
     if not isinstance(x, torch.Tensor):

@@ -13,11 +13,11 @@ that can be killed (``executor="process"``, ``mlbench serve``'s).
 
 from __future__ import annotations
 
-from .app import create_app
-from .breaker import CircuitBreaker
-from .cli import add_serve_command
-from .runner import RunningServer, serve_in_thread
-from .settings import SERVICE_MODEL_IDS, ServiceSettings
+from mlbench.service.app import create_app
+from mlbench.service.breaker import CircuitBreaker
+from mlbench.service.cli import add_serve_command
+from mlbench.service.runner import RunningServer, serve_in_thread
+from mlbench.service.settings import SERVICE_MODEL_IDS, ServiceSettings
 
 __all__ = ["create_app", "ServiceSettings", "CircuitBreaker", "add_serve_command", "serve_in_thread",
            "RunningServer", "SERVICE_MODEL_IDS"]

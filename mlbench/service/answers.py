@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from .limits import Refusal
-from .reports import models_report, readiness, snapshot
+from mlbench.service.limits import Refusal
+from mlbench.service.reports import models_report, readiness, snapshot
+from mlbench.models.cards import card
 
 __all__ = ["SERVICE_NAME", "SERVICE_VERSION", "BATCH_ITEM_KEYS", "ASYNC_NOT_IMPLEMENTED", "root_body",
            "health_body", "api_health_body", "models_body", "status_body", "batch_body", "failed_item",
@@ -74,7 +75,7 @@ def models_body(service) -> dict[str, Any]:
     extras = models_report(service) if _fixed(service) else {}
     models = {}
     for model_id in sorted(service.pipelines):
-        trained = hasattr(service.pipelines[model_id].model, "mlbench_weights_sha256")
+        trained = bool(card(service.pipelines[model_id].model).sha256)
         models[model_id] = {"name": model_id, "description": f"{model_id.upper()} model for spheroid segmentation",
                             "has_pretrained": trained, "has_finetuned": trained, "recommended_threshold": 0.5,
                             **service.settings.batch_config(model_id), **extras.get(model_id, {})}

@@ -22,13 +22,13 @@ from fastapi.responses import JSONResponse
 from pydantic.version import version_short
 from starlette.exceptions import HTTPException
 
-from .core import Service
-from .limits import Refusal
-from .logs import log_event
-from .middleware import ServiceMiddleware
-from .routes import add_info_routes, add_segment_routes, rejection_reason
-from .settings import ServiceSettings
-from .tool_routes import add_tool_routes
+from mlbench.service.core import Service
+from mlbench.service.limits import Refusal
+from mlbench.service.logs import log_event
+from mlbench.service.middleware import ServiceMiddleware
+from mlbench.service.routes import add_info_routes, add_segment_routes, rejection_reason
+from mlbench.service.settings import ServiceSettings
+from mlbench.service.tool_routes import add_tool_routes
 
 __all__ = ["create_app"]
 

@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import OptionsError
+from mlbench.errors import OptionsError
 
 __all__ = ["CircuitBreaker", "Transition", "CLOSED", "OPEN", "HALF_OPEN"]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mlbench.pipeline.options import PRESET_NAMES
+
 __all__ = ["add_serve_command"]
 
 
@@ -12,7 +14,7 @@ def add_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="run the reference segmentation service (FastAPI under uvicorn)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--preset", default="fixed", choices=["fixed", "as_served"],
+    p.add_argument("--preset", default="fixed", choices=PRESET_NAMES,
                    help="as_served reproduces the historic service (allow-list, blocking route, no limits)")
     p.add_argument("--executor", default="process", choices=["process", "thread"],
                    help="run inference in worker processes (default: each loads the models once, a run that does "
@@ -34,10 +36,10 @@ def add_serve_command(sub) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .app import create_app
-    from .logs import configure_logging
-    from .runner import DrainingServer
-    from .settings import ServiceSettings, weights_files
+    from mlbench.service.app import create_app
+    from mlbench.service.logs import configure_logging
+    from mlbench.service.runner import DrainingServer
+    from mlbench.service.settings import ServiceSettings, weights_files
 
     options = {"input_size": args.input_size} if args.input_size else {}
     common = dict(freeze_gc=True, executor=args.executor, workers=args.workers, queue_size=args.queue_size,

@@ -14,20 +14,20 @@ from typing import Any
 
 import torch
 
-from ..errors import MlbenchError
-from ..pipeline import Pipeline
-from ..stages import default_input_size
-from .answers import BATCH_ITEM_KEYS
-from .breaker import CircuitBreaker
-from .failures import served_open, stage_refusal, timeout_refusal, unknown_model
-from .limits import Refusal, check_upload
-from .metrics import Metrics
-from .logs import log_event
-from .monitoring import GpuMonitor
-from .queue import (InferenceTimeout, Job, QueueFull, QueueWaitExpired, WorkerPool, current_worker,
+from mlbench.errors import MlbenchError
+from mlbench.pipeline.run import Pipeline
+from mlbench.pipeline.stages import default_input_size
+from mlbench.service.answers import BATCH_ITEM_KEYS
+from mlbench.service.breaker import CircuitBreaker
+from mlbench.service.failures import served_open, stage_refusal, timeout_refusal, unknown_model
+from mlbench.service.limits import Refusal, check_upload
+from mlbench.service.metrics import Metrics
+from mlbench.service.logs import log_event
+from mlbench.service.monitoring import GpuMonitor
+from mlbench.service.queue import (InferenceTimeout, Job, QueueFull, QueueWaitExpired, WorkerPool, current_worker,
                     install_cancel_hooks)
-from .settings import ServiceSettings, resolve_models
-from .work import Outcome, WorkerDied, freeze_heap, pickle_models, process_worker_factory, run_pipeline, warm_up
+from mlbench.service.settings import ServiceSettings, resolve_models
+from mlbench.service.work import Outcome, WorkerDied, freeze_heap, pickle_models, process_worker_factory, run_pipeline, warm_up
 
 __all__ = ["Service"]
 
@@ -163,7 +163,7 @@ class Service:
         if name in self.pipelines:
             return name
         if self.settings.preset == "fixed":
-            from ..models import resolve_name
+            from mlbench.models import resolve_name
 
             try:
                 canonical = resolve_name(name)

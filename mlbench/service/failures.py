@@ -11,9 +11,9 @@ failures answer 500.
 
 from __future__ import annotations
 
-from ..io import bytes_io
-from .limits import Refusal, field_error
-from .queue import InferenceCancelled
+from mlbench.image.formats import bytes_io
+from mlbench.service.limits import Refusal, field_error
+from mlbench.service.queue import InferenceCancelled
 
 __all__ = ["served_failure", "served_open", "unknown_model", "stage_refusal", "timeout_refusal"]
 

@@ -118,7 +118,7 @@ def make_png(side: int = 96, n: int = 3, seed: int = 0) -> bytes:
     import numpy as np
     from PIL import Image
 
-    from ..synthetic import make_spheroids
+    from mlbench.samples.synthetic import make_spheroids
 
     image, _ = make_spheroids((side, side), n, np.random.default_rng(seed))
     buffer = io.BytesIO()

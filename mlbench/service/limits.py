@@ -1,6 +1,6 @@
 """What the service refuses before any decoding, and the refusal every error becomes.
 
-Type is sniffed from the content (:func:`mlbench.io.sniff_format`), never from the
+Type is sniffed from the content (:func:`mlbench.image.read.sniff_format`), never from the
 name, unless the ``as_served`` allow-list is switched on; the pixel count is read from
 the header (Pillow's lazy ``open`` or tifffile's first page) before anything is decoded.
 """
@@ -8,11 +8,10 @@ the header (Pillow's lazy ``open`` or tifffile's first page) before anything is 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
-from ..errors import MlbenchError
-from ..io import bytes_io, sniff_format
+from mlbench.errors import MlbenchError
+from mlbench.image.formats import header_size, sniff_format
 
 __all__ = ["Refusal", "field_error", "check_extension", "image_header", "check_upload", "body_limit", "body_too_large"]
 
@@ -90,22 +89,11 @@ def image_header(data: bytes) -> tuple[str, int, int]:
         hint = "it looks like text" if data[:1] in b"<{ \t\r\n" else f"it starts with {data[:8]!r}"
         raise field_error("unsupported_type", "file", f"the upload is not an image (PNG, JPEG, TIFF, BMP, GIF, "
                           f"WebP) by its content; {hint}", f"{len(data)} bytes", status=415)
-    try:
-        if fmt == "tiff":
-            import tifffile
-
-            with tifffile.TiffFile(bytes_io(data)) as tif:
-                page = tif.pages[0]
-                return fmt, int(page.imagelength), int(page.imagewidth)
-        from PIL import Image
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(bytes_io(data)) as image:
-                return fmt, int(image.height), int(image.width)
-    except Exception as exc:  # any reader error means an unreadable header
-        raise field_error("image_error", "file", f"the {fmt.upper()} header cannot be read ({type(exc).__name__}: "
-                          f"{exc}); the file is damaged or truncated, export it again", f"{len(data)} bytes") from exc
+    size = header_size(data, fmt)
+    if size is None:
+        raise field_error("image_error", "file", f"the {fmt.upper()} header cannot be read; the file is damaged or "
+                          "truncated, export it again", f"{len(data)} bytes")
+    return fmt, size[0], size[1]
 
 
 def check_upload(data: bytes, filename: str | None, allowed_extensions: tuple[str, ...] | None,

@@ -17,15 +17,16 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from ..errors import OptionsError
-from .metrics import percentiles
-from .runner import _check_loopback
+from mlbench.errors import OptionsError
+from mlbench.findings import ReportText
+from mlbench.service.metrics import percentiles
+from mlbench.service.runner import _check_loopback
 
 __all__ = ["BurstReport", "run_burst", "depth_over_time"]
 
 
-@dataclass(frozen=True)
-class BurstReport:
+@dataclass(frozen=True, repr=False)
+class BurstReport(ReportText):
     """What a burst saw. Times in seconds from the burst's start; latencies in seconds.
 
     Attributes
@@ -57,7 +58,7 @@ class BurstReport:
                 "max_queue_depth": max((d for _, d in self.depth), default=0),
                 "retry_after_s": sorted(set(self.retry_after))}
 
-    def __str__(self) -> str:
+    def text(self) -> str:
         d = self.to_dict()
         fmt = lambda p: ", ".join(f"{k} {v * 1000:.0f} ms" if v is not None else f"{k} -" for k, v in p.items())  # noqa: E731
         return "\n".join([

@@ -15,8 +15,8 @@ import json
 import time
 from typing import Any
 
-from .limits import Refusal, body_too_large
-from .logs import log_event, next_request_id
+from mlbench.service.limits import Refusal, body_too_large
+from mlbench.service.logs import log_event, next_request_id
 
 __all__ = ["ServiceMiddleware", "SEGMENT_PATHS"]
 

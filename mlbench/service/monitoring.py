@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .limits import Refusal
+from mlbench.service.limits import Refusal
 
 __all__ = ["GpuMonitor", "nvml_readings", "PRESSURE_THRESHOLD"]
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import MlbenchError
+from mlbench.errors import MlbenchError
 
 __all__ = ["CancelToken", "InferenceCancelled", "Job", "WorkerPool", "QueueFull", "QueueWaitExpired",
            "InferenceTimeout", "install_cancel_hooks", "set_current_token", "current_worker", "lower_priority"]

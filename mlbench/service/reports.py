@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .breaker import OPEN
+from mlbench.service.breaker import OPEN
+from mlbench.models.cards import card
 
 __all__ = ["models_report", "readiness", "snapshot"]
 
@@ -21,7 +22,7 @@ def models_report(service) -> dict[str, Any]:
         out[model_id] = {
             "name": model_id, "architecture": pipeline.model_name, "loaded": True,
             "parameters": service.parameters[model_id], "input_size": service.input_size(model_id),
-            "weights": "bundled" if hasattr(model, "mlbench_weights_sha256") else "injected",
+            "weights": card(model).source or "injected",
             "warm_up": service.warm.get(model_id, "skipped"), "breaker": service.breakers[model_id].state,
             "busy": service.locks[model_id].locked(),
             "zombies": sum(job.zombie for job in list(service.pool.running) if job.model_id == model_id),

@@ -14,12 +14,12 @@ import time
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from .answers import (ASYNC_NOT_IMPLEMENTED, api_health_body, batch_body, failed_item, health_body, models_body,
+from mlbench.service.answers import (ASYNC_NOT_IMPLEMENTED, api_health_body, batch_body, failed_item, health_body, models_body,
                       root_body, status_body)
-from .core import Service
-from .limits import Refusal, body_limit, check_extension
-from .metrics import to_prometheus
-from .reports import readiness, snapshot
+from mlbench.service.core import Service
+from mlbench.service.limits import Refusal, body_limit, check_extension
+from mlbench.service.metrics import to_prometheus
+from mlbench.service.reports import readiness, snapshot
 
 __all__ = ["add_info_routes", "add_segment_routes", "rejection_reason", "answering"]
 

@@ -16,7 +16,7 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
-from ..errors import OptionsError
+from mlbench.errors import OptionsError
 
 __all__ = ["RunningServer", "serve_in_thread", "DrainingServer"]
 

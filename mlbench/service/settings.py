@@ -15,7 +15,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..errors import OptionsError
+from mlbench.errors import OptionsError
+from mlbench.pipeline.options import PRESET_NAMES
 
 __all__ = ["ServiceSettings", "SERVICE_MODEL_IDS", "AS_SERVED_EXTENSIONS", "SERVED_BATCH_SIZES"]
 
@@ -130,8 +131,8 @@ class ServiceSettings:
                                "must be >= 1, times and limits > 0 (None disables a limit), worker_nice 0..19")
         if self.executor not in ("thread", "process"):
             raise OptionsError(f"executor={self.executor!r} is unknown; expected 'thread' or 'process'")
-        if self.preset not in ("fixed", "as_served"):
-            raise OptionsError(f"preset={self.preset!r} is unknown; expected 'fixed' or 'as_served'")
+        if self.preset not in PRESET_NAMES:
+            raise OptionsError(f"preset={self.preset!r} is unknown; expected one of {PRESET_NAMES}")
 
     @property
     def high_water_mark(self) -> int:
@@ -191,7 +192,7 @@ def weights_files(weights_dir: str | Path) -> dict[str, Path]:
 def resolve_models(settings: ServiceSettings) -> dict[str, torch.nn.Module]:
     """Instantiate the served models: injected modules/factories, a weights folder, or the bundled weights."""
     if settings.models is None:
-        from ..zoo import load_model
+        from mlbench.models.loading import load_model
 
         if settings.weights_dir is not None:
             return {sid: load_model(path, model=sid) for sid, path in weights_files(settings.weights_dir).items()}

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import OptionsError
+from mlbench.errors import OptionsError
 
 __all__ = ["METRIC_NAMES", "METRICS_INFO", "ContourError", "shape_metrics", "zero_metrics", "as_contour"]
 

@@ -11,10 +11,10 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from .core import Service
-from .limits import Refusal, field_error
-from .routes import answering
-from .shape_metrics import METRICS_INFO, ContourError, shape_metrics, zero_metrics
+from mlbench.service.core import Service
+from mlbench.service.limits import Refusal, field_error
+from mlbench.service.routes import answering
+from mlbench.service.shape_metrics import METRICS_INFO, ContourError, shape_metrics, zero_metrics
 
 __all__ = ["add_tool_routes", "MetricsRequest"]
 

@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import MlbenchError, OptionsError
-from .queue import CancelToken, InferenceCancelled, install_cancel_hooks, lower_priority, set_current_token
+from mlbench.errors import MlbenchError, OptionsError
+from mlbench.service.queue import CancelToken, InferenceCancelled, install_cancel_hooks, lower_priority, set_current_token
 
 __all__ = ["Outcome", "run_pipeline", "warm_up", "pickle_models", "ProcessWorker", "WorkerDied",
            "process_worker_factory", "freeze_heap"]
@@ -61,7 +61,7 @@ def run_pipeline(pipeline, data: bytes, options: dict, token: CancelToken | None
     JSON-encoded here, in the worker: a large answer (1.8 MB of polygons took 130 ms to
     encode, measured) never holds the event loop.
     """
-    from ..segment import build_response
+    from mlbench.pipeline.result import build_response
 
     run = pipeline.start(data).with_options(**options)
     while run.next_stage is not None:
@@ -89,7 +89,7 @@ def warm_up(pipelines: dict) -> dict[str, str]:
     """Run one small synthetic image through each pipeline: ``{id: 'ok' or 'failed at ...'}``."""
     import numpy as np
 
-    from ..synthetic import make_spheroids
+    from mlbench.samples.synthetic import make_spheroids
 
     image, _ = make_spheroids((64, 64), 2, np.random.default_rng(0))
     data = (image * 255).astype(np.uint8)
@@ -104,7 +104,7 @@ def _child_main(conn, cancel, spec: dict) -> None:
     """The worker process: load, warm, freeze the heap, then serve jobs until told to stop."""
     import torch
 
-    from ..pipeline import Pipeline
+    from mlbench.pipeline.run import Pipeline
 
     torch.set_num_threads(spec["threads"])
     lower_priority(spec["nice"])

@@ -6,7 +6,7 @@ when they are built. The stage views (:mod:`mlbench.widgets.views`) are pure fun
 
 from __future__ import annotations
 
-from .stepper import Stepper
-from .views import StageView, ViewImage, stage_view
+from mlbench.widgets.stepper import Stepper
+from mlbench.widgets.views import StageView, ViewImage, stage_view
 
 __all__ = ["Stepper", "StageView", "ViewImage", "stage_view"]

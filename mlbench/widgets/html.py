@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 
-from .views import StageView
+from mlbench.widgets.views import StageView
 
 __all__ = ["STATUS_COLOURS", "strip_html", "view_html"]
 

@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..overlay import PALETTE, to_display
+from mlbench.image.display import PALETTE, to_display
 
 __all__ = ["png_bytes", "scale_for", "fit", "display", "histogram_image", "heat_map", "draw_polygons", "DISPLAY_SIDE"]
 

@@ -13,14 +13,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..errors import MlbenchError
-from ..models import list_models
-from ..pipeline import Pipeline, Run
-from ..samples import list_samples, load_sample
-from ..stages import STAGE_NAMES
-from .html import strip_html, view_html
-from ..metrics import pixel_scores
-from .views import StageView, pending_view, stage_view
+from mlbench.errors import MlbenchError
+from mlbench.models import list_models
+from mlbench.pipeline.run import Pipeline, Run
+from mlbench.samples.bundled import list_samples, load_sample
+from mlbench.pipeline.options import PRESET_NAMES
+from mlbench.pipeline.stages import STAGE_NAMES
+from mlbench.widgets.html import strip_html, view_html
+from mlbench.metrics import pixel_scores
+from mlbench.widgets.views import StageView, pending_view, stage_view
+from mlbench.models.cards import card
 
 __all__ = ["Stepper"]
 
@@ -28,7 +30,7 @@ CUSTOM = "<your image>"
 
 
 def _default_loader(name: str) -> torch.nn.Module:
-    from ..zoo import load_model
+    from mlbench.models.loading import load_model
 
     return load_model(name)
 
@@ -68,7 +70,7 @@ class Stepper:
         self._loader = model_loader or _default_loader
         self._models: dict[str, torch.nn.Module] = {}
         if isinstance(model, torch.nn.Module):
-            name = getattr(model, "mlbench_name", type(model).__name__)
+            name = card(model).name
             self._models[name], model = model, name
         self._sources: dict[str, tuple[Any, np.ndarray | None, np.ndarray | None]] = {}
         sample_names = list(samples if samples is not None else list_samples())
@@ -92,7 +94,7 @@ class Stepper:
         self.model_select = w.Dropdown(options=models if model in models else models + [model], value=model, description="model")
         self.image_select = w.Dropdown(options=names, value=image, description="image")
         self.upload = w.FileUpload(accept="image/*,.tif,.tiff", multiple=False, description="upload")
-        self.preset_toggle = w.ToggleButtons(options=["fixed", "as_served"], value=preset, description="preset",
+        self.preset_toggle = w.ToggleButtons(options=list(PRESET_NAMES), value=preset, description="preset",
                                              style={"description_width": "initial", "button_width": "90px"})
         self.threshold_slider = w.FloatSlider(value=threshold, min=0.1, max=0.9, step=0.05, description="threshold",
                                               continuous_update=False, readout_format=".2f")

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..metrics import pixel_scores
-from ..overlay import overlay
-from ..postprocess import Postprocessed, to_probability
-from ..stages import Decoded
-from .images import display, draw_polygons, fit, heat_map, histogram_image, png_bytes
+from mlbench.metrics import pixel_scores
+from mlbench.image.display import overlay
+from mlbench.pipeline.postprocess import Postprocessed, to_probability
+from mlbench.pipeline.stages import Decoded
+from mlbench.widgets.images import display, draw_polygons, fit, heat_map, histogram_image, png_bytes
 
 __all__ = ["StageView", "ViewImage", "decoded_view", "preprocessed_view", "forward_view",
            "mask_view", "polygons_view", "failure_view", "pending_view", "stage_view"]

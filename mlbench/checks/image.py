@@ -1,0 +1,141 @@
+"""``check_image``: what the careful reader finds in an image, and what ``as_served`` would do to it.
+
+The careful reader (:func:`mlbench.read_image`) keeps 16-bit, 12-bit-in-16 and float data; the
+service decoded with ``PIL.Image.open(...).convert('RGB')``. :func:`check_image` runs both (the
+served decode is the pipeline's own, :func:`mlbench.pipeline.stages._pil_decode`, not a copy) and writes
+the differences into the report: "16-bit clipped at 255: 94% of pixels saturate".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from mlbench.errors import ImageError, OptionsError
+from mlbench.image.read import DEFAULT_MAX_PIXELS, ImageReport, read_image
+from mlbench.image.formats import ImageSource, load_bytes, sniff_format
+from mlbench.findings import Problem
+
+__all__ = ["check_image", "served_decode", "add_check_image_command"]
+
+_ERROR_CODES = (("codec is missing", "codec_missing"), ("no such file", "missing"), ("is a directory", "missing"),
+                ("is empty", "empty"), ("not a recognised image", "not_an_image"), ("exceeds the limit", "too_large"),
+                ("decompression bomb", "too_large"), ("truncated", "truncated"))
+
+
+def served_decode(data: bytes) -> np.ndarray:
+    """The image as the ``as_served`` pipeline's decode stage returns it (PIL, ``convert('RGB')``).
+
+    Returns
+    -------
+    image : (H, W, 3) uint8 array
+    """
+    from mlbench.pipeline.options import make_options
+    from mlbench.pipeline.stages import StageContext, _pil_decode
+
+    return _pil_decode(StageContext(options=make_options("as_served"), model=None, source=data)).image
+
+
+def _error_report(name: str, fmt: str, exc: Exception) -> ImageReport:
+    code = next((c for key, c in _ERROR_CODES if key in str(exc)), "unreadable")
+    return ImageReport(name=name, format=fmt, dtype="", shape=(), bit_depth=0, channels=0,
+                       problems=(Problem(code, str(exc)),))
+
+
+def _served_findings(image: np.ndarray, report: ImageReport, served: np.ndarray) -> tuple[list[Problem], list[str]]:
+    """Problems and notes from comparing the careful decode with the served one."""
+    problems: list[Problem] = []
+    notes = [f"decoded as {tuple(served.shape)} {served.dtype}, values {int(served.min())}..{int(served.max())}"]
+    saturated = float(np.all(served == 255, axis=-1).mean()) if served.ndim == 3 else float((served == 255).mean())
+    if np.issubdtype(image.dtype, np.floating):
+        if served.max() <= 1:
+            problems.append(Problem("served_black", f"float image (values {report.value_range[0]:.3g}.."
+                                    f"{report.value_range[1]:.3g}) becomes black: convert('RGB') truncates it to 0..1 of 255"))
+    elif image.dtype.itemsize > 1 and served.dtype == np.uint8:
+        if saturated > 0.01:
+            problems.append(Problem("served_clipped", f"{report.bit_depth}-bit clipped at 255: "
+                                    f"{saturated:.0%} of pixels saturate"))
+        elif report.bit_depth > 8:
+            notes.append(f"{report.bit_depth}-bit data reduced to 8 bits")
+    if report.orientation != 1:
+        problems.append(Problem("served_orientation", f"EXIF orientation {report.orientation} ignored: the service sees "
+                                f"{served.shape[0]}x{served.shape[1]} as stored, not {image.shape[0]}x{image.shape[1]}"))
+    if report.pages > 1:
+        notes.append(f"only the first of {report.pages} pages is used")
+    if report.alpha:
+        notes.append("alpha dropped without compositing")
+    height, width = served.shape[:2]
+    if height != width:
+        notes.append(f"stretched to a square input: aspect {width}:{height} becomes 1:1")
+    notes.append("then /255 without ImageNet mean/std (see 05_normalization)")
+    return problems, notes
+
+
+def check_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageReport:
+    """Inspect an image file (or its bytes): the careful reading plus what ``as_served`` would do.
+
+    Never raises for a bad file: missing, empty, truncated, non-image or oversized files come
+    back as a report with ``ok`` False and a problem code (``missing``, ``empty``, ``truncated``,
+    ``not_an_image``, ``too_large``, ``unreadable``).
+
+    Parameters
+    ----------
+    source : path or bytes
+        The image file or its raw bytes.
+    max_pixels : int
+        Pixel budget, checked from the header before decoding.
+
+    Returns
+    -------
+    ImageReport
+        With ``served`` notes and ``served_*`` problems (``served_clipped``, ``served_black``,
+        ``served_orientation``, ``served_fails``).
+
+    Raises
+    ------
+    OptionsError
+        When ``source`` is neither a path nor bytes.
+    """
+    if not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+        raise OptionsError(f"check_image expects a path or bytes, got {type(source).__name__}; "
+                           "for an array in memory use mb.read_image's report or save it first")
+    name = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
+    try:
+        image, report = read_image(source, max_pixels=max_pixels)
+    except ImageError as exc:
+        head = bytes(source[:16]) if name == "<bytes>" else (Path(name).read_bytes()[:16] if Path(name).is_file() else b"")
+        return _error_report(name, sniff_format(head) or "unknown", exc)
+    data, _ = load_bytes(source)
+    try:
+        problems, notes = _served_findings(image, report, served_decode(data))
+    except Exception as exc:  # PIL cannot open what the careful reader can: the service answers 500
+        reason = re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc))  # "<_io.BytesIO object at 0x7f...>": no addresses
+        problems = [Problem("served_fails", f"the as_served decode fails ({type(exc).__name__}: {reason}); "
+                            "the service would answer 500")]
+        notes = ["decode fails"]
+    return replace(report, problems=report.problems + tuple(problems), served=tuple(notes))
+
+
+def add_check_image_command(sub) -> None:
+    """Register ``mlbench check-image PATH... [--json] [--max-pixels N]`` on argparse sub-parsers."""
+    p = sub.add_parser("check-image", help="inspect image files: format, bit depth, pages, what as_served does")
+    p.add_argument("paths", nargs="+", help="image files")
+    p.add_argument("--json", action="store_true", help="print one JSON object per file (one per line)")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="pixel budget checked from the header")
+    p.set_defaults(run=run_check_image)
+
+
+def run_check_image(args: argparse.Namespace) -> int:
+    """Handler of ``check-image``: exit status 1 when any file has a problem, else 0."""
+    status = 0
+    for path in args.paths:
+        report = check_image(path, max_pixels=args.max_pixels)
+        print(json.dumps(report.to_dict()) if args.json else str(report))
+        status = status or int(not report.ok)
+    return status

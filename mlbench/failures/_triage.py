@@ -1,0 +1,389 @@
+"""``mb.triage``: what kind of failure is this? From an exception or any pasted error text.
+
+The input is cut into error blocks (each Python traceback, each other log line), after
+stripping quote, pytest, rich-box and docker-compose prefixes; each block is scored against
+the weighted rules of :mod:`mlbench.failures.rules` and :mod:`mlbench.failures.library_rules` (the
+exception message counts most, stack frames least, weak hints only on lines that read as errors)
+and the context rules of :mod:`mlbench.failures.patterns` (tensor types, what a missing file is,
+the call and the library that raised);
+the best class per block becomes a :class:`Diagnosis` with the deciding line as evidence and
+the numbers pulled from the text. Several errors give several diagnoses, root cause first. Files and
+streams larger than 2 MiB are read in chunks and only lines that look like errors are kept,
+so a 100 MB log takes seconds and constant memory.
+"""
+
+from __future__ import annotations
+
+
+import os
+import re
+import traceback
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any, Union
+
+from mlbench.failures import numbers as triage_numbers
+from mlbench.failures.case_index import similar_cases
+from mlbench.errors import OptionsError
+from mlbench.failures.patterns import caused_by_earlier, context_scores, is_frame, is_frame_header, strip_prefix
+from mlbench.failures.library_rules import LIBRARY_RULES, whole_input_diagnoses
+from mlbench.failures.log_formats import normalize
+from mlbench.failures.rules import CLASS_INFO, CONSEQUENCE_CLASSES, RULES, WEAK_RULES
+from mlbench.failures.stream import clean as _clean
+from mlbench.failures.stream import read_stream as _read_stream
+from mlbench.findings import ReportText
+
+__all__ = ["Diagnosis", "triage", "triage_text", "triage_text_all", "make_diagnosis", "FAILURE_CLASSES", "add_triage_command"]
+
+FAILURE_CLASSES = tuple(CLASS_INFO)
+_FLAGS = re.I | re.M | re.ASCII
+_COMPILED = [(cls, float(w), re.compile(p, _FLAGS), False) for cls, w, p in RULES + LIBRARY_RULES]
+_COMPILED += [(cls, float(w), re.compile(p, _FLAGS), True) for cls, w, p in WEAK_RULES]
+# A weak hint counts only on a line that reads as an error, not on progress or config lines.
+_ERRORISH = re.compile(r"error|exception|fail|fatal|critical|warn|cannot|can't|could not|unable|invalid|not found|denied|refused"
+                       r"|killed|abort|traceback|timed out|\bnan\b|wrong|mismatch|missing|unexpected|expected|assert|problem|issue", re.I)
+_MAX_BLOCKS = 400
+_TB_START = re.compile(r"Traceback \(most recent call last\)")
+_CHAIN = re.compile(r"^(During handling of the above exception|The above exception was the direct cause)")
+_EXC_LINE = re.compile(r"^\s{0,4}([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Exceeded|Timeout|Full|Killed)\w*)\b(?::|\uff1a|$)")
+_BARS = re.compile(r"^\s*(?:\d+\|[\w-]+\s*)?(?:[\d/-]{8,10}[ T][\d:.,]{8,15}\s+)?(?:[|+]\s?)+(?=\s*\S)")
+_IPY_HEADER = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Warning|Exit|Interrupt|Exceeded|Timeout)\w*)\s{2,}Traceback \(most recent call last\)")
+_LOG_PREFIX = re.compile(r"^(\d{4}-\d\d-\d\d|\[\d{4}-|\[?(INFO|ERROR|WARNING|WARN|DEBUG|CRITICAL)\b|[IWEF]\d{4} )")
+
+@dataclass(frozen=True, repr=False)
+class Diagnosis(ReportText):
+    """One diagnosed failure. The text repr is the report.
+
+    Attributes
+    ----------
+    failure_class : one of :data:`FAILURE_CLASSES` (DESIGN.md section 4).
+    evidence : the input line that decided it ("" for unknown).
+    explanation : what happened, in plain words, with the numbers found.
+    fix : what to do.
+    notebook : the notebook that walks through this failure class.
+    numbers : values pulled from the text (bytes, keys, sizes, module names, ...).
+    confidence : the winning rule's weight, 0..~7.5.
+    line : 1-based line of the evidence in the input (0 when unknown).
+    count : how many times this same error occurred in the input.
+    exception_type : the exception's type name when one was seen.
+    others : further diagnoses from the same input, most likely root cause first.
+    similar_cases : past cases from the casebook (name, class, evidence, fix), most similar first.
+    """
+
+    failure_class: str
+    evidence: str
+    explanation: str
+    fix: str
+    notebook: str
+    numbers: dict = field(default_factory=dict)
+    confidence: float = 0.0
+    line: int = 0
+    count: int = 1
+    exception_type: str = ""
+    others: tuple = ()
+    similar_cases: tuple = ()
+
+    @property
+    def all(self) -> tuple["Diagnosis", ...]:
+        """This diagnosis followed by the others, root cause first."""
+        return (replace(self, others=()),) + tuple(self.others)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (``others`` as a list of dicts)."""
+        out = asdict(replace(self, others=()))
+        out["others"] = [d.to_dict() for d in self.others]
+        out["similar_cases"] = [dict(c) for c in self.similar_cases]
+        return out
+
+    def _summary(self) -> str:
+        where = f" (line {self.line}{f', x{self.count}' if self.count > 1 else ''})" if self.line else ""
+        lines = [f"{self.failure_class}{where}: {self.explanation}"]
+        if self.evidence:
+            lines.append(f"  evidence: {self.evidence}")
+        lines += [f"  fix: {self.fix}", f"  notebook: notebooks/{self.notebook}"]
+        return "\n".join(lines)
+
+    def text(self) -> str:
+        text = [self._summary()]
+        if self.others:
+            text.append(f"{len(self.others)} more error(s) in the same input:")
+            text += ["- " + d._summary().replace("\n", "\n  ") for d in self.others]
+        for case in self.similar_cases:
+            text.append(f"similar past case: {case['name']} ({case['failure_class']}): fix was {case['fix']}")
+        return "\n".join(text)
+
+
+TriageInput = Union[BaseException, str, bytes, os.PathLike, IO]
+
+
+def triage(source: TriageInput, *, casebook: Any = None, k: int = 3) -> Diagnosis:
+    """Diagnose an exception, an error text, a log file or a stream.
+
+    Parameters
+    ----------
+    source : BaseException, str, bytes, path or file object
+        An exception (its chained causes and frames are used), pasted text (traceback,
+        service log, HTTP error body), a :class:`pathlib.Path` of a log file, or an open
+        text/binary stream. A plain ``str`` is always treated as text, never as a path.
+    casebook : path, Casebook, False or None
+        Where to look for similar past cases; None uses the default casebook folders
+        (``data/cases`` and ``$MLBENCH_CASEBOOK``), False skips the search.
+    k : int
+        How many similar cases to return at most.
+
+    Returns
+    -------
+    Diagnosis
+        The most likely root cause; ``.others`` holds further errors found in the input.
+
+    Examples
+    --------
+    >>> d = triage("RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total "
+    ...            "capacity)", casebook=False)
+    >>> d.failure_class, d.notebook, d.numbers["requested_bytes"]
+    ('cuda_oom', '01_out_of_memory.ipynb', 2147483648)
+    """
+    diagnoses = triage_text_all(source)
+    first = replace(diagnoses[0], others=tuple(diagnoses[1:]))
+    if casebook is not False and first.failure_class != "unknown":
+        first = replace(first, similar_cases=tuple(similar_cases(first, casebook, k)))
+    return first
+
+
+def triage_text(text: str) -> Diagnosis:
+    """Shortcut for :func:`triage` on text, without the casebook search."""
+    return triage(text, casebook=False)
+
+
+def triage_text_all(source: TriageInput) -> list[Diagnosis]:
+    """Every diagnosis in ``source``, root cause first (``[unknown]`` when nothing is recognised)."""
+    text, offsets, note = _read(source)
+    if _binary(text):
+        return [_unknown(text, note)]
+    text, origin = normalize(text)  # ANSI colours, JSON log records, flattened tracebacks
+    origin = [offsets[n - 1] for n in origin] if offsets else origin
+    lines = text.split("\n")
+    found = []
+    for start, block in _blocks(lines)[:_MAX_BLOCKS]:
+        diagnosis = _classify(block, start + 1)
+        if diagnosis is not None:
+            found.append(replace(diagnosis, line=origin[diagnosis.line - 1]))
+    found = _merge(found) or [replace(d, line=origin[d.line - 1]) for d in whole_input_diagnoses(text, _make)]
+    if not found:
+        return [_unknown(text, note)]
+    return _root_cause_first(found)
+
+
+def _root_cause_first(found: list[Diagnosis]) -> list[Diagnosis]:
+    """Strong diagnoses before weak hints; among strong ones an error caused by an earlier one (a worker
+    killed after its timeout) and the usual consequences (timeouts, overload) last, else input order;
+    weak hints by confidence."""
+    caused = [caused_by_earlier(d.failure_class, d.evidence, [(e.failure_class, e.evidence) for e in found[:i]])
+              for i, d in enumerate(found)]
+    weak = [d.confidence < 4.5 for d in found]
+    quiet = [_quiet(d.evidence) for d in found]  # a pasted code line with no error in it
+    later = CONSEQUENCE_CLASSES | {"unknown"}
+    order = sorted(range(len(found)), key=lambda i: (weak[i], caused[i], quiet[i], not weak[i] and found[i].failure_class in later,
+                                                     -found[i].confidence if weak[i] else 0.0, i))
+    return [found[i] for i in order]
+
+
+def _quiet(evidence: str) -> bool:
+    """A line of code (an assignment or a call) that says nothing of an error: the user's source, not the failure."""
+    return bool(re.search(r"=|\w\(", evidence)) and not _ERRORISH.search(evidence) and not _EXC_LINE.match(evidence)
+
+
+def make_diagnosis(failure_class: str, evidence: str = "") -> Diagnosis:
+    """A diagnosis of a known class (e.g. filed by hand for a silent failure); "none" for a good run.
+
+    Raises
+    ------
+    OptionsError
+        For a class outside :data:`FAILURE_CLASSES` and "none".
+    """
+    if failure_class == "none":
+        return Diagnosis("none", evidence, "no failure: the run completed", "nothing to fix", "00_tour.ipynb")
+    if failure_class not in CLASS_INFO:
+        raise OptionsError(f"failure_class={failure_class!r} is unknown; expected one of {FAILURE_CLASSES} or 'none'")
+    return _make(failure_class, evidence, evidence, 0.0, 0, "")
+
+
+# ---- reading ------------------------------------------------------------------------------
+def _read(source: TriageInput) -> tuple[str, list[int] | None, str]:
+    """(text, original line numbers of the kept lines or None, a note on the input)."""
+    if isinstance(source, BaseException):
+        return "".join(traceback.format_exception(type(source), source, source.__traceback__)), None, "exception"
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _clean(bytes(source).decode("utf-8", "replace")), None, "bytes"
+    if isinstance(source, str):
+        return _clean(source), None, "text"
+    if isinstance(source, os.PathLike):
+        path = Path(source)
+        if not path.is_file():
+            raise OptionsError(f"triage: {path} is not a file; pass the log file's path, text, or an exception")
+        with open(path, "rb") as handle:
+            return _read_stream(handle)
+    if hasattr(source, "read"):
+        return _read_stream(source)
+    raise OptionsError(f"triage takes an exception, text, bytes, a path or a stream, got {type(source).__name__}")
+
+
+# ---- blocks and classification ------------------------------------------------------------
+def _blocks(lines: list[str]) -> list[tuple[int, list[str]]]:
+    """Tracebacks as one block each (to the end of their message); other messages (a log record
+    or an exception line with its continuation lines) as one block each."""
+    blocks: list[tuple[int, list[str]]] = []
+    current: list[str] | None = None
+    in_traceback = seen_exception = False
+    for i, line in enumerate(lines):
+        line = _BARS.sub("", line) if "|" in line[:40] or "+" in line[:8] else line
+        line = strip_prefix(line)
+        stripped = line.strip()
+        if _TB_START.search(stripped):
+            current, in_traceback, seen_exception = [line], True, False
+            blocks.append((i, current))
+            continue
+        if _CHAIN.match(stripped) or not stripped:
+            current = None
+            continue
+        if not in_traceback and is_frame_header(line):  # a traceback pasted without its header
+            current, in_traceback, seen_exception = [line], True, False
+            blocks.append((i, current))
+            continue
+        starts_record = bool(_LOG_PREFIX.match(line) or _EXC_LINE.match(line))
+        if current is not None and in_traceback and not (seen_exception and _LOG_PREFIX.match(line)):
+            current.append(line[:4000])
+            seen_exception = seen_exception or bool(_EXC_LINE.match(line))
+            continue
+        if current is None or in_traceback or starts_record:
+            current, in_traceback = [line[:4000]], False
+            blocks.append((i, current))
+        else:
+            current.append(line[:4000])
+    return blocks
+
+
+def _line_factor(line: str, previous: str, has_message: bool) -> float:
+    """How much a match on ``line`` counts: the exception line most, stack frames least (but more
+    when the traceback was cut before its message, so the frames are all there is)."""
+    if _EXC_LINE.match(line):
+        return 1.25
+    if is_frame(line):
+        return 0.3 if has_message else 0.6
+    if previous and is_frame_header(previous):
+        return 0.35 if has_message else 0.6  # the source line under a frame
+    return 1.0
+
+
+def _classify(block: list[str], first_line: int) -> Diagnosis | None:
+    text = "\n".join(block)
+    starts = [0]
+    for line in block[:-1]:
+        starts.append(starts[-1] + len(line) + 1)
+    best: dict[str, tuple[float, int, int]] = {}  # class -> (score, line index, hits)
+    in_traceback = any(_TB_START.search(line) or is_frame_header(line) for line in block[:60])
+    has_message = any(_EXC_LINE.match(line) for line in block)
+    for cls, weight, rx, weak in _COMPILED:
+        for n, match in enumerate(rx.finditer(text)):
+            if n == 4:
+                break
+            idx = _index(starts, match.start())
+            if weak and not in_traceback and not _ERRORISH.search(block[idx]):
+                continue
+            score = weight * _line_factor(block[idx], block[idx - 1] if idx else "", has_message)
+            old = best.get(cls, (0.0, 0, 0))
+            best[cls] = (max(old[0], score), idx if score > old[0] else old[1], old[2] + 1)
+    exc_type = _exception_type(block)
+    for cls, score in context_scores(text, exc_type):
+        old = best.get(cls, (0.0, _exc_index(block), 0))
+        best[cls] = (max(old[0], score), old[1] if old[0] >= score else _exc_index(block), old[2] + 1)
+    if not best:
+        return None
+    cls, (score, idx, hits) = max(best.items(), key=lambda kv: (kv[1][0] + 0.05 * min(kv[1][2], 6), -kv[1][1]))
+    return _make(cls, block[idx].strip()[:400], text, score, first_line + idx, exc_type)
+
+
+def _index(starts: list[int], position: int) -> int:
+    lo, hi = 0, len(starts) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if starts[mid] <= position else (lo, mid - 1)
+    return lo
+
+
+def _exception_type(block: list[str]) -> str:
+    for line in reversed(block):
+        match = _EXC_LINE.match(line)
+        if match:
+            return match.group(1).rsplit(".", 1)[-1]
+    header = next((_IPY_HEADER.match(line) for line in block[:3] if _IPY_HEADER.match(line)), None)  # IPython, cut before the message
+    return header.group(1).rsplit(".", 1)[-1] if header else ""
+
+
+def _exc_index(block: list[str]) -> int:
+    return next((i for i in range(len(block) - 1, -1, -1) if _EXC_LINE.match(block[i])), len(block) - 1)
+
+
+def _make(cls: str, evidence: str, text: str, score: float, line: int, exc_type: str) -> Diagnosis:
+    title, meaning, fix, notebook = CLASS_INFO[cls]
+    numbers = triage_numbers.extract(cls, text)
+    detail = triage_numbers.describe(cls, numbers)
+    explanation = f"{title}: {meaning}" + (f"; {detail}" if detail else "")
+    fix = triage_numbers.specific_fix(cls, numbers) or fix
+    return Diagnosis(cls, evidence, explanation, fix, notebook, numbers, round(score, 2), line, 1, exc_type)
+
+
+def _merge(found: list[Diagnosis]) -> list[Diagnosis]:
+    """Adjacent diagnoses of one class become one; repeats of the same evidence are counted."""
+    merged: list[Diagnosis] = []
+    index: dict[tuple[str, str], int] = {}
+    for diagnosis in found:
+        key = (diagnosis.failure_class, re.sub(r"\d+", "#", diagnosis.evidence))
+        if key in index:
+            i = index[key]
+            merged[i] = replace(merged[i], count=merged[i].count + 1)
+        elif merged and merged[-1].failure_class == diagnosis.failure_class and diagnosis.line - merged[-1].line <= 3:
+            keep = max(merged[-1], diagnosis, key=lambda d: d.confidence)
+            numbers = {**diagnosis.numbers, **merged[-1].numbers}
+            merged[-1] = replace(keep, numbers=numbers, count=merged[-1].count)
+        else:
+            index[key] = len(merged)
+            merged.append(diagnosis)
+    return merged
+
+
+def _binary(text: str) -> bool:
+    """More than 10% of the first 4096 characters are undecodable or control characters."""
+    head = text[:4096]
+    return bool(head) and sum(ch == "\ufffd" or (ord(ch) < 32 and ch not in "\n\t") for ch in head) > 0.1 * len(head)
+
+
+def _unknown(text: str, note: str) -> Diagnosis:
+    title, meaning, fix, notebook = CLASS_INFO["unknown"]
+    if not text.strip():
+        reason = "the input is empty"
+    elif _binary(text):
+        reason = f"the input looks binary, not text ({len(text)} characters decoded)"
+    else:
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")[:120]
+        reason = f"no known error pattern in {len(text.splitlines())} line(s) ({note}); first line: {first!r}"
+    return Diagnosis("unknown", "", f"{meaning}: {reason}", fix, notebook, {"reason": reason}, 0.0, 0, 1, "")
+
+
+# ---- command line -------------------------------------------------------------------------
+def add_triage_command(sub) -> None:
+    """Register ``mlbench triage FILE|- [--json]`` on an argparse sub-parsers object."""
+    p = sub.add_parser("triage", help="diagnose an error text, traceback or log: what kind of failure is this?")
+    p.add_argument("file", help="log or traceback file, or - for standard input")
+    p.add_argument("--json", action="store_true", help="print the diagnoses as JSON")
+    p.set_defaults(run=_triage_cli)
+
+
+def _triage_cli(args) -> int:
+    import json
+    import sys
+
+    source = sys.stdin.buffer if args.file == "-" else Path(args.file)
+    diagnosis = triage(source)
+    print(json.dumps(diagnosis.to_dict(), indent=1) if args.json else repr(diagnosis))
+    return 0 if diagnosis.failure_class == "unknown" else 1

@@ -1,0 +1,235 @@
+"""Format-specific decoders behind :func:`mlbench.read_image`.
+
+Each returns ``(array, info)`` where ``info`` holds the report fields it decided
+(pages, page used, mode, axes, compression, orientation, alpha) and a list of
+:class:`~mlbench.findings.Problem`. The pixel budget is checked from the header before any
+pixel is decoded: PNG and JPEG sizes are parsed from the bytes here, TIFF sizes from
+tifffile's header-only series.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+
+import numpy as np
+
+from mlbench.errors import ImageError
+from mlbench.findings import Problem
+from mlbench.image.formats import bytes_io, check_pixels, header_size
+
+__all__ = ["decode", "decode_tiff", "decode_pil"]
+
+def decode(data: bytes, fmt: str, name: str, page: int, max_pixels: int) -> tuple[np.ndarray, dict]:
+    """Dispatch on the sniffed format: TIFF to tifffile, everything else to Pillow (16-bit PNG to OpenCV)."""
+    size = header_size(data, fmt)
+    if size is not None:
+        check_pixels(name, size[0], size[1], max_pixels)
+    if fmt == "tiff":
+        return decode_tiff(data, name, page, max_pixels)
+    if page != 0:
+        raise ImageError(f"{name}: page {page} requested but a {fmt.upper()} file has one page; pass page=0")
+    return decode_pil(data, name, max_pixels)
+
+
+def _plane_layout(axes: str, shape: tuple[int, ...]) -> tuple[str | None, list[int]]:
+    """The channel axis (S, or C with at most 4 entries) and the sizes of the other non-YX axes."""
+    channel = "S" if "S" in axes else ("C" if "C" in axes and shape[axes.index("C")] <= 4 else None)
+    others = [n for a, n in zip(axes, shape) if a not in "YX" and a != channel]
+    return channel, others
+
+
+def _read_tiff(tif, name: str, page: int, max_pixels: int) -> tuple[np.ndarray, dict, list[Problem]]:
+    series = tif.series[0]
+    if len(tif.series) > 1:  # separately written pages: each page is one plane
+        pages = len(tif.pages)
+        axes, shape = tif.pages[min(page, pages - 1)].axes, tif.pages[min(page, pages - 1)].shape
+        channel, planes = _plane_layout(axes, shape)[0], pages
+    else:
+        axes, shape = series.axes, series.shape
+        channel, others = _plane_layout(axes, shape)
+        planes = int(np.prod(others)) if others else 1
+    if not 0 <= page < planes:
+        raise ImageError(f"{name}: page {page} requested but the file has {planes} page(s); pass page=0..{planes - 1}")
+    check_pixels(name, shape[axes.index("Y")], shape[axes.index("X")], max_pixels)
+    problems = []
+    if len(tif.series) > 1:
+        array, axes = tif.pages[page].asarray(), tif.pages[page].axes
+    elif planes == 1:
+        array = series.asarray()
+    else:
+        array = _series_plane(series, axes, shape, channel, page)
+        axes = "".join(a for a in axes if a in "YXS" or a == channel)
+    if channel == "C" and axes.index("C") < axes.index("Y"):
+        problems.append(Problem("channels_first", f"{array.shape[axes.index('C')]} channels stored first (axes "
+                                f"{series.axes}), moved last; PIL and the service see only the first channel"))
+    return array, {"axes": axes}, problems
+
+
+def _series_plane(series, axes: str, shape: tuple[int, ...], channel: str | None, page: int) -> np.ndarray:
+    """Decode only the pages of one plane (all its channels) of a shaped series."""
+    page_axes = [a for a in axes if a not in "YXS"]
+    page_shape = [shape[axes.index(a)] for a in page_axes]
+    other_shape = [n for a, n in zip(page_axes, page_shape) if a != channel]
+    index = dict(zip([a for a in page_axes if a != channel], np.unravel_index(page, other_shape)))
+    n_channels = shape[axes.index(channel)] if channel in page_axes else 1
+    keys = []
+    for c in range(n_channels):
+        coords = [c if a == channel else int(index[a]) for a in page_axes]
+        keys.append(int(np.ravel_multi_index(coords, page_shape)))
+    array = series.asarray(key=keys if len(keys) > 1 else keys[0])
+    return array
+
+
+def decode_tiff(data: bytes, name: str, page: int, max_pixels: int) -> tuple[np.ndarray, dict]:
+    """Decode one plane of a TIFF with tifffile, keeping dtype and reporting pages, axes and compression."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(bytes_io(data)) as tif:
+            pages = len(tif.series) if len(tif.series) > 1 else None
+            array, info, problems = _read_tiff(tif, name, page, max_pixels)
+            series = tif.series[0]
+            channel, others = _plane_layout(series.axes, series.shape)
+            pages = pages or (int(np.prod(others)) if others else 1)
+            compression = tif.pages[0].compression.name.lower()
+            info["alpha"] = _tiff_has_alpha(tif.pages[0])
+    except ImageError:
+        raise
+    except Exception as exc:  # tifffile raises many types for damaged files
+        if "requires the 'imagecodecs' package" in str(exc):
+            raise ImageError(f"{name}: the TIFF is compressed ({exc}); the codec is missing here, not the file "
+                             "damaged: pip install imagecodecs") from exc
+        raise ImageError(f"{name}: the TIFF cannot be decoded ({type(exc).__name__}: {exc}); "
+                         "the file is damaged or truncated, export it again") from exc
+    if pages > 1:
+        problems.append(Problem("multi_page", f"{pages} pages; page {page} used, the others ignored"))
+    array = _to_channels_last(np.asarray(array), info["axes"])
+    array, alpha = _drop_alpha(array, known_alpha=info["alpha"])
+    if alpha:
+        problems.append(Problem("alpha_dropped", "an alpha channel was present and dropped"))
+    array = _keep_first_channel(array, problems)
+    return array, {"pages": pages, "page_used": page, "mode": info["axes"], "axes": info["axes"],
+                   "compression": compression, "orientation": 1, "alpha": alpha, "problems": problems}
+
+
+def _to_channels_last(array: np.ndarray, axes: str) -> np.ndarray:
+    """Reorder a single-plane array to (H, W) or (H, W, C) from tifffile's axes string."""
+    axes = axes.upper()
+    if array.ndim == 3 and axes[0] in "SC" and array.shape[0] <= 4:
+        return np.ascontiguousarray(np.moveaxis(array, 0, -1))
+    if array.ndim == 3 and array.shape[0] <= 4 < array.shape[2]:  # channels read as pages, axes lost
+        return np.ascontiguousarray(np.moveaxis(array, 0, -1))
+    return array
+
+
+def _tiff_has_alpha(page) -> bool:
+    """Whether a TIFF's extra sample is alpha (ExtraSamples 1 or 2, or RGB with a fourth sample)."""
+    extra = tuple(int(v) for v in (getattr(page, "extrasamples", ()) or ()))
+    rgb_plus_one = getattr(page.photometric, "name", "") == "RGB" and page.samplesperpixel == 4
+    return any(v in (1, 2) for v in extra) or rgb_plus_one
+
+
+def _drop_alpha(array: np.ndarray, known_alpha: bool = True) -> tuple[np.ndarray, bool]:
+    """Drop the alpha of a grey+alpha or RGBA array; ``known_alpha=False`` when the format says it is not alpha."""
+    if known_alpha and array.ndim == 3 and array.shape[2] in (2, 4):
+        return (array[..., :-1] if array.shape[2] == 4 else array[..., 0]), True
+    return array, False
+
+
+def _others(n: int) -> str:
+    return "channel 1" if n == 2 else f"channels 1..{n - 1}"
+
+
+def _keep_first_channel(array: np.ndarray, problems: list[Problem]) -> np.ndarray:
+    """Channels that are neither grey nor RGB (e.g. two fluorescence stains): keep channel 0 and say so."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        return array[..., 0]
+    if array.ndim == 3 and array.shape[2] != 3:
+        problems.append(Problem("channels_dropped", f"{array.shape[2]} channels that are neither RGB nor alpha: "
+                                f"channel 0 used as grey, {_others(array.shape[2])} ignored; export the "
+                                "stain the model was trained on as a single-channel image"))
+        return np.ascontiguousarray(array[..., 0])
+    return array
+
+
+_PIL_ARRAY_MODES = {"I;16": np.uint16, "I;16B": np.uint16, "I;16L": np.uint16, "I": np.int32, "F": np.float32}
+
+
+def _open_pil(data: bytes, name: str, max_pixels: int):
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(bytes_io(data))
+            check_pixels(name, image.height, image.width, max_pixels)
+            image.load()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{name}: refused as a decompression bomb ({exc}); downscale the image") from exc
+    except Exception as exc:
+        reason = "truncated (the file ends early)" if "truncated" in str(exc).lower() else f"damaged ({type(exc).__name__}: {exc})"
+        raise ImageError(f"{name}: the image is {reason}; copy or export the file again") from exc
+    return image
+
+
+def _png_16bit_colour(data: bytes) -> bool:
+    """True for a 16-bit PNG with colour or alpha, which Pillow would open as 8-bit."""
+    return data[12:16] == b"IHDR" and data[24] == 16 and data[25] in (2, 4, 6)
+
+
+def _decode_cv2_16(data: bytes, name: str) -> np.ndarray:
+    import cv2
+
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise ImageError(f"{name}: the 16-bit PNG cannot be decoded; the file is damaged, export it again")
+    if array.ndim == 3:  # OpenCV orders colour as BGR(A)
+        array = cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA if array.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    return array
+
+
+def _apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn an (H, W[, C]) array upright from its EXIF orientation (1..8), as ``ImageOps.exif_transpose`` does."""
+    transposed = np.swapaxes(array, 0, 1)
+    upright = {2: array[:, ::-1], 3: array[::-1, ::-1], 4: array[::-1], 5: transposed,
+               6: transposed[:, ::-1], 7: transposed[::-1, ::-1], 8: transposed[::-1]}.get(orientation, array)
+    return np.ascontiguousarray(upright)
+
+
+def decode_pil(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, dict]:
+    """Decode PNG, JPEG, BMP, GIF or WebP with Pillow, detecting truncation (16-bit colour PNG via OpenCV)."""
+    from PIL import ImageOps
+
+    image = _open_pil(data, name, max_pixels)  # full decode: raises on truncation
+    problems: list[Problem] = []
+    frames = getattr(image, "n_frames", 1)
+    orientation = int(image.getexif().get(0x0112, 1) or 1)
+    mode = image.mode
+    if _png_16bit_colour(data):
+        array, mode = _apply_orientation(_decode_cv2_16(data, name), orientation), "RGB;16"
+    else:
+        if orientation != 1:
+            image = ImageOps.exif_transpose(image)
+        if mode == "P":
+            problems.append(Problem("palette", f"palette image: the {len(image.getpalette() or []) // 3} palette indices "
+                                    "are returned; as served, convert('RGB') maps them to colours"))
+        elif mode == "CMYK":
+            image = image.convert("RGB")
+            problems.append(Problem("cmyk", "CMYK converted to RGB"))
+        elif mode in ("LA", "PA", "La"):
+            image = image.convert("RGBA" if mode == "PA" else "LA")
+        dtype = _PIL_ARRAY_MODES.get(image.mode)
+        array = np.asarray(image, dtype=dtype) if dtype else np.asarray(image)
+    if orientation != 1:
+        problems.append(Problem("exif_rotated", f"EXIF orientation {orientation} applied; the service ignores it "
+                                "and sees the image as stored"))
+    if frames > 1:
+        problems.append(Problem("multi_page", f"{frames} frames; frame 0 used, the others ignored"))
+    array, alpha = _drop_alpha(array)
+    if alpha:
+        problems.append(Problem("alpha_dropped", "an alpha channel was present and dropped"))
+    return np.ascontiguousarray(array), {"pages": frames, "page_used": 0, "mode": mode, "orientation": orientation,
+                                         "alpha": alpha, "problems": problems}

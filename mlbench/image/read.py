@@ -1,0 +1,218 @@
+"""One careful image loader with a declared policy.
+
+The common readers fail silently in different ways (cv2 returns None or grey rows,
+PIL opens 16-bit RGB as 8-bit, tifffile has no size limit). :func:`read_image` sniffs
+the format from the bytes, checks the pixel count from the header before decoding,
+keeps the container dtype (16-bit, 12-bit-in-16 and float stay as they are), applies
+EXIF orientation, drops alpha, and raises :class:`ImageError` naming the file, what is
+wrong and what to do. Every decision it takes is written into the :class:`ImageReport`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mlbench.errors import ImageError
+from mlbench.findings import Problem, ReportText
+from mlbench.image.decoders import decode
+from mlbench.image.formats import EXTENSIONS, ImageSource, load_bytes, sniff_format
+
+__all__ = ["read_image", "ImageReport", "DEFAULT_MAX_PIXELS", "effective_bit_depth", "value_range", "percentiles"]
+
+DEFAULT_MAX_PIXELS = 64_000_000
+PERCENTILES = (1.0, 50.0, 99.0)
+PERCENTILES_NAMES = ("p1", "p50", "p99")
+
+
+@dataclass(frozen=True, repr=False)
+class ImageReport(ReportText):
+    """What :func:`read_image` found and decided. The text repr is the report; a notebook shows a table.
+
+    ``dtype`` is the container's, ``bit_depth`` the bits actually used (12 for 12-bit camera data
+    in a 16-bit container); ``pages``/``page_used`` count planes of a stack (channels excluded);
+    ``axes`` and ``compression`` come from TIFF headers; ``percentiles`` are p1, p50, p99;
+    ``served`` holds what the ``as_served`` decode would do (filled by :func:`mlbench.check_image`).
+    """
+
+    name: str
+    format: str
+    dtype: str
+    shape: tuple[int, ...]
+    bit_depth: int
+    channels: int
+    pages: int = 1
+    page_used: int = 0
+    mode: str = ""
+    orientation: int = 1
+    value_range: tuple[float, float] = (0.0, 0.0)
+    problems: tuple[Problem, ...] = field(default_factory=tuple)
+    axes: str = ""
+    compression: str = ""
+    percentiles: tuple[float, ...] = ()
+    alpha: bool = False
+    served: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing was found that changes what a model sees."""
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (problems as ``{code, message}``)."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "problems"}
+        out["shape"] = list(self.shape)
+        out["value_range"] = [round(v, 4) for v in self.value_range]
+        out["percentiles"] = dict(zip(PERCENTILES_NAMES, (round(v, 4) for v in self.percentiles)))
+        out["served"] = list(self.served)
+        out["ok"] = self.ok
+        out["problems"] = [{"code": p.code, "message": p.message} for p in self.problems]
+        return out
+
+    def text(self) -> str:
+        """The report: format, dtype, bit depth, shape, values, what ``as_served`` does, the problems."""
+        lo, hi = self.value_range
+        if not self.shape:
+            return "\n".join([f"ImageReport({self.name})", f"  format {self.format}, not decoded"]
+                             + self._problem_lines(self.problems))
+        lines = [
+            f"ImageReport({self.name})",
+            f"  format {self.format}, dtype {self.dtype}, {self.bit_depth}-bit effective, shape {self.shape}",
+            f"  channels {self.channels}, page {self.page_used + 1} of {self.pages}, values {lo:.4g}..{hi:.4g}",
+        ]
+        extra = [f"axes {self.axes}" if self.axes else "", f"compression {self.compression}" if self.compression else "",
+                 f"orientation {self.orientation}" if self.orientation != 1 else "", "alpha dropped" if self.alpha else ""]
+        if self.percentiles:
+            extra.append("percentiles " + ", ".join(f"{n} {v:.4g}" for n, v in zip(PERCENTILES_NAMES, self.percentiles)))
+        if any(extra):
+            lines.append("  " + ", ".join(e for e in extra if e))
+        lines += [f"  as_served: {note}" for note in self.served]
+        return "\n".join(lines + self._problem_lines(self.problems))
+
+    def _repr_html_(self) -> str:
+        lo, hi = self.value_range
+        facts = [("format", self.format), ("dtype", self.dtype), ("bit depth", self.bit_depth),
+                 ("shape", self.shape), ("channels", self.channels), ("page", f"{self.page_used + 1} of {self.pages}"),
+                 ("values", f"{lo:.4g}..{hi:.4g}")] if self.shape else [("format", f"{self.format}, not decoded")]
+        facts += [(name, value) for name, value in (("axes", self.axes), ("compression", self.compression)) if value]
+        facts += [(n, f"{v:.4g}") for n, v in zip(PERCENTILES_NAMES, self.percentiles)]
+        facts += [("as_served", note) for note in self.served]
+        return self._html(f"ImageReport({self.name})", (("fact", "value"), facts),
+                          self._problem_table(self.problems))
+
+
+def effective_bit_depth(array: np.ndarray) -> int:
+    """Bits actually used: 8 for uint8, 12 for 16-bit data whose maximum is <= 4095, 32 for floats."""
+    if array.dtype == np.bool_:
+        return 1
+    if np.issubdtype(array.dtype, np.floating):
+        return 32 if array.dtype == np.float32 else 64
+    top = int(array.max()) if array.size else 0
+    container = array.dtype.itemsize * 8
+    return min(container, max(8, int(np.ceil(np.log2(top + 1))) if top > 0 else 8))
+
+
+def read_image(source: ImageSource, *, page: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, ImageReport]:
+    """Decode an image file or its bytes, keeping its data as it is.
+
+    Parameters
+    ----------
+    source : path or bytes
+        The image file, or its raw bytes (as uploaded to the service).
+    page : int
+        Which page of a multi-page TIFF to use (default the first).
+    max_pixels : int
+        Refuse images with more pixels than this, checked from the header before decoding.
+
+    Returns
+    -------
+    image : (H, W) or (H, W, 3) array
+        Container dtype kept (uint8, uint16, float32 ...); alpha dropped; orientation applied.
+    report : ImageReport
+        Format, dtype, effective bit depth, pages and every problem found.
+
+    Examples
+    --------
+    12-bit camera data in a 16-bit TIFF keeps its dtype, and the report says how many bits it uses:
+
+    >>> import mlbench as mb
+    >>> image, report = read_image(mb.load_sample("spheroids_12bit").path)
+    >>> image.dtype, image.shape, report.bit_depth
+    (dtype('uint16'), (512, 512), 12)
+    >>> read_image(b"<!DOCTYPE html><html>")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    mlbench.errors.ImageError: <bytes>: not a recognised image (...); it looks like text or HTML (an error page saved as an image?); ...
+    """
+    data, name = load_bytes(source)
+    if not data:
+        raise ImageError(f"{name}: the file is empty (0 bytes); the upload or copy failed, send the file again")
+    fmt = sniff_format(data[:16])
+    if fmt is None:
+        hint = "it looks like text or HTML (an error page saved as an image?)" if data[:1] in b"<{ \t\r\n" else f"first bytes {data[:8]!r}"
+        raise ImageError(f"{name}: not a recognised image (PNG, JPEG, TIFF, BMP, GIF, WebP); {hint}; check how the file was produced")
+    problems: list[Problem] = []
+    suffix = Path(name).suffix.lower() if name != "<bytes>" else ""
+    if suffix and suffix not in EXTENSIONS.get(fmt, set()):
+        problems.append(Problem("name_mismatch", f"the name ends in {suffix} but the content is {fmt.upper()}"))
+
+    image, info = decode(data, fmt, name, page, max_pixels)
+    problems.extend(info.pop("problems"))
+    image = _binary_to_uint8(image, problems)
+    values = value_range(image)
+    problems.extend(_value_problems(image, values))
+    report = ImageReport(
+        name=name, format=fmt, dtype=str(image.dtype), shape=tuple(image.shape),
+        bit_depth=effective_bit_depth(image), channels=1 if image.ndim == 2 else image.shape[2],
+        value_range=values, percentiles=percentiles(image), problems=tuple(problems), **info,
+    )
+    return image, report
+
+
+def _binary_to_uint8(image: np.ndarray, problems: list[Problem]) -> np.ndarray:
+    """A 1-bit image becomes uint8 0/255 (no reader downstream takes bool); it is probably a mask."""
+    if image.dtype != np.bool_:
+        return image
+    problems.append(Problem("binary", "a 1-bit (black and white) image, read as 0/255: this looks like a mask, "
+                            "not a micrograph; check that the right file was sent"))
+    return image.astype(np.uint8) * 255
+
+
+def _value_problems(image: np.ndarray, values: tuple[float, float]) -> list[Problem]:
+    """Non-finite pixels (NaN/Inf) and a constant image (``values``: its finite min and max): both reach
+    the model without an error."""
+    problems = []
+    if np.issubdtype(image.dtype, np.floating):
+        bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+        if bad:
+            problems.append(Problem("nonfinite", f"{bad} NaN/Inf pixels ({bad / image.size:.2%}): the model output "
+                                    "turns NaN around them; replace them (np.nan_to_num) or fix the export"))
+    if image.size and values[0] == values[1]:
+        problems.append(Problem("constant", f"every pixel has the value {values[0]:g}: there is nothing to "
+                                "segment, and per-image standardisation would divide by zero"))
+    return problems
+
+
+def value_range(image: np.ndarray) -> tuple[float, float]:
+    """(min, max) ignoring NaN; (0, 0) for an empty array."""
+    if not image.size:
+        return (0.0, 0.0)
+    if np.issubdtype(image.dtype, np.floating):
+        finite = image[np.isfinite(image)]
+        return (float(finite.min()), float(finite.max())) if finite.size else (float("nan"), float("nan"))
+    return (float(image.min()), float(image.max()))
+
+
+def percentiles(image: np.ndarray, limit: int = 1 << 20) -> tuple[float, ...]:
+    """The 1st, 50th and 99th percentiles of the values (a strided subsample of at most ``limit`` values)."""
+    flat = image.reshape(-1)
+    if not flat.size:
+        return ()
+    flat = flat[:: max(1, flat.size // limit)]
+    if np.issubdtype(flat.dtype, np.floating):
+        flat = flat[np.isfinite(flat)]
+    return tuple(float(v) for v in np.percentile(flat, PERCENTILES)) if flat.size else ()
+
+

@@ -1,0 +1,232 @@
+"""Models with weights, each with its card: the bundled small ones, and checkpoints from anywhere.
+
+``load_model`` never fetches anything. A bundled name loads the weights that ship in
+``data/weights``, checked against the sha256 in its manifest, with the card the manifest gives. A
+path loads a checkpoint (the service's training dicts with an ``argparse.Namespace``, DataParallel,
+Lightning, EMA and plain state dicts, safetensors) through the checkpoint reader, which never
+unpickles code; the architecture and widths of the three known models are read from the tensors,
+and anything else loads into the user's own module (or a factory registered with
+:func:`register_model`). Every load is ``strict=True``: a file that does not fit cannot load
+silently, and the error lists the keys that did not fit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlbench.errors import ModelError, OptionsError, WeightsError
+from mlbench.models.cards import IMAGENET_MEAN, IMAGENET_STD, ModelCard, architecture_card, attach_card, card
+from mlbench.models.checkpoint_io import read_state_dict
+from mlbench.models.fitting import diff_keys, known_keys, rank_architectures
+from mlbench.models.registry import ALIASES, build_model, config_from_state_dict, list_models, resolve_name
+from mlbench.paths import data_dir, sha256_file
+
+__all__ = ["load_model", "load_checkpoint", "load_trained", "register_model", "registered_models", "load_manifest",
+           "weights_path", "manifest_card"]
+
+_REGISTERED: dict[str, tuple[Callable[[], torch.nn.Module], ModelCard | None]] = {}
+
+
+def register_model(name: str, factory: Callable[[], torch.nn.Module], card: ModelCard | None = None) -> None:
+    """Make ``name`` an architecture ``load_model(path, model=name)`` can build: ``factory()`` returns
+    an untrained module, ``card`` says how to run it.
+
+    Raises
+    ------
+    OptionsError
+        When ``name`` is a bundled architecture or alias, or ``factory`` is not callable.
+    """
+    if not isinstance(name, str) or not name or name.lower() in (*list_models(), *ALIASES):
+        raise OptionsError(f"register_model needs a new name, got {name!r}; {list_models()} and their aliases "
+                           "are taken by the bundled architectures")
+    if not callable(factory):
+        raise OptionsError(f"register_model({name!r}, factory): factory must be callable returning an nn.Module, "
+                           f"got {type(factory).__name__}")
+    _REGISTERED[name] = (factory, card)
+
+
+def registered_models() -> list[str]:
+    """Names given to :func:`register_model`, sorted."""
+    return sorted(_REGISTERED)
+
+
+def load_manifest(weights_dir: Path | None = None) -> dict[str, Any]:
+    """The weights manifest: per model its file, sha256, widths, recipe and measured IoU."""
+    path = (weights_dir or data_dir() / "weights") / "manifest.json"
+    if not path.exists():
+        raise WeightsError(
+            f"weights manifest not found at {path}; the bundled weights are missing: "
+            "run `python -m mlbench.train` to train them, or restore data/weights from git"
+        )
+    return json.loads(path.read_text())
+
+
+def weights_path(name: str) -> Path:
+    """Path of the bundled weights file of model ``name`` (aliases accepted)."""
+    entry = _entry(resolve_name(name))
+    return data_dir() / "weights" / entry["file"]
+
+
+def _entry(name: str, weights_dir: Path | None = None) -> dict[str, Any]:
+    models = load_manifest(weights_dir)["models"]
+    if name not in models:
+        raise WeightsError(f"no bundled weights for {name!r} in the manifest (it has {sorted(models)}); "
+                           "run `python -m mlbench.train --models " + name + "`")
+    return models[name]
+
+
+def load_model(source: str | Path, *, model: str | torch.nn.Module | None = None, card: ModelCard | None = None,
+               key: str | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A model with trained weights and its card, in eval mode: a bundled name or a checkpoint file.
+
+    Parameters
+    ----------
+    source : str or Path
+        A bundled model name or service id (``"hrnet"``, ``"resunet_small"`` ...): the small trained
+        weights of ``data/weights``. Anything else is a checkpoint path (see :func:`load_checkpoint`).
+    model : str or nn.Module, optional
+        For a checkpoint: the architecture to expect (a bundled or registered name), or your own
+        module to load the tensors into.
+    card : ModelCard, optional
+        What you know about the model (recipe, head, name); its fields win over what was read.
+    key : str, optional
+        For a training dict holding several state dicts (model and EMA): which one to load.
+    device : str or torch.device
+
+    Raises
+    ------
+    WeightsError
+        A bundled file missing or changed (sha256), or a checkpoint that cannot be read safely or
+        does not fit.
+    ModelError
+        ``source`` is neither a known name nor an existing file.
+
+    Examples
+    --------
+    >>> import mlbench as mb
+    >>> net = mb.load_model("resunet_small")
+    >>> mb.card(net).architecture, mb.card(net).input_size, mb.card(net).origin("input_size")
+    ('cbam_resunet', 256, 'manifest')
+    """
+    if isinstance(source, str) and not _looks_like_path(source):
+        try:
+            name = resolve_name(source)
+        except ModelError as exc:
+            raise ModelError(f"{exc} It is not a file either ({Path(source).absolute()} does not exist): "
+                             "pass a bundled name or the path of a checkpoint.") from None
+        if model is not None or key is not None:
+            raise ModelError(f"model= and key= apply to checkpoint files; {source!r} is a bundled model: "
+                             f"call mb.load_model({source!r}) without them, or pass the path of your checkpoint")
+        net = load_trained(name, data_dir() / "weights")
+        return attach_card(net, mb_card(net).merged(card)).to(device)
+    return load_checkpoint(source, model=model, card=card, key=key).to(device)
+
+
+mb_card = card  # the accessor, under a name the ``card`` argument does not hide
+
+
+def _looks_like_path(source: str) -> bool:
+    return Path(source).exists() or any(sep in source for sep in "/\\") or Path(source).suffix != ""
+
+
+def load_checkpoint(path: str | Path, *, model: str | torch.nn.Module | None = None, card: ModelCard | None = None,
+                    key: str | None = None) -> torch.nn.Module:
+    """Load a checkpoint file strictly into the architecture its tensors describe, or into ``model``.
+
+    The widths of the known architectures come from the tensors, as the service's own loader reads
+    them; the card records the file, its sha256, the architecture and widths (origin
+    ``checkpoint``), the service's 1024 px input unless ``card`` says otherwise, and ``card``'s fields.
+
+    Raises
+    ------
+    WeightsError
+        The file is unreadable, unsafe, damaged, or fits no architecture (or not ``model``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"checkpoint {str(path)!r} is not a file (absolute path tried {path.absolute()}, working "
+                           f"directory {Path.cwd()}); check the path, relative paths resolve against the working directory")
+    registered = _REGISTERED.get(model) if isinstance(model, str) else None
+    read = read_state_dict(path, path.stat().st_size, known_keys(None if registered else model), key)
+    if read.state_dict is None or read.blocking:
+        problems = "; ".join(f"[{code}] {message}" for code, message in read.problems if code in read.blocking)
+        raise WeightsError(f"cannot load {path}: {problems or read.container or 'no state dict found'}. "
+                           f"mb.check_weights({str(path)!r}) gives the full report")
+    net, base = _target(path, read.state_dict, model, registered)
+    _load_strict(net, read.state_dict, path)
+    found = base.changed("checkpoint", source=str(path), sha256=sha256_file(path),
+                         parameters=sum(p.numel() for p in net.parameters()), name=base.name or path.stem)
+    return attach_card(net, found.merged(card)).eval()
+
+
+def _target(path: Path, state_dict, model, registered) -> tuple[torch.nn.Module, ModelCard]:
+    """The module to load into and its starting card."""
+    if isinstance(model, torch.nn.Module):
+        return model, mb_card(model)
+    if registered is not None:
+        factory, registered_card = registered
+        net = factory()
+        if not isinstance(net, torch.nn.Module):
+            raise OptionsError(f"the factory registered as {model!r} returned {type(net).__name__}, not an nn.Module")
+        return net, architecture_card(net).merged(registered_card)
+    fits = rank_architectures(state_dict)
+    name = resolve_name(model) if model is not None else (fits[0].model if fits[0].score == 1.0 else None)
+    if name is None:
+        raise WeightsError(f"{path} fits none of the known architectures {list_models()} exactly (best: {fits[0]}); "
+                           "pass your own module: mb.load_model(path, model=MyNet(), card=mb.ModelCard(...)), "
+                           f"or see mb.check_weights({str(path)!r})")
+    try:
+        net = build_model(name, widths=config_from_state_dict(name, state_dict))
+    except WeightsError as exc:
+        raise WeightsError(f"{path} is not a {name} checkpoint: {exc} Best fit: {fits[0]}") from None
+    return net, architecture_card(net).changed("checkpoint", widths=repr(net.config))
+
+
+def _load_strict(net: torch.nn.Module, state_dict, path: Path) -> None:
+    diff = diff_keys(state_dict, net.state_dict())
+    if diff["missing"] or diff["unexpected"] or diff["shape"]:
+        first = (diff["missing"] + diff["unexpected"] + diff["shape"])[:3]
+        raise WeightsError(f"{path} does not fit {type(net).__name__}: {len(diff['missing'])} missing, "
+                           f"{len(diff['unexpected'])} unexpected, {len(diff['shape'])} shape mismatches "
+                           f"(first: {first}); load into the model the checkpoint was trained with")
+    net.load_state_dict(state_dict, strict=True)
+
+
+def manifest_card(name: str, entry: dict[str, Any], path: Path, net: torch.nn.Module) -> ModelCard:
+    """The card of a bundled model, from its manifest entry."""
+    norm = entry.get("normalization", {})
+    values = {"name": name, "source": f"bundled {path.name}", "sha256": entry["sha256"],
+              "input_size": int(entry["input_size"]), "normalization": "imagenet",
+              "mean": tuple(norm.get("mean", IMAGENET_MEAN)), "std": tuple(norm.get("std", IMAGENET_STD))}
+    return architecture_card(net).changed("manifest", **values)
+
+
+def load_trained(name: str, weights_dir: Path) -> torch.nn.Module:
+    """The small model ``name`` from the weights and manifest in ``weights_dir``, eval mode, on CPU.
+
+    :func:`load_model` reads the bundled folder; ``python -m mlbench.train --out DIR`` evaluates
+    what it wrote in ``DIR`` through this same check.
+    """
+    from safetensors.torch import load_file
+
+    canonical = resolve_name(name)
+    entry = _entry(canonical, weights_dir)
+    path = weights_dir / entry["file"]
+    if not path.exists():
+        raise WeightsError(f"weights file {path} is missing (working directory {Path.cwd()}); "
+                           "restore it from git or run `python -m mlbench.train`")
+    actual = sha256_file(path)
+    if actual != entry["sha256"]:
+        raise WeightsError(
+            f"weights file {path} has sha256 {actual[:16]}... but the manifest expects {entry['sha256'][:16]}...; "
+            "the file was changed or damaged: restore it from git, or retrain with `python -m mlbench.train` "
+            "(which rewrites the manifest)"
+        )
+    model = build_model(canonical, size="small")
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return attach_card(model, manifest_card(canonical, entry, path, model)).eval()

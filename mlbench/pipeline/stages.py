@@ -1,0 +1,181 @@
+"""The five stages of "segment an image": decode, preprocess, forward, postprocess, polygons.
+
+Each stage is a plain function of a :class:`StageContext` (the options, the model, the
+source and the outputs of earlier stages) that returns a new value and changes nothing
+it was given. :class:`mlbench.Pipeline` runs them in order and records each one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from mlbench.image.read import ImageReport, effective_bit_depth, read_image
+from mlbench.findings import Problem, ReportText
+from mlbench.image.formats import sniff_format
+from mlbench.models.cards import ModelCard, card
+from mlbench.pipeline.options import PipelineOptions
+from mlbench.pipeline.polygons import mask_to_polygons
+from mlbench.pipeline.postprocess import postprocess_output
+from mlbench.pipeline.preprocess import normalize_tensor, preprocess_array
+from mlbench.pipeline.recipe import normalize_unit
+from mlbench.pipeline.train_mode import evaluating
+
+__all__ = ["StageContext", "Decoded", "STAGES", "STAGE_NAMES", "default_input_size", "describe"]
+
+
+@dataclass
+class StageContext:
+    """What a stage may read: options (resolved from the card), the model and its card, the original
+    source and earlier outputs; ``notes`` collects what a stage wants the run to say (a conversion)."""
+
+    options: PipelineOptions
+    model: torch.nn.Module
+    source: Any
+    outputs: dict[str, Any] = field(default_factory=dict)
+    card: ModelCard = field(default_factory=ModelCard)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, repr=False)
+class Decoded(ReportText):
+    """The decoded image exactly as the next stage receives it, and its report."""
+
+    image: np.ndarray
+    report: ImageReport
+
+    def text(self) -> str:
+        lo, hi = self.report.value_range
+        name = self.report.name if self.report.name.startswith("<") else Path(self.report.name).name
+        return (f"Decoded({name}: shape={self.image.shape}, dtype={self.image.dtype}, "
+                f"{self.report.bit_depth}-bit, values {lo:.4g}..{hi:.4g})")
+
+
+def default_input_size(model: torch.nn.Module) -> int:
+    """The square input side a model runs at unless options say otherwise: its card's.
+
+    Bundled small models carry the size they were trained at; checkpoints and unknown models
+    run at the service's 1024.
+    """
+    return card(model).input_size
+
+
+def _array_report(image: np.ndarray, name: str, fmt: str, problems: tuple[Problem, ...] = ()) -> ImageReport:
+    return ImageReport(
+        name=name, format=fmt, dtype=str(image.dtype), shape=tuple(image.shape),
+        bit_depth=effective_bit_depth(image), channels=1 if image.ndim == 2 else image.shape[2],
+        value_range=(float(image.min()), float(image.max())) if image.size else (0.0, 0.0), problems=problems,
+    )
+
+
+def _pil_decode(ctx: StageContext) -> Decoded:
+    """The service's decode: ``Image.open(upload)`` and, unless disabled, ``convert('RGB')``."""
+    from PIL import Image
+
+    from mlbench.image.formats import bytes_io, load_bytes
+
+    if isinstance(ctx.source, np.ndarray):
+        pil, name, fmt = Image.fromarray(ctx.source), "<array>", "array"
+    else:
+        data, name = load_bytes(ctx.source)
+        pil, fmt = Image.open(bytes_io(data)), sniff_format(data[:16]) or "unknown"
+    if ctx.options.convert_rgb:
+        pil = pil.convert("RGB")
+    image = np.array(pil)
+    return Decoded(image, _array_report(image, name, fmt))
+
+
+def decode(ctx: StageContext) -> Decoded:
+    """Source (path, bytes or array) -> :class:`Decoded`, by ``options.decoder``."""
+    if ctx.options.decoder == "pil":
+        return _pil_decode(ctx)
+    if isinstance(ctx.source, np.ndarray):
+        image = np.array(ctx.source, copy=True)
+        return Decoded(image, _array_report(image, "<array>", "array"))
+    image, report = read_image(ctx.source)
+    return Decoded(image, report)
+
+
+def _served_preprocess(image: np.ndarray, options: PipelineOptions, card: ModelCard) -> torch.Tensor:
+    """The service's preprocessing: PIL Lanczos stretch of the 8-bit image, /255, to tensor."""
+    from PIL import Image
+
+    pil = Image.fromarray(image)
+    if options.resize == "stretch":
+        pil = pil.resize((options.input_size, options.input_size), Image.Resampling.LANCZOS)
+    array = np.asarray(pil).astype(np.float32) / np.float32(255.0)
+    tensor = torch.from_numpy(array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy())
+    if options.normalize == "imagenet":  # torch's in-place broadcast: the service's grey-image crash text
+        tensor = normalize_tensor(tensor, card.mean, card.std)
+    elif options.normalize not in ("none", "x/255"):
+        values = normalize_unit(tensor.permute(1, 2, 0).numpy(), card, None if options.normalize == "card" else options.normalize)
+        tensor = torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))
+    return tensor[None]
+
+
+def preprocess(ctx: StageContext) -> torch.Tensor:
+    """Decoded image -> (1, C, H', W') float32 model input, by the card's recipe and the options."""
+    image = ctx.outputs["decode"].image
+    if ctx.options.decoder == "pil":
+        return _served_preprocess(image, ctx.options, ctx.card)
+    return preprocess_array(image, ctx.options, ctx.card, ctx.notes)
+
+
+def forward(ctx: StageContext) -> torch.Tensor:
+    """Model input -> raw output on the CPU, no gradients; a model in train mode runs in eval mode
+    (its flags restored afterwards) unless ``train_mode="keep"``."""
+    model = ctx.model
+    device = torch.device(ctx.options.device)
+    with torch.inference_mode(), evaluating(model, ctx.options.train_mode != "keep"):
+        output = model(ctx.outputs["preprocess"].to(device))
+    return output.detach().cpu()
+
+
+def postprocess(ctx: StageContext):
+    """Raw output -> probability and mask at the decoded image's size."""
+    height, width = ctx.outputs["decode"].image.shape[:2]
+    return postprocess_output(ctx.outputs["forward"], (height, width), ctx.options, ctx.card)
+
+
+def polygons(ctx: StageContext) -> list[dict[str, Any]]:
+    """Mask -> the service's polygons; confidence is ``sigmoid(raw output).max()`` as served.
+
+    The service took the sigmoid of the raw output for the confidence even when its
+    post-processing had not (an output already inside [0, 1]); for logits both agree with the
+    maximum probability at the model's resolution.
+    """
+    post, raw = ctx.outputs["postprocess"], ctx.outputs["forward"]
+    one_channel = raw.dim() == 4 and raw.shape[1] == 1
+    confidence = float(torch.sigmoid(raw.float()).max()) if one_channel else float(post.probability.max())
+    return mask_to_polygons(
+        post.mask, confidence=confidence if raw.numel() else 0.0,
+        detect_holes=ctx.options.detect_holes, min_area=ctx.options.min_area, hierarchy=ctx.options.hierarchy,
+    )
+
+
+STAGES: tuple[tuple[str, Callable[[StageContext], Any]], ...] = (
+    ("decode", decode), ("preprocess", preprocess), ("forward", forward),
+    ("postprocess", postprocess), ("polygons", polygons),
+)
+STAGE_NAMES = tuple(name for name, _ in STAGES)
+
+
+def describe(value: Any) -> str:
+    """A one-line summary of a stage's input or output (shape, dtype, range)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() and value.is_floating_point():
+            return f"tensor{tuple(value.shape)} {value.dtype} range {float(value.min()):.4g}..{float(value.max()):.4g}"
+        return f"tensor{tuple(value.shape)} {value.dtype}"
+    if isinstance(value, np.ndarray):
+        numeric = value.size and (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_)
+        rng = f" range {float(value.min()):.4g}..{float(value.max()):.4g}" if numeric else ""
+        return f"array{value.shape} {value.dtype}{rng}"
+    if isinstance(value, list):
+        return f"{len(value)} polygon(s)"
+    if isinstance(value, (bytes, bytearray)):
+        return f"{len(value)} bytes"
+    return repr(value) if len(repr(value)) < 200 else type(value).__name__

@@ -1,0 +1,10 @@
+"""Runs over many images or settings: sweeps (local or on Dask), model comparison, tile fidelity."""
+
+from __future__ import annotations
+
+from mlbench.studies._sweep import sweep, sweep_run
+from mlbench.studies._tile_fidelity import TileFidelity, tile_fidelity
+from mlbench.studies.compare import compare_models, summarize_comparison
+from mlbench.studies.executors import sweep_executor
+
+__all__ = ["TileFidelity", "compare_models", "summarize_comparison", "sweep", "sweep_executor", "sweep_run", "tile_fidelity"]

@@ -33,8 +33,7 @@ def loader(untrained: bool, input_size: int):
     def load(name: str) -> torch.nn.Module:
         if untrained:
             model = mb.build_model(name, "small").eval()
-            model.mlbench_input_size = input_size
-            return model
+            return mb.attach_card(model, mb.card(model).changed(input_size=input_size))
         return mb.load_model(name)
     return load
 

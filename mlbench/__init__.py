@@ -9,7 +9,7 @@ folders are its layers, each importing only from the layers below it:
 - L2 ``pipeline``, ``probes`` (neither imports the other)
 - L3 ``checks``
 - L4 ``cases``, ``studies``
-- L5 ``service``, ``client``, ``widgets``, ``viz``, ``cli``, ``train``, ``ipython_ext`` (the faces)
+- L5 ``service``, ``client``, ``widgets``, ``viz``, ``cli`` (and ``cli_models``), ``train``, ``ipython_ext`` (the faces)
 
 Every public name is re-exported here:
 

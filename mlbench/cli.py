@@ -18,6 +18,7 @@ import sys
 from typing import Callable
 
 from mlbench.checks.environment_probes import Requirement, install_command, requirement_for_module
+from mlbench.cli_models import ModelOptions, add_model_options, resolve_model_options
 from mlbench.errors import MlbenchError, OptionsError
 
 __all__ = ["main"]
@@ -39,7 +40,9 @@ def command(name: str):
 def _segment_parser(sub) -> None:
     p = sub.add_parser("segment", help="segment one image and print the result or the service's JSON")
     p.add_argument("image", help="image file (PNG, JPEG, TIFF, ...)")
-    p.add_argument("--model", default="hrnet", help="hrnet | cbam_resunet | ma_resunet (or a service id)")
+    p.add_argument("--model", default="hrnet",
+                   help="hrnet | cbam_resunet | ma_resunet (or a service id); default hrnet, or with --weights the "
+                        "architecture the checkpoint must be")
     p.add_argument("--preset", default="fixed", choices=["fixed", "as_served"])
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--input-size", type=int, default=None, help="model input side (default: the model's own)")
@@ -120,6 +123,23 @@ CANNOT_RUN = 3
 """Exit status of a command that cannot run in this environment."""
 
 
+def _meta_model(args: argparse.Namespace, name: str):
+    """``memory``'s model for a name: built at ``--size`` on the meta device, nothing allocated."""
+    from mlbench.models import build_model
+
+    return build_model(name, args.size, device="meta")
+
+
+MODEL_COMMANDS = {
+    "segment": ModelOptions(),
+    "tiles": ModelOptions(),
+    "memory": ModelOptions(build=_meta_model, note="its widths replace --size"),
+    "compare": ModelOptions(many=True),
+    "sweep": ModelOptions(many=True),
+}
+"""The commands that take a model, each given ``--weights PATH`` and ``--card JSON`` (:mod:`mlbench.cli_models`)."""
+
+
 def _missing_module(error: BaseException | None) -> str | None:
     """The module a ``ModuleNotFoundError`` names: ``error`` itself or one it was raised ``from``."""
     seen = set()
@@ -193,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
             getattr(importlib.import_module(module), function)(sub)
         except Exception as error:  # noqa: BLE001 - any failure stays with its own command
             _add_unavailable(sub, name, module, error)
+    for name, options in MODEL_COMMANDS.items():
+        if not sub.choices[name].get_default("unavailable"):
+            add_model_options(sub.choices[name], options)
     return parser
 
 
@@ -203,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown and not getattr(args, "unavailable", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return args.run(args)
+        return args.run(resolve_model_options(args))
     except ModuleNotFoundError as exc:  # an optional package the command imports when it runs
         hint = _install_hint(args.command, exc)
         if hint is None:

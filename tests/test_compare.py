@@ -53,13 +53,21 @@ def test_full_size_estimate_column(tiny_sample, models):
 
 
 def test_measure_sees_an_allocation():
+    import mmap
+
     def allocate():
-        block = np.ones(64 * 1024 * 1024 // 8)  # 64 MiB, held for 50 ms
+        # 64 MiB of fresh pages, held for 50 ms (an mmap: the heap may hold freed memory from earlier tests)
+        block = mmap.mmap(-1, 64 * 1024 * 1024)
+        pages = np.frombuffer(block, dtype=np.uint8)
+        pages[:] = 1
         time.sleep(0.05)
-        return block.size
+        size = pages.size
+        del pages
+        block.close()
+        return size
 
     result, seconds, grown = measure(allocate)
-    assert result == 64 * 1024 * 1024 // 8 and seconds >= 0.05 and grown > 48 * 1024 * 1024
+    assert result == 64 * 1024 * 1024 and seconds >= 0.05 and grown > 48 * 1024 * 1024
 
 
 def test_bad_arguments_raise(tiny_sample):

@@ -24,8 +24,8 @@ LAYERS = {
     2: ("mlbench.pipeline", "mlbench.probes"),
     3: ("mlbench.checks",),
     4: ("mlbench.cases", "mlbench.studies"),
-    5: ("mlbench.service", "mlbench.client", "mlbench.widgets", "mlbench.viz", "mlbench.cli", "mlbench.train",
-        "mlbench.ipython_ext"),
+    5: ("mlbench.service", "mlbench.client", "mlbench.widgets", "mlbench.viz", "mlbench.cli", "mlbench.cli_models",
+        "mlbench.train", "mlbench.ipython_ext"),
 }
 APART = {("mlbench.pipeline", "mlbench.probes"), ("mlbench.probes", "mlbench.pipeline")}
 """Rooms of one layer that must not import each other."""

@@ -23,7 +23,11 @@ PALETTE = {
 
 
 def to_display(image: np.ndarray) -> np.ndarray:
-    """(H, W[, C]) any dtype -> (H, W, 3) uint8, stretched between the 0.5 and 99.5 percentiles."""
+    """(H, W[, C]) any dtype -> (H, W, 3) uint8, stretched between the 0.5 and 99.5 percentiles.
+
+    An image whose percentiles coincide (a constant image) has nothing to stretch: it is shown
+    on its dtype's scale instead (:func:`display_range`), so a constant 255 uint8 image is white.
+    """
     array = np.asarray(image, dtype=np.float32)
     if array.ndim == 3 and array.shape[2] == 4:
         array = array[..., :3]
@@ -33,10 +37,30 @@ def to_display(image: np.ndarray) -> np.ndarray:
         array = np.repeat(array[..., None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] != 3:
         raise OptionsError(f"image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {np.shape(image)}")
-    finite = array[np.isfinite(array)]
-    lo, hi = (np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0))
-    scaled = (np.nan_to_num(array, nan=lo) - lo) / (hi - lo if hi > lo else 1.0)
+    lo, hi = display_range(array, np.asarray(image).dtype)
+    scaled = (np.nan_to_num(array, nan=lo) - lo) / (hi - lo)
     return np.round(np.clip(scaled, 0, 1) * 255).astype(np.uint8)
+
+
+def display_range(values: np.ndarray, dtype: np.dtype) -> tuple[float, float]:
+    """The ``(lo, hi)`` that :func:`to_display` maps to black and white, ``lo < hi``.
+
+    The 0.5 and 99.5 percentiles of the finite ``values``; when they coincide (a constant image),
+    the scale of ``dtype``: 0..max for integers (255 is white in uint8, 65535 in uint16), 0..1
+    for floats and bool (values outside are clipped).
+
+    >>> display_range(np.full((2, 2), 255.0), np.dtype(np.uint8))
+    (0.0, 255.0)
+    >>> display_range(np.array([0.0, 1.0, 2.0]), np.dtype(np.float32))
+    (0.01, 1.99)
+    """
+    finite = values[np.isfinite(values)]
+    if finite.size:
+        lo, hi = (float(v) for v in np.percentile(finite, [0.5, 99.5]))
+        if hi > lo:
+            return lo, hi
+    dtype = np.dtype(dtype)
+    return 0.0, float(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0
 
 
 def label_colours(ids: np.ndarray) -> np.ndarray:

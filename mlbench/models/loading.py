@@ -159,8 +159,9 @@ def load_checkpoint(path: str | Path, *, model: str | torch.nn.Module | None = N
                            f"mb.check_weights({str(path)!r}) gives the full report")
     net, base = _target(path, read.state_dict, model, registered)
     _load_strict(net, read.state_dict, path)
+    named = {"name": path.stem} if base.origin("name") in ("architecture", "default") else {}
     found = base.changed("checkpoint", source=str(path), sha256=sha256_file(path),
-                         parameters=sum(p.numel() for p in net.parameters()), name=base.name or path.stem)
+                         parameters=sum(p.numel() for p in net.parameters()), **named)
     return attach_card(net, found.merged(card)).eval()
 
 

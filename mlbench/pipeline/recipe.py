@@ -86,7 +86,8 @@ def _resize(image: np.ndarray, hw: tuple[int, int], interpolation: str) -> np.nd
 
     shrink = hw[0] * hw[1] < image.shape[0] * image.shape[1]
     flag = cv2.INTER_LANCZOS4 if interpolation == "lanczos" else (cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return cv2.resize(image, (hw[1], hw[0]), interpolation=flag)
+    out = cv2.resize(image, (hw[1], hw[0]), interpolation=flag)
+    return out[..., None] if image.ndim == 3 and out.ndim == 2 else out  # OpenCV drops a single channel axis
 
 
 def apply_geometry(image: np.ndarray, geometry: Geometry, interpolation: str = "area") -> np.ndarray:

@@ -70,10 +70,28 @@ def _weights_sha(model: str, weights: str) -> str:
 
 
 def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def sweep_tasks(images, models: Sequence[str], presets: Sequence[str] = ("fixed",), *, options: dict | None = None,
+def _model_entry(model: Any, weights: str) -> tuple[str, str, str, dict[str, Any]]:
+    """(name in the rows, what a worker loads, weights sha256, the user's card fields) of a name, or of a
+    model loaded by :func:`mlbench.load_model` from a checkpoint or a bundled name (workers reload it)."""
+    if isinstance(model, str):
+        return model, "", _weights_sha(model, weights), {}
+    from mlbench.models.cards import card
+
+    found = card(model)  # anything but an nn.Module is refused here
+    source = found.source if Path(found.source).is_file() else \
+        found.architecture if found.source.startswith("bundled") else ""
+    if not source or weights != "trained":
+        raise OptionsError(f"sweep runs names, or models from mb.load_model (a checkpoint file or a bundled name) "
+                           f"with weights='trained', which each worker loads again; {found.name!r} comes from "
+                           f"{found.source or 'no file'!r} with weights={weights!r}: save it (torch.save) and pass "
+                           "mb.load_model(path), or pass a name")
+    return found.name, source, found.sha256, {k: getattr(found, k) for k, o in found.origins.items() if o == "user"}
+
+
+def sweep_tasks(images, models: Sequence[Any], presets: Sequence[str] = ("fixed",), *, options: dict | None = None,
                 weights: str = "trained", truth=None, timeout: float | None = None,
                 hook: Callable | None = None) -> list[SweepTask]:
     """The tasks a :func:`sweep` runs, image-major, each with its resume key (see :func:`sweep`)."""
@@ -84,16 +102,16 @@ def sweep_tasks(images, models: Sequence[str], presets: Sequence[str] = ("fixed"
     options = dict(options or {})
     for preset in presets:
         make_options(preset, **options)  # unknown presets and options fail here, before any work
-    shas = {m: _weights_sha(m, weights) for m in models}
+    entries = [_model_entry(m, weights) for m in models]
     tasks = []
     for path in list_images(images):
         image_sha = sha256_file(path) if path.is_file() else "missing:" + str(path)
         gt = _truth_for(path, truth)
-        for model in models:
+        for name, source, sha, fields in entries:
             for preset in presets:
-                key = _key(image_sha, model, shas[model], preset, options)
-                tasks.append(SweepTask(key, str(path), path.name, image_sha, model, weights, shas[model], preset,
-                                       options, gt, timeout, hook))
+                key = _key(image_sha, name, sha, preset, options, *([fields] if fields else []))
+                tasks.append(SweepTask(key, str(path), path.name, image_sha, name, weights, sha, preset,
+                                       options, gt, timeout, hook, source, fields))
     return tasks
 
 
@@ -134,8 +152,10 @@ def sweep(images, models: Sequence[str], presets: Sequence[str] = ("fixed",), ex
     ----------
     images : folder or list of paths
         A folder's image files (ground truth ``<stem>_mask.*`` beside them is used, not swept).
-    models : list of str
-        Model names (``hrnet``, ``cbam_resunet``, ``ma_resunet``); each worker loads each once.
+    models : list of str or nn.Module
+        Model names (``hrnet``, ``cbam_resunet``, ``ma_resunet``), or models from :func:`mlbench.load_model`
+        (a checkpoint file or a bundled name, with its card; rows name it by its card); each worker
+        loads each once.
     presets : list of str
         Pipeline presets (``fixed``, ``as_served``).
     executor : concurrent.futures.Executor, optional
@@ -221,10 +241,12 @@ def _advance(bar: tqdm, row: dict) -> None:
 
 
 def add_sweep_command(sub) -> None:
-    """Register ``mlbench sweep DIR --models ... --out ... [--executor local|processes|ADDRESS]``."""
+    """Register ``mlbench sweep DIR --models ... --out ... [--executor local|processes|ADDRESS]`` (``mlbench`` adds
+    ``--weights PATH`` (repeatable) and ``--card JSON``)."""
     p = sub.add_parser("sweep", help="segment every image of a folder with several models; a table of failures")
     p.add_argument("folder", help="folder of images (ground truth as <stem>_mask.* beside them)")
-    p.add_argument("--models", nargs="+", default=["hrnet", "cbam_resunet", "ma_resunet"])
+    p.add_argument("--models", nargs="+", default=["hrnet", "cbam_resunet", "ma_resunet"],
+                   help="model names (default: all three, or none when --weights is given)")
     p.add_argument("--presets", nargs="+", default=["fixed"], choices=PRESET_NAMES)
     p.add_argument("--out", help="JSON-lines file (.parquet also writes Parquet when pyarrow is installed)")
     p.add_argument("--executor", default=None, help="processes[:N] (process pool), local (Dask LocalCluster) "

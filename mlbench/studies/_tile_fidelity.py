@@ -158,10 +158,12 @@ def tile_fidelity(model: nn.Module, x: torch.Tensor, tiles: list[int] | None = N
 
 
 def add_tiles_command(sub) -> None:
-    """Add ``tiles IMAGE [--model M] [--input-size S] [--tiles ...] [--overlap O] [--mode ...] [--json]``."""
+    """Add ``tiles IMAGE [--model M] [--input-size S] [--tiles ...] [--overlap O] [--mode ...] [--json]``
+    (``mlbench`` adds ``--weights PATH`` and ``--card JSON``)."""
     p = sub.add_parser("tiles", help="which tile sizes reproduce the whole-image mask (mask IoU per tile size)")
     p.add_argument("image", help="image file, run through the pipeline's decode and preprocess stages")
-    p.add_argument("--model", default="hrnet", help="hrnet | cbam_resunet | ma_resunet (or a service id); trained weights")
+    p.add_argument("--model", default="hrnet", help="hrnet | cbam_resunet | ma_resunet (or a service id); trained "
+                   "weights; default hrnet, or with --weights the architecture the checkpoint must be")
     p.add_argument("--input-size", type=int, default=512, help="side the image is preprocessed to (default 512)")
     p.add_argument("--tiles", type=int, nargs="+", default=None, help="tile sides (default: 1/2 to 7/8 of the side)")
     p.add_argument("--overlap", type=int, default=64)
@@ -176,16 +178,17 @@ def _tiles(args) -> int:
     """Exit 0 when some measured tile is faithful in the last mode asked for, else 1."""
     import json
 
-    from mlbench.pipeline.run import Pipeline
+    from mlbench.models.cards import card
     from mlbench.models.loading import load_model
+    from mlbench.pipeline.run import Pipeline
 
-    model = load_model(args.model).eval()
+    model = (args.model if isinstance(args.model, nn.Module) else load_model(args.model)).eval()
     run = Pipeline(model, input_size=args.input_size).start(args.image).run_until("preprocess").raise_for_error()
     fidelity = tile_fidelity(model, run.output("preprocess"), args.tiles, args.overlap, norm_stats=tuple(args.mode),
                              target=args.target)
     smallest = {mode: fidelity.smallest(mode) for mode in args.mode}
     if args.json:
-        print(json.dumps({"model": args.model, "image": str(args.image), "image_size": list(fidelity.image_size),
+        print(json.dumps({"model": card(model).name, "image": str(args.image), "image_size": list(fidelity.image_size),
                           "target": args.target, "smallest": smallest,
                           "rows": fidelity.table.to_dict(orient="records")}, indent=1))
     else:

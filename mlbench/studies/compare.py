@@ -165,10 +165,11 @@ def summarize_comparison(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def add_compare_command(subparsers) -> None:
-    """Register ``mlbench compare`` (for the lead's cli.py: ``@command("compare")``)."""
+    """Register ``mlbench compare`` (``mlbench`` adds ``--weights PATH`` (repeatable) and ``--card JSON``)."""
     p = subparsers.add_parser("compare", help="run the models over the bundled samples and print a comparison table")
     p.add_argument("--samples", nargs="+", default=None, help="sample names (default: every sample with ground truth)")
-    p.add_argument("--models", nargs="+", default=None, help="model names (default: all three)")
+    p.add_argument("--models", nargs="+", default=list_models(),
+                   help="model names (default: all three, or none when --weights is given)")
     p.add_argument("--preset", default="fixed", choices=PRESET_NAMES)
     p.add_argument("--no-full-size", action="store_true", help="skip the full-size memory estimate at 1024")
     p.add_argument("--json", action="store_true", help="print one JSON record per (image, model)")

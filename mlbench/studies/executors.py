@@ -24,7 +24,7 @@ from mlbench.errors import MlbenchError
 
 __all__ = ["SweepTask", "SweepTimeout", "run_task", "run_image", "run_tasks", "sweep_executor", "CrashIf"]
 
-_MODELS: dict[tuple[str, str], Any] = {}
+_MODELS: dict[tuple[str, str, str], Any] = {}
 
 
 class SweepTimeout(MlbenchError, TimeoutError):
@@ -47,6 +47,10 @@ class SweepTask:
     truth: str | None = None
     timeout: float | None = None
     hook: Callable[["SweepTask"], None] | None = None
+    source: str = ""
+    """What the worker loads when not ``model`` itself: a checkpoint file or a bundled name."""
+    card: dict = field(default_factory=dict)
+    """Card fields the user gave, applied when the worker loads the model."""
 
     def base_row(self) -> dict[str, Any]:
         """The identifying columns every row starts with."""
@@ -78,12 +82,15 @@ class CrashIf:
 
 def _model(task: SweepTask):
     """The task's model from this process's cache, loaded on first use."""
-    key = (task.model, task.weights)
+    key = (task.source or task.model, task.weights, repr(sorted(task.card.items())))
     if key not in _MODELS:
         from mlbench.models import build_model
+        from mlbench.models.cards import ModelCard
         from mlbench.models.loading import load_model
 
-        _MODELS[key] = load_model(task.model) if task.weights == "trained" else build_model(task.model, "small").eval()
+        user = ModelCard.from_dict(task.card) if task.card else None
+        _MODELS[key] = load_model(task.source or task.model, card=user) if task.weights == "trained" \
+            else build_model(task.model, "small").eval()
     return _MODELS[key]
 
 

@@ -13,9 +13,12 @@ import numpy as np
 
 from mlbench.image.display import PALETTE, to_display
 
-__all__ = ["png_bytes", "scale_for", "fit", "display", "histogram_image", "heat_map", "draw_polygons", "DISPLAY_SIDE"]
+__all__ = ["png_bytes", "scale_for", "fit", "display", "histogram_image", "heat_map", "draw_polygons", "DISPLAY_SIDE",
+           "DISPLAY_SIDES"]
 
 DISPLAY_SIDE = 384  # longest side of a picture in a view, pixels
+DISPLAY_SIDES = (("384 px", 384), ("768 px", 768), ("full size", 0))
+"""The Stepper's picture sizes: label -> longest side (0: the image's own size; the functions here take None)."""
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
@@ -27,13 +30,14 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def scale_for(shape: tuple[int, ...], side: int = DISPLAY_SIDE) -> float:
-    """Factor that brings the longest side of an (H, W[, C]) shape down to ``side`` (1.0 if already smaller)."""
-    return min(1.0, side / max(shape[0], shape[1], 1))
+def scale_for(shape: tuple[int, ...], side: int | None = DISPLAY_SIDE) -> float:
+    """Factor that brings the longest side of an (H, W[, C]) shape down to ``side`` (1.0 if already
+    smaller, or if ``side`` is None)."""
+    return 1.0 if side is None else min(1.0, side / max(shape[0], shape[1], 1))
 
 
-def fit(image: np.ndarray, side: int = DISPLAY_SIDE, *, nearest: bool = False) -> np.ndarray:
-    """Shrink an (H, W[, C]) image so its longest side is at most ``side``; any dtype.
+def fit(image: np.ndarray, side: int | None = DISPLAY_SIDE, *, nearest: bool = False) -> np.ndarray:
+    """Shrink an (H, W[, C]) image so its longest side is at most ``side`` (None: keep it); any dtype.
 
     Area interpolation for pictures; ``nearest=True`` for masks and labels (bool stays bool).
     Returns the input itself when it is small enough (callers never modify it).
@@ -54,8 +58,9 @@ def fit(image: np.ndarray, side: int = DISPLAY_SIDE, *, nearest: bool = False) -
     return cv2.resize(work, size, interpolation=cv2.INTER_AREA)
 
 
-def display(image: np.ndarray, side: int = DISPLAY_SIDE) -> np.ndarray:
-    """(H, W[, C]) any dtype -> (h, w, 3) uint8 no larger than ``side``, stretched for display."""
+def display(image: np.ndarray, side: int | None = DISPLAY_SIDE) -> np.ndarray:
+    """(H, W[, C]) any dtype -> (h, w, 3) uint8 no larger than ``side``, stretched for display
+    (a constant image on its dtype's scale: :func:`mlbench.image.display.to_display`)."""
     return to_display(fit(image, side))
 
 
@@ -96,10 +101,10 @@ def heat_map(probability: np.ndarray, cmap: str = "magma") -> np.ndarray:
     return _lut(cmap)[np.round(clipped * 255).astype(np.uint8)]
 
 
-def draw_polygons(image: np.ndarray, polygons: list[dict], side: int = DISPLAY_SIDE) -> np.ndarray:
+def draw_polygons(image: np.ndarray, polygons: list[dict], side: int | None = DISPLAY_SIDE) -> np.ndarray:
     """The image (any dtype, (H, W[, C])) with the service's polygons drawn on it -> (h, w, 3) uint8.
 
-    Drawn at display size (longest side at most ``side``); external polygons in the contour
+    Drawn at display size (longest side at most ``side``, None: full size); external polygons in the contour
     colour, internal ones (holes) in the false-negative colour.
     """
     import cv2

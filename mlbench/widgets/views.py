@@ -20,7 +20,7 @@ from mlbench.metrics import pixel_scores
 from mlbench.image.display import overlay
 from mlbench.pipeline.postprocess import Postprocessed, to_probability
 from mlbench.pipeline.stages import Decoded
-from mlbench.widgets.images import display, draw_polygons, fit, heat_map, histogram_image, png_bytes
+from mlbench.widgets.images import DISPLAY_SIDE, display, draw_polygons, fit, heat_map, histogram_image, png_bytes
 
 __all__ = ["StageView", "ViewImage", "decoded_view", "preprocessed_view", "forward_view",
            "mask_view", "polygons_view", "failure_view", "pending_view", "stage_view"]
@@ -71,8 +71,9 @@ def _range(values: np.ndarray, digits: int = 4) -> str:
     return f"{float(finite.min()):.{digits}g}..{float(finite.max()):.{digits}g}"
 
 
-def decoded_view(decoded: Decoded) -> StageView:
-    """Decoded image: dtype, effective bit depth, value range, problems, the image and its histogram."""
+def decoded_view(decoded: Decoded, side: int | None = DISPLAY_SIDE) -> StageView:
+    """Decoded image: dtype, effective bit depth, value range, problems, the image (longest side at most
+    ``side``, None: full size) and its histogram."""
     image, report = decoded.image, decoded.report
     lines = [f"{Path(report.name).name}: format {report.format}, shape {tuple(image.shape)}, dtype {image.dtype}",
              f"{report.bit_depth}-bit effective, {report.channels} channel(s), values {_range(image)}"]
@@ -80,26 +81,27 @@ def decoded_view(decoded: Decoded) -> StageView:
         lines.append(f"page {report.page_used + 1} of {report.pages} used")
     lines += [f"as_served: {note}" for note in report.served]
     lines += [f"problem [{p.code}] {p.message}" for p in report.problems]
-    images = (ViewImage("image", "decoded image (display-stretched)", png_bytes(display(image))),
+    images = (ViewImage("image", "decoded image (display-stretched)", png_bytes(display(image, side))),
               ViewImage("histogram", f"histogram {_range(image)}", png_bytes(histogram_image(image))))
     return StageView("decode", "done", tuple(lines), images)
 
 
-def preprocessed_view(tensor: torch.Tensor) -> StageView:
-    """Model input (1, C, H, W): shape, dtype, per-channel mean/std and each channel as a picture."""
+def preprocessed_view(tensor: torch.Tensor, side: int | None = DISPLAY_SIDE) -> StageView:
+    """Model input (1, C, H, W): shape, dtype, per-channel mean/std and each channel as a picture
+    (longest side at most half of ``side``; None: full size)."""
     array = tensor.detach().float().cpu().numpy()
     lines = [f"tensor {tuple(tensor.shape)} {tensor.dtype}, values {_range(array)}"]
     images = []
     for c in range(array.shape[1]):
         channel = array[0, c]
         lines.append(f"channel {c}: mean {float(channel.mean()):.3f}, std {float(channel.std()):.3f}")
-        images.append(ViewImage(f"channel{c}", f"channel {c} (own stretch)", png_bytes(display(channel, 192))))
+        images.append(ViewImage(f"channel{c}", f"channel {c} (own stretch)", png_bytes(display(channel, None if side is None else side // 2))))
     if array.size and 0.0 <= array.min() and array.max() <= 1.0:
         lines.append("all values in [0, 1]: not mean/std normalised (the weights expect ImageNet statistics)")
     return StageView("preprocess", "done", tuple(lines), tuple(images))
 
 
-def forward_view(output: torch.Tensor, sigmoid: str = "always") -> StageView:
+def forward_view(output: torch.Tensor, sigmoid: str = "always", side: int | None = DISPLAY_SIDE) -> StageView:
     """Raw model output (1, 1, H, W): logit range, NaNs, and the probability heat map (model resolution)."""
     logits = output.detach().float().cpu().numpy()
     probability, applied = to_probability(output, sigmoid)
@@ -108,11 +110,12 @@ def forward_view(output: torch.Tensor, sigmoid: str = "always") -> StageView:
     nans = int(np.count_nonzero(~np.isfinite(logits)))
     if nans:
         lines.append(f"{nans} non-finite value(s) in the output")
-    image = ViewImage("heat_map", "probability (magma: dark 0, bright 1)", png_bytes(heat_map(fit(probability))))
+    image = ViewImage("heat_map", "probability (magma: dark 0, bright 1)", png_bytes(heat_map(fit(probability, side))))
     return StageView("forward", "done", tuple(lines), (image,))
 
 
-def mask_view(post: Postprocessed, image: np.ndarray, truth: np.ndarray | None = None) -> StageView:
+def mask_view(post: Postprocessed, image: np.ndarray, truth: np.ndarray | None = None,
+              side: int | None = DISPLAY_SIDE) -> StageView:
     """Mask over the image; with ground truth (H, W) the TP/FP/FN colours and the pixel IoU."""
     mask = post.mask
     lines = [f"mask {mask.shape}, threshold {post.threshold:.2f} (strict >), foreground {float(mask.mean()):.4f}",
@@ -125,12 +128,12 @@ def mask_view(post: Postprocessed, image: np.ndarray, truth: np.ndarray | None =
         lines.append(f"pixel IoU {scores.iou:.3f} (TP {scores.tp}, FP {scores.fp}, FN {scores.fn} pixels)")
         lines.append("colours: green true positive, vermillion false positive, sky blue false negative")
     caption = "mask vs ground truth" if truth is not None else "predicted mask (orange)"
-    small_truth = None if truth is None else fit(truth, nearest=True)
-    picture = ViewImage("overlay", caption, png_bytes(overlay(fit(image), fit(mask, nearest=True), small_truth)))
+    small_truth = None if truth is None else fit(truth, side, nearest=True)
+    picture = ViewImage("overlay", caption, png_bytes(overlay(fit(image, side), fit(mask, side, nearest=True), small_truth)))
     return StageView("postprocess", "done", tuple(lines), (picture,))
 
 
-def polygons_view(polygons: list[dict[str, Any]], image: np.ndarray) -> StageView:
+def polygons_view(polygons: list[dict[str, Any]], image: np.ndarray, side: int | None = DISPLAY_SIDE) -> StageView:
     """The service's polygons drawn on the image, their count and their JSON."""
     external = sum(p.get("type") == "external" for p in polygons)
     vertices = sum(int(p.get("vertices_count", len(p["points"]))) for p in polygons)
@@ -140,7 +143,7 @@ def polygons_view(polygons: list[dict[str, Any]], image: np.ndarray) -> StageVie
     text = json.dumps(polygons, indent=1)
     if len(text) > MAX_JSON_CHARS:
         text = text[:MAX_JSON_CHARS] + f"\n... ({len(text) - MAX_JSON_CHARS} more characters)"
-    picture = ViewImage("polygons", "polygons (yellow external, blue internal)", png_bytes(draw_polygons(image, polygons)))
+    picture = ViewImage("polygons", "polygons (yellow external, blue internal)", png_bytes(draw_polygons(image, polygons, side)))
     return StageView("polygons", "done", tuple(lines), (picture,), text)
 
 
@@ -156,11 +159,13 @@ def pending_view(stage: str) -> StageView:
     return StageView(stage, "pending", ("not run yet: press Next or Run all",))
 
 
-def stage_view(run: Any, stage: str, image: np.ndarray | None = None, truth: np.ndarray | None = None) -> StageView:
+def stage_view(run: Any, stage: str, image: np.ndarray | None = None, truth: np.ndarray | None = None,
+               side: int | None = DISPLAY_SIDE) -> StageView:
     """The view of stage ``stage`` of a :class:`~mlbench.Run`.
 
     ``image`` is the picture masks and polygons are drawn on (default: the decoded image);
-    ``truth`` (H, W) the ground-truth labels, if known.
+    ``truth`` (H, W) the ground-truth labels, if known; ``side`` the longest side of the
+    pictures in pixels (None: the image's own size).
     """
     record = run.records[stage]
     if record.status == "failed":
@@ -170,11 +175,11 @@ def stage_view(run: Any, stage: str, image: np.ndarray | None = None, truth: np.
     decoded = run.output("decode").image
     background = image if image is not None and np.shape(image)[:2] == decoded.shape[:2] else decoded
     if stage == "decode":
-        return decoded_view(record.output)
+        return decoded_view(record.output, side)
     if stage == "preprocess":
-        return preprocessed_view(record.output)
+        return preprocessed_view(record.output, side)
     if stage == "forward":
-        return forward_view(record.output, run.options.sigmoid)
+        return forward_view(record.output, run.options.sigmoid, side)
     if stage == "postprocess":
-        return mask_view(record.output, background, truth)
-    return polygons_view(record.output, background)
+        return mask_view(record.output, background, truth, side)
+    return polygons_view(record.output, background, side)

@@ -1,22 +1,34 @@
-"""``%load_ext mlbench``: a triage diagnosis under every exception raised in a notebook cell.
+"""``%load_ext mlbench``: every exception in a notebook cell explained first, its traceback folded away.
 
-IPython still shows the original traceback first; the extension only appends the
-diagnosis (class, deciding line, fix, notebook). ``%unload_ext mlbench`` removes it, and
-``%triage`` diagnoses the last exception again (with its similar past cases).
+A deliberate error in a tutorial, or a real one in a postmortem, used to show 50 to 90 lines of
+torch internals before anything a person can act on. With the extension loaded a failing cell
+shows, in this order: the triage diagnosis (failure class, the deciding line, the fix, the
+notebook to open), a short traceback (the cell's line and the line that raised, at most
+:data:`SHORT_FRAMES` frames), and the full traceback folded in an HTML ``<details>`` element that
+the reader opens on demand. The cell still fails (a ``raises-exception`` test still sees the
+error). ``%unload_ext mlbench`` restores IPython's plain tracebacks, and ``%triage`` diagnoses the
+last exception again (with its similar past cases).
 """
 
 from __future__ import annotations
 
+import html
+import re
 import sys
+import traceback
 from typing import Any
 
-__all__ = ["load_ipython_extension", "unload_ipython_extension", "diagnosis_text"]
+__all__ = ["load_ipython_extension", "unload_ipython_extension", "diagnosis_text", "short_traceback_lines",
+           "SHORT_FRAMES"]
 
+SHORT_FRAMES = 3
+"""Frames kept in the short traceback: the cell's own line first, then the innermost ones."""
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STATE: dict[int, Any] = {}
 
 
 def diagnosis_text(exc: BaseException) -> str:
-    """The block printed under a traceback: never raises (a failing triage must not hide the error)."""
+    """The diagnosis shown with an error: never raises (a failing triage must not hide the error)."""
     try:
         from mlbench.failures import triage
 
@@ -26,9 +38,51 @@ def diagnosis_text(exc: BaseException) -> str:
     return "mlbench triage: " + repr(diagnosis)
 
 
+def short_traceback_lines(exc: BaseException, frames: int = SHORT_FRAMES) -> list[str]:
+    """The traceback cut to the first frame (the cell) and the innermost ones, with a count of the rest.
+
+    >>> try:
+    ...     int("x")
+    ... except ValueError as exc:
+    ...     short_traceback_lines(exc)[-1]
+    "ValueError: invalid literal for int() with base 10: 'x'"
+    """
+    stack = traceback.extract_tb(exc.__traceback__)
+    keep = list(stack) if len(stack) <= frames else [stack[0], *stack[len(stack) - frames + 1:]]
+    lines = ["Traceback (most recent call last, shortened):"]
+    for index, frame in enumerate(keep):
+        if index == 1 and len(stack) > frames:
+            lines.append(f"  ... {len(stack) - frames} frame(s) inside libraries, in the folded traceback ...")
+        lines.append(f'  File "{_short_path(frame.filename)}", line {frame.lineno}, in {frame.name}')
+        if frame.line:
+            lines.append(f"    {frame.line.strip()}")
+    lines.extend(traceback.format_exception_only(type(exc), exc)[-1:])
+    return [line.rstrip("\n") for line in lines]
+
+
+def _short_path(filename: str) -> str:
+    parts = filename.replace("\\", "/").split("/")
+    return filename if len(parts) <= 2 else ".../" + "/".join(parts[-2:])
+
+
+def _explained_html(diagnosis: str, full: list[str]) -> str:
+    body = html.escape(_ANSI.sub("", "\n".join(full)))
+    return (f"<div><pre style='white-space: pre-wrap'>{html.escape(diagnosis)}</pre>"
+            f"<details><summary>full traceback ({body.count(chr(10)) + 1} lines)</summary>"
+            f"<pre>{body}</pre></details></div>")
+
+
 def _handler(shell: Any, etype: type, evalue: BaseException, tb: Any, tb_offset: int | None = None) -> Any:
-    shell.showtraceback((etype, evalue, tb), tb_offset=tb_offset)  # the original traceback, unchanged
-    print("\n" + diagnosis_text(evalue), file=sys.stderr)
+    """Diagnosis and folded full traceback as one display, then the short traceback as the cell's error."""
+    from IPython.display import display
+
+    try:
+        full = shell.InteractiveTB.structured_traceback(etype, evalue, tb, tb_offset=tb_offset)
+        diagnosis = diagnosis_text(evalue)
+        display({"text/plain": diagnosis, "text/html": _explained_html(diagnosis, full)}, raw=True)
+        shell._showtraceback(etype, evalue, short_traceback_lines(evalue))
+    except Exception:  # never lose the user's error: fall back to IPython's own traceback
+        shell.showtraceback((etype, evalue, tb), tb_offset=tb_offset)
     return None
 
 
@@ -54,3 +108,4 @@ def unload_ipython_extension(ip: Any) -> None:
     """Called by ``%unload_ext mlbench``: back to IPython's plain tracebacks."""
     ip.set_custom_exc((), None)
     _STATE.pop(id(ip), None)
+

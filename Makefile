@@ -24,8 +24,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q -e ".[lab,service,test,gpu,dask]"
 	@touch $(STAMP)
 
+# JupyterLab at the repository root (its file browser reaches data/ and notebooks/), opened on the tour.
+# The notebooks are trusted first: `jupyter trust` signs them in your Jupyter data folder, so their saved
+# outputs (HTML, widgets) show as saved. scripts/execute_notebook.py saves them in the form JupyterLab
+# writes, so they open unmodified.
+LAB_NOTEBOOK ?= notebooks/00_tour.ipynb
+
 lab: setup
-	$(VENV)/bin/jupyter lab --no-browser --ip=127.0.0.1 --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)
+	@echo "trusting notebooks/[0-9]*.ipynb (jupyter trust)"
+	@$(VENV)/bin/jupyter trust notebooks/[0-9]*.ipynb >/dev/null
+	$(VENV)/bin/jupyter lab --no-browser --ip=127.0.0.1 --ServerApp.root_dir=. \
+	  --LabApp.default_url=/lab/tree/$(LAB_NOTEBOOK) $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 # Debian's Chromium for tests/test_browser.py: installed when missing and we are root;
 # otherwise that test is skipped and says why. Never a browser download of its own.

@@ -4,12 +4,14 @@ One pipeline (decode -> preprocess -> forward -> postprocess -> polygons) is the
 the inspectors look inside it, the widgets show it, the service serves it. The package's
 folders are its layers, each importing only from the layers below it:
 
-- L0 ``errors``, ``paths``, ``findings``: exceptions, data paths and hashing, findings and reports
+- L0 ``errors``, ``paths``, ``findings``, ``budgets``: exceptions, data paths and hashing, findings and reports,
+  the limits on what a file may cost to read
 - L1 ``metrics``, ``models``, ``image``, ``samples``, ``failures``
 - L2 ``pipeline``, ``probes`` (neither imports the other)
 - L3 ``checks``
 - L4 ``cases``, ``studies``
-- L5 ``service``, ``client``, ``widgets``, ``viz``, ``cli`` (and ``cli_models``), ``train``, ``ipython_ext`` (the faces)
+- L5 ``service``, ``client``, ``widgets``, ``viz``, ``cli`` (and ``cli_models``), ``train``, ``ipython_ext``,
+  ``notebook`` (the faces)
 
 Every public name is re-exported here:
 
@@ -22,12 +24,15 @@ Every public name is re-exported here:
 from __future__ import annotations
 
 from mlbench import viz, widgets
+from mlbench.budgets import Budgets
 from mlbench.cases import Case, CaseError, Casebook, Report, load_case, report, save_case
 from mlbench.checks import (
+    DomainReport,
     EnvReport,
     NormReport,
     PolygonReport,
     WeightsReport,
+    check_domain,
     check_image,
     check_normalization,
     check_polygons,
@@ -43,6 +48,7 @@ from mlbench.image import ImageReport, overlay, read_image
 from mlbench.ipython_ext import load_ipython_extension, unload_ipython_extension
 from mlbench.metrics import Matching, PixelScores, match_objects, matching_curve, pixel_scores, to_labels
 from mlbench.models import ModelCard, attach_card, build_model, card, list_models, load_model, register_model, resolve_name
+from mlbench.notebook import setup_notebook
 from mlbench.pipeline import (
     PRESETS,
     Pipeline,
@@ -61,8 +67,8 @@ from mlbench.studies import TileFidelity, compare_models, summarize_comparison, 
 __version__ = "0.1.0"
 
 __all__ = [
-    # errors
-    "DataError", "ImageError", "MlbenchError", "ModelError", "OptionsError", "StageError", "WeightsError",
+    # errors and budgets
+    "Budgets", "DataError", "ImageError", "MlbenchError", "ModelError", "OptionsError", "StageError", "WeightsError",
     # models and data
     "build_model", "list_models", "load_model", "resolve_name", "ModelCard", "card", "attach_card", "register_model", "Sample", "list_samples", "load_sample",
     "make_spheroids", "ImageReport", "read_image",
@@ -72,7 +78,8 @@ __all__ = [
     "estimate_memory", "explain_error", "max_input_size", "record_memory", "trace_shapes", "pad_to_multiple",
     "predict_tiled", "run_tiled",
     # checks and metrics
-    "EnvReport", "NormReport", "PolygonReport", "WeightsReport", "check_image", "check_normalization",
+    "DomainReport", "EnvReport", "NormReport", "PolygonReport", "WeightsReport", "check_domain", "check_image",
+    "check_normalization",
     "check_polygons", "check_weights", "doctor", "read_checkpoint", "threshold_counts", "Matching", "PixelScores",
     "match_objects", "matching_curve", "pixel_scores", "to_labels", "Diagnosis", "triage",
     # cases and studies
@@ -80,5 +87,5 @@ __all__ = [
     "summarize_comparison", "sweep", "sweep_executor", "tile_fidelity",
     # faces
     "BatchResult", "SegmentResult", "ServiceClient", "ServiceError", "overlay", "viz", "widgets",
-    "load_ipython_extension", "unload_ipython_extension",
+    "load_ipython_extension", "unload_ipython_extension", "setup_notebook",
 ]

@@ -13,26 +13,30 @@ last exception again (with its similar past cases).
 from __future__ import annotations
 
 import html
-import re
 import sys
 import traceback
 from typing import Any
+
+from mlbench.paths import cut_machine_paths
 
 __all__ = ["load_ipython_extension", "unload_ipython_extension", "diagnosis_text", "short_traceback_lines",
            "SHORT_FRAMES"]
 
 SHORT_FRAMES = 3
 """Frames kept in the short traceback: the cell's own line first, then the innermost ones."""
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STATE: dict[int, Any] = {}
 
 
 def diagnosis_text(exc: BaseException) -> str:
-    """The diagnosis shown with an error: never raises (a failing triage must not hide the error)."""
+    """The diagnosis shown with an error: never raises (a failing triage must not hide the error).
+
+    The casebook is not searched here (what a notebook shows must not depend on which cases happen
+    to be saved on this machine); ``%triage`` shows the similar past cases.
+    """
     try:
         from mlbench.failures import triage
 
-        diagnosis = triage(exc)
+        diagnosis = triage(exc, casebook=False)
     except Exception as problem:  # the user's exception matters more than ours
         return f"mlbench triage could not diagnose this error ({type(problem).__name__}: {problem})"
     return "mlbench triage: " + repr(diagnosis)
@@ -48,25 +52,22 @@ def short_traceback_lines(exc: BaseException, frames: int = SHORT_FRAMES) -> lis
     "ValueError: invalid literal for int() with base 10: 'x'"
     """
     stack = traceback.extract_tb(exc.__traceback__)
+    while len(stack) > 1 and "/IPython/" in stack[0].filename.replace("\\", "/"):
+        stack = stack[1:]  # IPython's own run_code: the cell's line comes next
     keep = list(stack) if len(stack) <= frames else [stack[0], *stack[len(stack) - frames + 1:]]
     lines = ["Traceback (most recent call last, shortened):"]
     for index, frame in enumerate(keep):
         if index == 1 and len(stack) > frames:
             lines.append(f"  ... {len(stack) - frames} frame(s) inside libraries, in the folded traceback ...")
-        lines.append(f'  File "{_short_path(frame.filename)}", line {frame.lineno}, in {frame.name}')
+        lines.append(cut_machine_paths(f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}'))
         if frame.line:
             lines.append(f"    {frame.line.strip()}")
     lines.extend(traceback.format_exception_only(type(exc), exc)[-1:])
     return [line.rstrip("\n") for line in lines]
 
 
-def _short_path(filename: str) -> str:
-    parts = filename.replace("\\", "/").split("/")
-    return filename if len(parts) <= 2 else ".../" + "/".join(parts[-2:])
-
-
-def _explained_html(diagnosis: str, full: list[str]) -> str:
-    body = html.escape(_ANSI.sub("", "\n".join(full)))
+def _explained_html(diagnosis: str, full: str) -> str:
+    body = html.escape(full.rstrip())
     return (f"<div><pre style='white-space: pre-wrap'>{html.escape(diagnosis)}</pre>"
             f"<details><summary>full traceback ({body.count(chr(10)) + 1} lines)</summary>"
             f"<pre>{body}</pre></details></div>")
@@ -77,7 +78,7 @@ def _handler(shell: Any, etype: type, evalue: BaseException, tb: Any, tb_offset:
     from IPython.display import display
 
     try:
-        full = shell.InteractiveTB.structured_traceback(etype, evalue, tb, tb_offset=tb_offset)
+        full = cut_machine_paths("".join(traceback.format_exception(etype, evalue, tb)))
         diagnosis = diagnosis_text(evalue)
         display({"text/plain": diagnosis, "text/html": _explained_html(diagnosis, full)}, raw=True)
         shell._showtraceback(etype, evalue, short_traceback_lines(evalue))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
-__all__ = ["data_dir", "sha256_file"]
+__all__ = ["data_dir", "sha256_file", "cut_machine_paths"]
 
 
 def data_dir() -> Path:
@@ -22,3 +23,14 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def cut_machine_paths(text: str) -> str:
+    """A traceback with every ``File "..."`` path cut to its last two parts (no machine paths), and a
+    notebook cell's temporary file (``/tmp/ipykernel_<pid>/<hash>.py``) named ``<cell>``.
+
+    >>> cut_machine_paths('File "/srv/app/mlbench/pipeline/run.py", line 3 | File "/tmp/ipykernel_7/123.py", line 1')
+    'File ".../pipeline/run.py", line 3 | File "<cell>", line 1'
+    """
+    text = re.sub(r'File "[^"]*ipykernel_\d+[/\\]\w+\.py"', 'File "<cell>"', text)
+    return re.sub(r'File "(?:[^"]*[/\\])?([^"/\\]+[/\\][^"/\\]+)"', r'File ".../\1"', text)

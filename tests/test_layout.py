@@ -19,13 +19,13 @@ import mlbench
 PACKAGE = Path(mlbench.__file__).resolve().parent
 
 LAYERS = {
-    0: ("mlbench.errors", "mlbench.paths", "mlbench.findings"),
+    0: ("mlbench.errors", "mlbench.paths", "mlbench.findings", "mlbench.budgets"),
     1: ("mlbench.metrics", "mlbench.models", "mlbench.image", "mlbench.samples", "mlbench.failures"),
     2: ("mlbench.pipeline", "mlbench.probes"),
     3: ("mlbench.checks",),
     4: ("mlbench.cases", "mlbench.studies"),
     5: ("mlbench.service", "mlbench.client", "mlbench.widgets", "mlbench.viz", "mlbench.cli", "mlbench.cli_models",
-        "mlbench.train", "mlbench.ipython_ext"),
+        "mlbench.train", "mlbench.ipython_ext", "mlbench.notebook"),
 }
 APART = {("mlbench.pipeline", "mlbench.probes"), ("mlbench.probes", "mlbench.pipeline")}
 """Rooms of one layer that must not import each other."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 import mlbench as mb
-from mlbench.cases.casefile import save_case
+from mlbench.cases.casefile import Case, save_case
 from mlbench.errors import OptionsError
 from mlbench.cases._report import SECTION_TITLES, add_report_command, markdown_to_html, report
 
@@ -35,9 +36,25 @@ def test_case_report_has_five_sections_and_measures_the_fix(case_path):
     for i, title in enumerate(SECTION_TITLES, 1):
         assert f"## {i}. {title}" in text
     assert "**shape_mismatch**" in text and "size 8 vs 9 at dimension 3" in text
-    assert "| outcome | failed at forward | done |" in text
+    assert "| outcome | failed at forward | failed at forward | done |" in text
     assert "`resize`: 'none' -> 'stretch'" in text
     assert "/work/" not in text and 'File ".../' in text  # machine paths are cut
+
+
+def test_recorded_and_replayed_times_are_told_apart_and_add_up(case_path, monkeypatch):
+    """Section 2 shows the recorded stage times; section 5's "recorded" column is their sum, and the two replays
+    (recorded options, the fix) are timed alike, the faster of two runs each, not a cold first run against a warm one."""
+    calls = []
+    original = Case.rerun
+    monkeypatch.setattr(Case, "rerun", lambda self, preset=None, **kw: calls.append(preset) or original(self, preset, **kw))
+    sections = dict(report(case_path).sections)
+    stage_ms = [int(ms) for ms in re.findall(r"^\| \w+ \| \w+ \| (\d+) ms \|", sections["Resource status"], re.M)]
+    assert stage_ms and f"Stages as recorded when the case was saved (times of that run, total {sum(stage_ms)} ms)" \
+        in sections["Resource status"]
+    impact = sections["Performance impact"]
+    assert "| | recorded | replayed here | with the fix, here |" in impact
+    assert re.search(rf"^\| total time \| {sum(stage_ms)} ms \| \d+ ms \| \d+ ms \|$", impact, re.M)
+    assert sorted(calls, key=str) == [None, None, "fixed", "fixed"]
 
 
 def test_html_is_standalone_and_escaped(case_path, tmp_path):

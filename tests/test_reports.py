@@ -177,6 +177,7 @@ MAKERS = {
     "Decoded": _decoded,
     "ModelCard": _model_card,
     "Postprocessed": _postprocessed,
+    "DomainReport": lambda w: mb.check_domain(mb.load_sample("spheroids_8bit").image, mb.load_model("cbam_resunet")),
 }
 
 OTHERS = {"EnvReport", "PackageCheck"}
@@ -242,7 +243,7 @@ def test_missing_weights_keep_their_paths_out_of_the_repr_but_in_to_dict(workdir
 def test_missing_image_keeps_its_paths_out_of_the_repr(workdir):
     report = mb.check_image("missing.png")
     assert str(workdir) not in repr(report) and "/tmp" not in repr(report)
-    assert "problem [missing] missing.png: no such file (machine paths: see to_dict()); check the path" in repr(report)
+    assert "problem [missing] missing.png: does not exist (machine paths: see to_dict()); check the path" in repr(report)
     assert str(workdir) in report.to_dict()["problems"][0]["message"]
 
 

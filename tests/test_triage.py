@@ -557,3 +557,12 @@ def test_a_long_json_log_line_keeps_its_head_and_the_error_at_its_end():
     kept, _, _ = read_stream(io.BytesIO((filler + record + "\n").encode()))
     line = next(line for line in kept.splitlines() if "inference.worker" in line)
     assert line.startswith('{"time": "2026-01-01') and " \u2026 " in line and len(line) < 2100 and line.endswith('capacity)"}')
+
+
+@pytest.mark.parametrize(("status", "expected"), [(504, "queue_timeout"), (429, "queue_timeout"), (400, "validation_error"),
+                                                  (422, "validation_error")])
+def test_an_exception_carrying_an_http_status_is_classed_by_it(status, expected):
+    from mlbench.client import ServiceError
+
+    words = f"{status}: the service refused the upload of the image 'a.tif' (an image file, 524,544 bytes)"
+    assert triage(ServiceError(status, words, {}, {}), casebook=False).failure_class == expected

@@ -49,3 +49,23 @@ def test_manifest_records_quality():
     for name, entry in load_manifest()["models"].items():
         assert entry["heldout_pixel_iou"] >= 0.90, name
         assert entry["normalization"]["mean"] == [0.485, 0.456, 0.406]
+
+
+def test_named_models_are_loaded_once_and_reloaded_when_the_file_changes(tmp_path):
+    import os
+
+    import torch
+
+    from mlbench.models.loading import shared_model
+
+    assert shared_model("cbam_resunet") is shared_model("resunet_small")  # one file, one model
+    first = mb.Pipeline("cbam_resunet").model
+    assert first is shared_model("cbam_resunet")
+    path = tmp_path / "w.pth"
+    torch.save(mb.build_model("cbam_resunet", "small", seed=1).state_dict(), path)
+    loaded = shared_model(path)
+    assert shared_model(str(path)) is loaded
+    torch.save(mb.build_model("cbam_resunet", "small", seed=2).state_dict(), path)
+    os.utime(path, ns=(10**18, 10**18))  # a new version of the file: reloaded, never the stale copy
+    again = shared_model(path)
+    assert again is not loaded and mb.card(again).sha256 != mb.card(loaded).sha256

@@ -273,7 +273,7 @@ def _diagnosis(run: Run, failure_class: str | None) -> dict[str, Any]:
 def _traceback(error: BaseException | None) -> str:
     import traceback
 
-    from mlbench.cases.sections import cut_machine_paths
+    from mlbench.paths import cut_machine_paths
 
     if error is None:
         return ""

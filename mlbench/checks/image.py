@@ -13,20 +13,23 @@ import json
 import os
 import re
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
-from mlbench.errors import ImageError, OptionsError
-from mlbench.image.read import DEFAULT_MAX_PIXELS, ImageReport, read_image
-from mlbench.image.formats import ImageSource, load_bytes, sniff_format
+from mlbench.budgets import Budgets, open_regular
+from mlbench.budgets import budgets as budgets_in_force
+from mlbench.errors import ImageError, MlbenchError, OptionsError
 from mlbench.findings import Problem
+from mlbench.image.formats import ImageSource, load_bytes, sniff_format
+from mlbench.image.read import ImageReport, read_image
 
 __all__ = ["check_image", "served_decode", "add_check_image_command"]
 
-_ERROR_CODES = (("codec is missing", "codec_missing"), ("no such file", "missing"), ("is a directory", "missing"),
-                ("is empty", "empty"), ("not a recognised image", "not_an_image"), ("exceeds the limit", "too_large"),
-                ("decompression bomb", "too_large"), ("truncated", "truncated"))
+_ERROR_CODES = (("codec is missing", "codec_missing"), ("not a regular file", "not_a_file"),
+                ("does not exist", "missing"), ("is empty", "empty"), ("not a recognised image", "not_an_image"),
+                ("exceeds the limit", "too_large"), ("exceeds the budget", "too_large"),
+                ("decompression bomb", "too_large"), ("invent or drop rows", "corrupt_header"),
+                ("empty image", "corrupt_header"), ("fails its CRC", "corrupt"), ("truncated", "truncated"))
 
 
 def served_decode(data: bytes) -> np.ndarray:
@@ -77,19 +80,33 @@ def _served_findings(image: np.ndarray, report: ImageReport, served: np.ndarray)
     return problems, notes
 
 
-def check_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageReport:
+def _head(source: ImageSource) -> bytes:
+    """The first bytes of a path or bytes, for the format name of a report; empty when unreadable."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source[:16])
+    try:
+        with open_regular(source, ImageError) as handle:
+            return handle.read(16)
+    except MlbenchError:
+        return b""
+
+
+def check_image(source: ImageSource, *, max_pixels: int | None = None, budgets: Budgets | None = None) -> ImageReport:
     """Inspect an image file (or its bytes): the careful reading plus what ``as_served`` would do.
 
     Never raises for a bad file: missing, empty, truncated, non-image or oversized files come
-    back as a report with ``ok`` False and a problem code (``missing``, ``empty``, ``truncated``,
-    ``not_an_image``, ``too_large``, ``unreadable``).
+    back as a report with ``ok`` False and a problem code (``missing``, ``not_a_file`` (a FIFO,
+    a device ...), ``empty``, ``truncated``, ``not_an_image``, ``too_large`` (over a budget),
+    ``corrupt_header`` (rows the data does not hold), ``corrupt``, ``unreadable``).
 
     Parameters
     ----------
     source : path or bytes
         The image file or its raw bytes.
-    max_pixels : int
-        Pixel budget, checked from the header before decoding.
+    max_pixels : int, optional
+        Pixel budget, checked from the header before decoding (default the ``max_pixels`` budget).
+    budgets : Budgets, optional
+        Every bound on the read (:class:`mlbench.budgets.Budgets`), as in :func:`mlbench.read_image`.
 
     Returns
     -------
@@ -107,11 +124,10 @@ def check_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) ->
                            "for an array in memory use mb.read_image's report or save it first")
     name = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
     try:
-        image, report = read_image(source, max_pixels=max_pixels)
+        image, report = read_image(source, max_pixels=max_pixels, budgets=budgets)
+        data, _ = load_bytes(source, budgets_in_force(budgets).max_file_bytes)
     except ImageError as exc:
-        head = bytes(source[:16]) if name == "<bytes>" else (Path(name).read_bytes()[:16] if Path(name).is_file() else b"")
-        return _error_report(name, sniff_format(head) or "unknown", exc)
-    data, _ = load_bytes(source)
+        return _error_report(name, sniff_format(_head(source)) or "unknown", exc)
     try:
         problems, notes = _served_findings(image, report, served_decode(data))
     except Exception as exc:  # PIL cannot open what the careful reader can: the service answers 500
@@ -127,7 +143,8 @@ def add_check_image_command(sub) -> None:
     p = sub.add_parser("check-image", help="inspect image files: format, bit depth, pages, what as_served does")
     p.add_argument("paths", nargs="+", help="image files")
     p.add_argument("--json", action="store_true", help="print one JSON object per file (one per line)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="pixel budget checked from the header")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="pixel budget checked from the header (default 64,000,000; see mlbench.budgets)")
     p.set_defaults(run=run_check_image)
 
 
@@ -135,7 +152,11 @@ def run_check_image(args: argparse.Namespace) -> int:
     """Handler of ``check-image``: exit status 1 when any file has a problem, else 0."""
     status = 0
     for path in args.paths:
-        report = check_image(path, max_pixels=args.max_pixels)
-        print(json.dumps(report.to_dict()) if args.json else str(report))
+        try:
+            report = check_image(path, max_pixels=args.max_pixels)
+        except Exception as exc:  # one file must not stop the others; check_image should never get here
+            report = _error_report(path, "unknown", ImageError(f"{path}: the check failed ({type(exc).__name__}: "
+                                                                f"{exc}); the file was skipped, please report it"))
+        print(json.dumps(report.to_dict()) if args.json else str(report), flush=True)
         status = status or int(not report.ok)
     return status

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from mlbench.budgets import Budgets, budget_error, describe_file
+from mlbench.budgets import budgets as budgets_in_force
 from mlbench.errors import OptionsError, WeightsError
 from mlbench.findings import Problem, ReportText
 from mlbench.models.checkpoint_io import BLOCKING, StateDictRead, read_state_dict
@@ -81,6 +83,8 @@ class WeightsReport(ReportText):
         lines = [f"WeightsReport({self.path})"]
         if not self.exists:
             lines.append("  not found: the absolute path tried and the working directory are .absolute_path and .cwd")
+        elif not self.sha256:
+            lines.append(f"  {self.format or f'{self.size:,} bytes'}: not read (see the problem)")
         else:
             lines.append(f"  {self.size:,} bytes, sha256 {self.sha256[:12]}..., {self.manifest or 'not in the manifest'}")
             lines.append(f"  format {self.format}, CRC {self._crc}, unsafe globals {list(self.unsafe_globals) or 'none'}")
@@ -172,21 +176,40 @@ def _analyse(read: StateDictRead, model: Any) -> tuple[dict[str, Any], list[Prob
     return fields_, problems
 
 
-def _inspect(path: str | Path, model: Any) -> tuple[WeightsReport, Mapping | None]:
-    if model is not None and not isinstance(model, (str, torch.nn.Module)):
-        raise OptionsError(f"model must be a model name or an nn.Module, got {type(model).__name__}")
-    path = Path(path)
-    base = {"path": str(path), "absolute_path": str(path.absolute()), "cwd": str(Path.cwd())}
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        return WeightsReport(exists=False, problems=(Problem("missing", f"{path} {what} (absolute path tried "
+def _unread(path: Path, code: str, words: str, base: dict[str, str], size: int = 0) -> WeightsReport:
+    """The report of a file that was not read: missing, not a regular file (a FIFO, a device ...),
+    over the ``max_file_bytes`` budget, or unreadable (``words`` is then the whole message)."""
+    if code == "missing":
+        return WeightsReport(exists=False, problems=(Problem("missing", f"{path} {words} (absolute path tried "
                              f"{path.absolute()}, working directory {Path.cwd()}); relative weight paths resolve "
                              "against the working directory: start the service from the right folder or use an "
-                             "absolute path"),), **base), None
+                             "absolute path"),), **base)
+    if code == "not_a_file":
+        words = (f"{path} {words}, not a regular file: refused before opening it (reading it could block or never "
+                 "end); pass the path of the checkpoint file itself")
+    return WeightsReport(exists=True, size=size, format="not a file" if code == "not_a_file" else "", load="not read",
+                         problems=(Problem(code, words),), **base)
+
+
+def _inspect(path: str | Path, model: Any, limits: Budgets | None) -> tuple[WeightsReport, Mapping | None]:
+    if model is not None and not isinstance(model, (str, torch.nn.Module)):
+        raise OptionsError(f"model must be a model name or an nn.Module, got {type(model).__name__}")
+    path, limits = Path(path), budgets_in_force(limits)
+    base = {"path": str(path), "absolute_path": str(path.absolute()), "cwd": str(Path.cwd())}
+    code, words = describe_file(path)
+    if code != "regular":
+        return _unread(path, code, words, base), None
     size = path.stat().st_size
-    digest = sha256_file(path)
+    if size > limits.max_file_bytes:
+        exc = budget_error(WeightsError, "max_file_bytes", limits.max_file_bytes, "the file size", size, " bytes")
+        return _unread(path, "over_budget", str(exc), base, size), None
+    try:
+        digest = sha256_file(path)
+    except OSError as exc:
+        return _unread(path, "unreadable", f"{path} cannot be read ({type(exc).__name__}: {exc.strerror}); check "
+                       "its permissions", base, size), None
     manifest, problems = _manifest_note(path, digest)
-    read = read_state_dict(path, size, known_keys(model))
+    read = read_state_dict(path, size, known_keys(model), limits=limits)
     fields_, more = _analyse(read, model)
     facts = read.facts
     problems = [Problem(c, m) for c, m in facts.problems] + problems + more
@@ -196,7 +219,8 @@ def _inspect(path: str | Path, model: Any) -> tuple[WeightsReport, Mapping | Non
     return report, read.state_dict
 
 
-def check_weights(path: str | Path, model: str | torch.nn.Module | None = None) -> WeightsReport:
+def check_weights(path: str | Path, model: str | torch.nn.Module | None = None, *,
+                  budgets: Budgets | None = None) -> WeightsReport:
     """Inspect a checkpoint file without running code from it.
 
     Parameters
@@ -206,12 +230,16 @@ def check_weights(path: str | Path, model: str | torch.nn.Module | None = None) 
     model : str or nn.Module, optional
         Compare keys, shapes and dtypes with this model (a name is built with the widths
         detected from the checkpoint, or the small preset when detection fails).
+    budgets : Budgets, optional
+        Bounds on reading the file (bytes, zip sizes, pickle opcodes and depth, tensors, seconds);
+        default :func:`mlbench.budgets.budgets` (the defaults and the ``MLBENCH_MAX_*`` variables).
 
     Returns
     -------
     WeightsReport
         Never raises for a bad file: every defect is a problem with a stable code (``missing``,
-        ``empty``, ``truncated``, ``crc_mismatch``, ``code_execution``, ``unsafe_globals``,
+        ``not_a_file``, ``empty``, ``truncated``, ``crc_mismatch``, ``code_execution``, ``unsafe_globals``,
+        ``unreadable_pickle``, ``over_budget`` (naming the budget),
         ``load_failed``, ``prefix``, ``nonfinite``, ``saved_on_cuda``, ``no_keys_match``,
         ``key_mismatch``, ``dtype_mismatch``, ``sha256_mismatch`` ...).
 
@@ -229,18 +257,20 @@ def check_weights(path: str | Path, model: str | torch.nn.Module | None = None) 
     >>> check_weights("no/such/file.pth").problems[0].code
     'missing'
     """
-    return _inspect(path, model)[0]
+    return _inspect(path, model, budgets)[0]
 
 
-def read_checkpoint(path: str | Path, model: str | torch.nn.Module | None = None) -> tuple[OrderedDict, WeightsReport]:
-    """The repaired state dict (unwrapped, prefix stripped, on the CPU) and the report.
+def read_checkpoint(path: str | Path, model: str | torch.nn.Module | None = None, *,
+                    budgets: Budgets | None = None) -> tuple[OrderedDict, WeightsReport]:
+    """The repaired state dict (unwrapped, prefix stripped, on the CPU) and the report
+    (``budgets`` as in :func:`check_weights`).
 
     Raises
     ------
     WeightsError
         When no state dict can be read safely, or it does not fit ``model``; the message is the report.
     """
-    report, state_dict = _inspect(path, model)
+    report, state_dict = _inspect(path, model, budgets)
     found = [p.code for p in report.problems if p.code in BLOCKING]
     if state_dict is None or found:
         raise WeightsError(f"cannot use {path}: {found or 'no state dict'}\n{report}")

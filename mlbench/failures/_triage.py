@@ -209,10 +209,27 @@ def make_diagnosis(failure_class: str, evidence: str = "") -> Diagnosis:
 
 
 # ---- reading ------------------------------------------------------------------------------
+def _http_status_line(exc: BaseException) -> str:
+    """``HTTP status 504 Gateway Timeout`` for an exception that carries an HTTP status (a client's
+    error answer), so the status decides the class, not the words of the explanation."""
+    import http
+
+    status = getattr(exc, "status", None)
+    if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status < 600:
+        return ""
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    return f"HTTP status {status} {phrase}\n"
+
+
+
 def _read(source: TriageInput) -> tuple[str, list[int] | None, str]:
     """(text, original line numbers of the kept lines or None, a note on the input)."""
     if isinstance(source, BaseException):
-        return "".join(traceback.format_exception(type(source), source, source.__traceback__)), None, "exception"
+        text = "".join(traceback.format_exception(type(source), source, source.__traceback__))
+        return text + _http_status_line(source), None, "exception"
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _clean(bytes(source).decode("utf-8", "replace")), None, "bytes"
     if isinstance(source, str):

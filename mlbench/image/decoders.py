@@ -14,22 +14,36 @@ import warnings
 
 import numpy as np
 
+from mlbench.budgets import Budgets, Deadline
 from mlbench.errors import ImageError
 from mlbench.findings import Problem
-from mlbench.image.formats import bytes_io, check_pixels, header_size
+from mlbench.image.formats import ImageHeader, bytes_io, check_header, pil_header, read_header
+from mlbench.image.integrity import check_png, gif_frame_problems, jpeg_fill_problems, tiff_damage
 
 __all__ = ["decode", "decode_tiff", "decode_pil"]
 
-def decode(data: bytes, fmt: str, name: str, page: int, max_pixels: int) -> tuple[np.ndarray, dict]:
-    """Dispatch on the sniffed format: TIFF to tifffile, everything else to Pillow (16-bit PNG to OpenCV)."""
-    size = header_size(data, fmt)
-    if size is not None:
-        check_pixels(name, size[0], size[1], max_pixels)
+
+def decode(data: bytes, fmt: str, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, dict]:
+    """Dispatch on the sniffed format: TIFF to tifffile, everything else to Pillow (16-bit PNG to OpenCV).
+
+    The header is checked against ``limits`` first (pixels, decoded bytes, empty images), and a
+    PNG's chunks and compressed rows against its header, before a decoder sees the bytes.
+    """
+    header = read_header(data, fmt)
+    if header is not None:
+        check_header(name, header, limits)
+    if fmt == "png":
+        check_png(data, name, Deadline(limits.max_seconds, ImageError))
     if fmt == "tiff":
-        return decode_tiff(data, name, page, max_pixels)
+        return decode_tiff(data, name, page, limits)
     if page != 0:
         raise ImageError(f"{name}: page {page} requested but a {fmt.upper()} file has one page; pass page=0")
-    return decode_pil(data, name, max_pixels)
+    array, info = decode_pil(data, name, limits)
+    if fmt == "jpeg":
+        info["problems"] += jpeg_fill_problems(data, array, info["orientation"])
+    elif fmt == "gif":
+        info["problems"] += gif_frame_problems(data)
+    return array, info
 
 
 def _plane_layout(axes: str, shape: tuple[int, ...]) -> tuple[str | None, list[int]]:
@@ -39,7 +53,20 @@ def _plane_layout(axes: str, shape: tuple[int, ...]) -> tuple[str | None, list[i
     return channel, others
 
 
-def _read_tiff(tif, name: str, page: int, max_pixels: int) -> tuple[np.ndarray, dict, list[Problem]]:
+def _check_plane(tif, name: str, plane: list[tuple[str, int]], limits: Budgets) -> None:
+    """The budgets and the header's own consistency, for the plane (``(axis, size)`` pairs) about to be decoded."""
+    first = tif.pages[0]
+    if first.dtype is None:
+        raise ImageError(f"{name}: BitsPerSample {first.bitspersample} with SampleFormat {int(first.sampleformat)} "
+                         "is no pixel type (expected 1, 8, 16, 32 or 64 bits); the header is damaged, export the "
+                         "image again")
+    sizes = dict(plane)
+    channels = int(np.prod([n for a, n in plane if a not in "YX"]))
+    check_header(name, ImageHeader(sizes["Y"], sizes["X"], max(channels, 1), first.dtype.itemsize), limits)
+    tiff_damage(tif, name)
+
+
+def _read_tiff(tif, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, dict, list[Problem]]:
     series = tif.series[0]
     if len(tif.series) > 1:  # separately written pages: each page is one plane
         pages = len(tif.pages)
@@ -51,7 +78,8 @@ def _read_tiff(tif, name: str, page: int, max_pixels: int) -> tuple[np.ndarray, 
         planes = int(np.prod(others)) if others else 1
     if not 0 <= page < planes:
         raise ImageError(f"{name}: page {page} requested but the file has {planes} page(s); pass page=0..{planes - 1}")
-    check_pixels(name, shape[axes.index("Y")], shape[axes.index("X")], max_pixels)
+    whole = planes == 1 or len(tif.series) > 1
+    _check_plane(tif, name, [(a, n) for a, n in zip(axes, shape) if whole or a in "YXS" or a == channel], limits)
     problems = []
     if len(tif.series) > 1:
         array, axes = tif.pages[page].asarray(), tif.pages[page].axes
@@ -81,14 +109,14 @@ def _series_plane(series, axes: str, shape: tuple[int, ...], channel: str | None
     return array
 
 
-def decode_tiff(data: bytes, name: str, page: int, max_pixels: int) -> tuple[np.ndarray, dict]:
+def decode_tiff(data: bytes, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, dict]:
     """Decode one plane of a TIFF with tifffile, keeping dtype and reporting pages, axes and compression."""
     import tifffile
 
     try:
         with tifffile.TiffFile(bytes_io(data)) as tif:
             pages = len(tif.series) if len(tif.series) > 1 else None
-            array, info, problems = _read_tiff(tif, name, page, max_pixels)
+            array, info, problems = _read_tiff(tif, name, page, limits)
             series = tif.series[0]
             channel, others = _plane_layout(series.axes, series.shape)
             pages = pages or (int(np.prod(others)) if others else 1)
@@ -156,14 +184,14 @@ def _keep_first_channel(array: np.ndarray, problems: list[Problem]) -> np.ndarra
 _PIL_ARRAY_MODES = {"I;16": np.uint16, "I;16B": np.uint16, "I;16L": np.uint16, "I": np.int32, "F": np.float32}
 
 
-def _open_pil(data: bytes, name: str, max_pixels: int):
+def _open_pil(data: bytes, name: str, limits: Budgets):
     from PIL import Image
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(bytes_io(data))
-            check_pixels(name, image.height, image.width, max_pixels)
+            check_header(name, pil_header(image), limits)
             image.load()
     except ImageError:
         raise
@@ -199,11 +227,11 @@ def _apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(upright)
 
 
-def decode_pil(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, dict]:
+def decode_pil(data: bytes, name: str, limits: Budgets) -> tuple[np.ndarray, dict]:
     """Decode PNG, JPEG, BMP, GIF or WebP with Pillow, detecting truncation (16-bit colour PNG via OpenCV)."""
     from PIL import ImageOps
 
-    image = _open_pil(data, name, max_pixels)  # full decode: raises on truncation
+    image = _open_pil(data, name, limits)  # full decode: raises on truncation
     problems: list[Problem] = []
     frames = getattr(image, "n_frames", 1)
     orientation = int(image.getexif().get(0x0112, 1) or 1)

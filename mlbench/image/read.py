@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mlbench.budgets import Budgets
+from mlbench.budgets import budgets as budgets_in_force
 from mlbench.errors import ImageError
 from mlbench.findings import Problem, ReportText
 from mlbench.image.decoders import decode
@@ -22,7 +24,7 @@ from mlbench.image.formats import EXTENSIONS, ImageSource, load_bytes, sniff_for
 
 __all__ = ["read_image", "ImageReport", "DEFAULT_MAX_PIXELS", "effective_bit_depth", "value_range", "percentiles"]
 
-DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_PIXELS = Budgets().max_pixels
 PERCENTILES = (1.0, 50.0, 99.0)
 PERCENTILES_NAMES = ("p1", "p50", "p99")
 
@@ -114,17 +116,23 @@ def effective_bit_depth(array: np.ndarray) -> int:
     return min(container, max(8, int(np.ceil(np.log2(top + 1))) if top > 0 else 8))
 
 
-def read_image(source: ImageSource, *, page: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, ImageReport]:
+def read_image(source: ImageSource, *, page: int = 0, max_pixels: int | None = None,
+               budgets: Budgets | None = None) -> tuple[np.ndarray, ImageReport]:
     """Decode an image file or its bytes, keeping its data as it is.
 
     Parameters
     ----------
     source : path or bytes
-        The image file, or its raw bytes (as uploaded to the service).
+        The image file, or its raw bytes (as uploaded to the service). A path must be a regular
+        file: FIFOs, devices and sockets are refused before they are opened.
     page : int
         Which page of a multi-page TIFF to use (default the first).
-    max_pixels : int
-        Refuse images with more pixels than this, checked from the header before decoding.
+    max_pixels : int, optional
+        Refuse images with more pixels than this, checked from the header before decoding
+        (default: the ``max_pixels`` budget, 64,000,000).
+    budgets : Budgets, optional
+        Bytes read, pixels, decoded bytes (pixels x channels x bytes per sample, from the header)
+        and seconds; default :func:`mlbench.budgets.budgets` (``MLBENCH_MAX_*`` variables apply).
 
     Returns
     -------
@@ -132,6 +140,12 @@ def read_image(source: ImageSource, *, page: int = 0, max_pixels: int = DEFAULT_
         Container dtype kept (uint8, uint16, float32 ...); alpha dropped; orientation applied.
     report : ImageReport
         Format, dtype, effective bit depth, pages and every problem found.
+
+    Raises
+    ------
+    ImageError
+        For every file that cannot be read as it is (and only ImageError): missing, not a regular
+        file, empty, not an image, over a budget, a header its data does not match, damaged.
 
     Examples
     --------
@@ -146,7 +160,19 @@ def read_image(source: ImageSource, *, page: int = 0, max_pixels: int = DEFAULT_
     ...
     mlbench.errors.ImageError: <bytes>: not a recognised image (...); it looks like text or HTML (an error page saved as an image?); ...
     """
-    data, name = load_bytes(source)
+    limits = budgets_in_force(budgets, **({} if max_pixels is None else {"max_pixels": max_pixels}))
+    data, name = load_bytes(source, limits.max_file_bytes)
+    try:
+        return _read(data, name, page, limits)
+    except ImageError:
+        raise
+    except Exception as exc:  # a decoder's own error on a file it could not handle (IndexError, MemoryError ...)
+        raise ImageError(f"{name}: the image cannot be decoded ({type(exc).__name__}: {str(exc)[:200]}); the file is "
+                         "damaged or uses a feature not supported here: export it again (8- or 16-bit PNG or TIFF)"
+                         ) from exc
+
+
+def _read(data: bytes, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, ImageReport]:
     if not data:
         raise ImageError(f"{name}: the file is empty (0 bytes); the upload or copy failed, send the file again")
     fmt = sniff_format(data[:16])
@@ -158,7 +184,10 @@ def read_image(source: ImageSource, *, page: int = 0, max_pixels: int = DEFAULT_
     if suffix and suffix not in EXTENSIONS.get(fmt, set()):
         problems.append(Problem("name_mismatch", f"the name ends in {suffix} but the content is {fmt.upper()}"))
 
-    image, info = decode(data, fmt, name, page, max_pixels)
+    image, info = decode(data, fmt, name, page, limits)
+    if image.size == 0 or image.ndim not in (2, 3):
+        raise ImageError(f"{name}: the {fmt.upper()} decodes to an array of shape {tuple(image.shape)}; expected "
+                         "(H, W) or (H, W, C) with at least one pixel. The header is damaged; export the image again")
     problems.extend(info.pop("problems"))
     image = _binary_to_uint8(image, problems)
     values = value_range(image)

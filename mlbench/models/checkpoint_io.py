@@ -2,25 +2,28 @@
 
 The file-level half of :func:`mlbench.check_weights`: format sniffing (zip pickle, legacy
 pickle, safetensors, and the usual impostors: empty files, HTML error pages, git-lfs
-pointers), the zip CRC check that ``torch.load`` skips, the pickle's globals listed without
-unpickling, and a ``weights_only=True`` load that accepts extra globals only from a named
-allowlist (``argparse.Namespace``), recording the device each tensor was saved on.
+pointers), then, within the :class:`~mlbench.budgets.Budgets`, the zip CRC check that
+``torch.load`` skips and a scan of every pickle (:mod:`mlbench.models.checkpoint_formats`,
+:mod:`mlbench.models.pickle_scan`); only a file that passes is given to ``torch.load`` with
+``weights_only=True``, extra globals accepted only from a named allowlist
+(``argparse.Namespace``), recording the device each tensor was saved on. FIFOs, devices and
+sockets are refused before they are opened.
 """
 
 from __future__ import annotations
 
-import argparse
-import io
-import pickletools
-import struct
-import zipfile
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
+
+from mlbench.budgets import Budgets, Deadline, budgets, open_regular
+from mlbench.errors import WeightsError
+from mlbench.models.checkpoint_formats import ALLOWED_GLOBALS, FileFacts, load_pickled, load_safetensors
+from mlbench.models.pickle_scan import scan_pickle
 
 __all__ = ["ALLOWED_GLOBALS", "BLOCKING", "FileFacts", "sniff_checkpoint", "inspect_file", "unwrap", "strip_prefix",
            "StateDictRead", "read_state_dict"]
@@ -29,27 +32,11 @@ _WRAPPERS = ("model_state_dict", "state_dict", "model", "net", "weights")
 _EMA_WRAPPERS = ("ema_state_dict", "state_dict_ema", "model_ema", "ema")
 """Where training code keeps exponential-moving-average weights (timm, Lightning callbacks, YOLO)."""
 _PREFIXES = ("module.", "model.", "net.", "_orig_mod.")
-BLOCKING = frozenset({"missing", "empty", "truncated", "not_a_checkpoint", "lfs_pointer", "code_execution",
-                      "unsafe_globals", "load_failed", "no_state_dict", "no_keys_match", "key_mismatch",
+BLOCKING = frozenset({"missing", "not_a_file", "empty", "truncated", "not_a_checkpoint", "lfs_pointer",
+                      "unreadable", "code_execution", "unsafe_globals", "unreadable_pickle", "over_budget",
+                      "load_failed", "no_state_dict", "unsupported_tensor", "no_keys_match", "key_mismatch",
                       "crc_mismatch", "nonfinite"})
 """Problem codes that make a checkpoint unusable: loading refuses it."""
-
-ALLOWED_GLOBALS: dict[str, Any] = {"argparse.Namespace": argparse.Namespace}
-"""Globals a checkpoint may hold beyond tensors: loaded only when named here."""
-_CODE_MODULES = ("os.", "posix.", "nt.", "subprocess.", "builtins.", "sys.", "shutil.", "socket.", "runpy.",
-                 "importlib.", "pty.", "webbrowser.", "code.", "commands.", "pickle.", "marshal.", "types.")
-
-
-@dataclass
-class FileFacts:
-    """What was learnt from the bytes of a checkpoint file (mutable while it is being filled in)."""
-
-    format: str = "unknown"
-    crc_ok: bool | None = None
-    unsafe_globals: tuple[str, ...] = ()
-    load: str = "not attempted"
-    devices: tuple[str, ...] = ()
-    problems: list[tuple[str, str]] = field(default_factory=list)
 
 
 def sniff_checkpoint(head: bytes, size: int) -> str:
@@ -77,141 +64,55 @@ _IMPOSTORS = {
 }
 
 
-def _zip_check(path: Path, size: int, facts: FileFacts) -> bool:
-    """CRC-check every member; False when the archive cannot even be opened."""
+def _is_pickle(handle: BinaryIO, limits: Budgets, deadline: Deadline) -> bool:
+    """Whether a file of no known format starts with a whole pickle (protocol 0 or 1 has no marker);
+    a pickle over a budget is not an impostor, its refusal is raised."""
+    handle.seek(0)
     try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        facts.problems.append(("truncated", f"the zip archive is incomplete ({size:,} bytes; {exc}): PyTorch reports "
-                               "'failed finding central directory'. The copy or download stopped early: copy it again"))
+        scan_pickle(handle, limits, deadline)
+    except WeightsError as exc:
+        if hasattr(exc, "budget"):
+            raise
         return False
-    except Exception as exc:  # zlib errors on a damaged member
-        bad = f"? ({type(exc).__name__}: {exc})"
-    facts.crc_ok = bad is None
-    if bad is not None:
-        facts.problems.append(("crc_mismatch", f"member {bad} fails its CRC check: the file was damaged after saving "
-                               "(torch.load would load it silently with changed weights); restore a good copy"))
     return True
 
 
-def _scan_pickle(stream: io.BytesIO) -> list[str]:
-    """Globals named by one pickle, read opcode by opcode (nothing is executed)."""
-    found, strings, memo = [], [], {}
-    for op, arg, _ in pickletools.genops(stream):
-        if op.name == "GLOBAL":
-            found.append(str(arg).replace(" ", "."))
-        elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-            strings.append(arg)
-        elif op.name in ("BINPUT", "LONG_BINPUT", "MEMOIZE") and strings:
-            memo[arg if arg is not None else len(memo)] = strings[-1]
-        elif op.name in ("BINGET", "LONG_BINGET") and arg in memo:
-            strings.append(memo[arg])
-        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-            found.append(f"{strings[-2]}.{strings[-1]}")
-        if op.name == "STOP":
-            break
-    return found
+def _refused(exc: WeightsError, facts: FileFacts) -> None:
+    code = "over_budget" if hasattr(exc, "budget") else getattr(exc, "code", "unreadable_pickle")
+    facts.problems.append((code, str(exc)))
+    facts.load = f"refused: {code} (nothing was unpickled)"
 
 
-def _legacy_globals(path: Path) -> list[str]:
-    """Unsafe globals of a legacy (non-zip) torch file or plain pickle: its first pickles, scanned."""
-    from torch._weights_only_unpickler import _get_allowed_globals
-
-    allowed = set(_get_allowed_globals())
-    stream, found = io.BytesIO(path.read_bytes()), []
-    for _ in range(5):  # magic, protocol, sys info, object, storage keys
-        try:
-            found += _scan_pickle(stream)
-        except Exception:  # raw storage bytes follow the pickles
-            break
-    return sorted({g for g in found if g not in allowed})
-
-
-def _unsafe_globals(path: Path, fmt: str, facts: FileFacts) -> None:
-    try:
-        if fmt == "zip":
-            found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        else:
-            found = _legacy_globals(path)
-    except Exception as exc:
-        facts.problems.append(("unreadable_pickle", f"the pickle cannot be scanned ({type(exc).__name__}: {exc})"))
-        return
-    facts.unsafe_globals = tuple(sorted(found))
-    code = [g for g in found if g.startswith(_CODE_MODULES)]
-    if code:
-        facts.problems.append(("code_execution", f"the pickle calls {code}: loading it with weights_only=False would run "
-                               "that code. It was not loaded. Do not use this file; get the weights from a trusted source"))
-    other = [g for g in found if g not in ALLOWED_GLOBALS and g not in code]
-    if other:
-        facts.problems.append(("unsafe_globals", f"the pickle needs globals {other} that are not on the allowlist "
-                               f"{sorted(ALLOWED_GLOBALS)}; it was not loaded. Re-save only the state dict "
-                               "(torch.save(model.state_dict())) or as safetensors"))
-
-
-def _torch_load(path: Path, facts: FileFacts) -> Any:
-    """``torch.load(weights_only=True)``, allowlisted globals by name, recording saved devices."""
-    locations: list[str] = []
-
-    def to_cpu(storage, location):
-        locations.append(str(location))
-        return storage
-
-    allow = [ALLOWED_GLOBALS[g] for g in facts.unsafe_globals if g in ALLOWED_GLOBALS]
-    try:
-        with torch.serialization.safe_globals(allow):
-            obj = torch.load(path, map_location=to_cpu, weights_only=True)
-    except Exception as exc:
-        facts.load = f"weights_only=True failed: {type(exc).__name__}"
-        facts.problems.append(("load_failed", f"torch.load(weights_only=True) failed ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0][:200] if str(exc) else 'no message'}); the file is damaged"))
-        return None
-    names = [g for g in facts.unsafe_globals if g in ALLOWED_GLOBALS]
-    facts.load = "weights_only=True" + (f" with the named allowlist {names}" if names else "")
-    facts.devices = tuple(sorted(set(locations)))
-    return obj
-
-
-def inspect_file(path: Path, size: int) -> tuple[FileFacts, Any]:
-    """Sniff, CRC-check, scan and (when safe) load a checkpoint; never runs code from the file.
+def inspect_file(path: Path, size: int, limits: Budgets | None = None) -> tuple[FileFacts, Any]:
+    """Sniff, check within ``limits`` (the :class:`~mlbench.budgets.Budgets`), scan and (when safe)
+    load a checkpoint; never runs code from the file, never opens what is not a regular file.
 
     Returns
     -------
     facts : FileFacts
     obj : the loaded object (dict of tensors, training dict ...) or None when it was not loaded.
     """
-    with open(path, "rb") as handle:
-        head = handle.read(64)
-    facts = FileFacts(format=sniff_checkpoint(head, size))
-    if facts.format in _IMPOSTORS:
-        facts.problems.append(_IMPOSTORS[facts.format])
+    limits = budgets(limits)
+    facts, deadline = FileFacts(), Deadline(limits.max_seconds, WeightsError)
+    try:
+        with open_regular(path, WeightsError, limits.max_file_bytes) as handle:
+            facts.format = sniff_checkpoint(handle.read(64), size)
+            if facts.format == "unknown" and _is_pickle(handle, limits, deadline):
+                facts.format = "legacy_pickle"  # protocol 0 or 1: torch's legacy loader would unpickle it too
+            if facts.format in _IMPOSTORS:
+                facts.problems.append(_IMPOSTORS[facts.format])
+                return facts, None
+            if facts.format == "safetensors":
+                return facts, load_safetensors(handle, path, size, limits, facts)
+            return facts, load_pickled(handle, size, limits, deadline, facts)
+    except WeightsError as exc:
+        _refused(exc, facts)
         return facts, None
-    if facts.format == "safetensors":
-        from safetensors.torch import load_file
-
-        announced = struct.unpack("<Q", head[:8])[0]
-        if announced + 8 > size:
-            facts.problems.append(("truncated", f"the safetensors header announces {announced:,} bytes of metadata but the "
-                                   f"file has only {size:,} bytes: the copy or download stopped early; copy it again"))
-            return facts, None
-        try:
-            obj = load_file(str(path))
-        except Exception as exc:
-            facts.problems.append(("load_failed", f"safetensors could not read it ({exc}); the file is truncated or damaged"))
-            return facts, None
-        facts.load, facts.devices = "safetensors (no code possible)", ("cpu",)
-        return facts, obj
-    if facts.format == "zip" and not _zip_check(path, size, facts):
-        return facts, None
-    _unsafe_globals(path, facts.format, facts)
-    if any(code in ("code_execution", "unsafe_globals", "unreadable_pickle") for code, _ in facts.problems):
-        facts.load = "refused: unsafe globals (never loaded with weights_only=False)"
-        return facts, None
-    return facts, _torch_load(path, facts)
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+    return (isinstance(obj, Mapping) and bool(obj) and all(isinstance(k, str) for k in obj)
+            and all(isinstance(v, torch.Tensor) for v in obj.values()))
 
 
 def unwrap(obj: Any, key: str | None = None) -> tuple[Mapping[str, torch.Tensor] | None, str]:
@@ -287,13 +188,15 @@ class StateDictRead:
         return [code for code, _ in self.problems if code in BLOCKING]
 
 
-def read_state_dict(path: Path, size: int, known_keys: Collection[str] = (), key: str | None = None) -> StateDictRead:
+def read_state_dict(path: Path, size: int, known_keys: Collection[str] = (), key: str | None = None,
+                    limits: Budgets | None = None) -> StateDictRead:
     """Read the state dict of a checkpoint file without running code from it.
 
-    :func:`inspect_file`, then the state dict unwrapped from a training dict and stripped of a
-    wrapper prefix (``known_keys`` lets an unusual shared prefix go too), then a NaN/Inf check.
+    :func:`inspect_file` (within ``limits``, default :func:`~mlbench.budgets.budgets`), then the
+    state dict unwrapped from a training dict and stripped of a wrapper prefix (``known_keys``
+    lets an unusual shared prefix go too), then a NaN/Inf check.
     """
-    facts, obj = inspect_file(path, size)
+    facts, obj = inspect_file(path, size, limits)
     read = StateDictRead(facts)
     if obj is None:
         return read
@@ -303,9 +206,20 @@ def read_state_dict(path: Path, size: int, known_keys: Collection[str] = (), key
                                "training dict with 'model_state_dict'"))
         return read
     read.state_dict, read.prefix = strip_prefix(state_dict, known_keys)
-    counts = {k: int((~torch.isfinite(v)).sum()) for k, v in read.state_dict.items() if v.is_floating_point()}
+    _tensor_checks(read.state_dict, facts)
+    return read
+
+
+def _tensor_checks(state_dict: Mapping[str, torch.Tensor], facts: FileFacts) -> None:
+    """Tensors a model cannot take (meta, sparse, quantized), then NaN/Inf in the plain ones."""
+    odd = {k: v for k, v in state_dict.items() if v.layout != torch.strided or v.is_meta or v.is_quantized}
+    if odd:
+        key, tensor = next(iter(odd.items()))
+        facts.problems.append(("unsupported_tensor", f"{len(odd)} tensor(s) are not plain dense tensors (first: {key}, "
+                               f"{tensor.layout} on {tensor.device}, quantized {tensor.is_quantized}): "
+                               "load_state_dict cannot copy them into a model; re-save the weights as plain tensors"))
+    counts = {k: int((~torch.isfinite(v)).sum()) for k, v in state_dict.items() if v.is_floating_point() and k not in odd}
     bad = {k: n for k, n in counts.items() if n}
     if bad:
         facts.problems.append(("nonfinite", f"{len(bad)} tensor(s) hold NaN or Inf, e.g. {next(iter(bad))} "
                                f"({next(iter(bad.values()))} values): the training diverged; use an earlier checkpoint"))
-    return read

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mlbench.budgets import Budgets, describe_file
 from mlbench.errors import ModelError, OptionsError, WeightsError
 from mlbench.models.cards import IMAGENET_MEAN, IMAGENET_STD, ModelCard, architecture_card, attach_card, card
 from mlbench.models.checkpoint_io import read_state_dict
@@ -27,7 +29,7 @@ from mlbench.models.registry import ALIASES, build_model, config_from_state_dict
 from mlbench.paths import data_dir, sha256_file
 
 __all__ = ["load_model", "load_checkpoint", "load_trained", "register_model", "registered_models", "load_manifest",
-           "weights_path", "manifest_card"]
+           "weights_path", "manifest_card", "shared_model"]
 
 _REGISTERED: dict[str, tuple[Callable[[], torch.nn.Module], ModelCard | None]] = {}
 
@@ -135,24 +137,33 @@ def _looks_like_path(source: str) -> bool:
 
 
 def load_checkpoint(path: str | Path, *, model: str | torch.nn.Module | None = None, card: ModelCard | None = None,
-                    key: str | None = None) -> torch.nn.Module:
+                    key: str | None = None, budgets: Budgets | None = None) -> torch.nn.Module:
     """Load a checkpoint file strictly into the architecture its tensors describe, or into ``model``.
 
     The widths of the known architectures come from the tensors, as the service's own loader reads
     them; the card records the file, its sha256, the architecture and widths (origin
     ``checkpoint``), the service's 1024 px input unless ``card`` says otherwise, and ``card``'s fields.
 
+    ``budgets`` bounds reading the file (:class:`~mlbench.budgets.Budgets`; default the
+    ``MLBENCH_MAX_*`` environment variables, else the defaults).
+
     Raises
     ------
     WeightsError
-        The file is unreadable, unsafe, damaged, or fits no architecture (or not ``model``).
+        The file is missing, not a regular file (a FIFO, a device), unreadable, unsafe, over a
+        budget, damaged, or fits no architecture (or not ``model``).
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"checkpoint {str(path)!r} is not a file (absolute path tried {path.absolute()}, working "
-                           f"directory {Path.cwd()}); check the path, relative paths resolve against the working directory")
+    kind, words = describe_file(path)
+    if kind == "missing":
+        raise WeightsError(f"checkpoint {str(path)!r} is not a file: it {words} (absolute path tried {path.absolute()}, "
+                           f"working directory {Path.cwd()}); check the path, relative paths resolve against the "
+                           "working directory")
+    if kind != "regular":
+        raise WeightsError(f"checkpoint {str(path)!r} is not a regular file: it {words}; refused before opening it "
+                           "(reading it could block or never end); pass the path of the checkpoint file itself")
     registered = _REGISTERED.get(model) if isinstance(model, str) else None
-    read = read_state_dict(path, path.stat().st_size, known_keys(None if registered else model), key)
+    read = read_state_dict(path, path.stat().st_size, known_keys(None if registered else model), key, budgets)
     if read.state_dict is None or read.blocking:
         problems = "; ".join(f"[{code}] {message}" for code, message in read.problems if code in read.blocking)
         raise WeightsError(f"cannot load {path}: {problems or read.container or 'no state dict found'}. "
@@ -231,3 +242,44 @@ def load_trained(name: str, weights_dir: Path) -> torch.nn.Module:
     model = build_model(canonical, size="small")
     model.load_state_dict(load_file(str(path)), strict=True)
     return attach_card(model, manifest_card(canonical, entry, path, model)).eval()
+
+
+_LOADED: dict[tuple[str, str], tuple[tuple[int, int], torch.nn.Module]] = {}
+_LOADED_MAX = 8
+
+
+def shared_model(source: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model ``load_model(source)`` gives, loaded once and shared by the calls that name it.
+
+    ``mb.segment(image, "hrnet")``, ``mb.Pipeline("hrnet")``, the CLI, the Stepper and sweep
+    workers name models instead of holding them; each call would read and hash the weights file
+    again. The cache keeps up to 8 models keyed by the resolved file, reloaded when the file's
+    modification time or size changes (the sha256 is then checked again as on every first load).
+    Callers must not change the shared module; :func:`load_model` always returns a fresh one.
+    """
+    path = _weights_file(source)
+    key = (str(path), str(torch.device(device)))
+    stat = path.stat()
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    hit = _LOADED.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    model = load_model(source, device=device)
+    if len(_LOADED) >= _LOADED_MAX:
+        _LOADED.pop(next(iter(_LOADED)))
+    _LOADED[key] = (stamp, model)
+    return model
+
+
+def _weights_file(source: str | Path) -> Path:
+    """The file ``load_model(source)`` reads: a bundled name's weights, or the path itself."""
+    if isinstance(source, str) and not _looks_like_path(source):
+        manifest = data_dir() / "weights" / "manifest.json"
+        return _bundled_file(resolve_name(source), manifest.stat().st_mtime_ns if manifest.exists() else 0)
+    return Path(source)
+
+
+@lru_cache(maxsize=16)
+def _bundled_file(name: str, manifest_version: int) -> Path:
+    """A bundled model's weights file, read from the manifest once per manifest version."""
+    return weights_path(name)

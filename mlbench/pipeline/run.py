@@ -72,10 +72,10 @@ class Pipeline:
 
     def __init__(self, model: torch.nn.Module | str, preset: str = "fixed", **options: Any) -> None:
         requested = make_options(preset, **options)  # a misspelt option fails before a model loads
-        if isinstance(model, str):
-            from mlbench.models.loading import load_model
+        if isinstance(model, str):  # a name or a path: the shared, cached copy (loaded once per file version)
+            from mlbench.models.loading import shared_model
 
-            model = load_model(model, device=requested.device)
+            model = shared_model(model, device=requested.device)
         if not isinstance(model, torch.nn.Module):
             raise OptionsError(f"model must be a torch.nn.Module or a model name, got {type(model).__name__}")
         self.model, self.preset, self.card = model, preset, card(model)

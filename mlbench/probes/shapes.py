@@ -10,6 +10,8 @@ into the cause and the fix. Hooks are removed and ``model.training`` restored in
 
 from __future__ import annotations
 
+import math
+import weakref
 from functools import cached_property
 from types import SimpleNamespace
 from dataclasses import asdict, dataclass, field
@@ -77,24 +79,31 @@ class ModuleCall:
     inf: int | None = None
 
 
+MEAN_SAMPLE = 4096
+"""Values per tensor (evenly spaced) from which ``mean`` is estimated; min, max and NaN/Inf are exact."""
+
+
 def _stats(tensors: list[torch.Tensor]) -> dict[str, Any]:
+    """min/max and NaN/Inf from one exact pass per tensor (``aminmax``: a NaN or Inf shows in the extremes),
+    the mean from at most :data:`MEAN_SAMPLE` evenly spaced values; the exact counts only when a
+    non-finite value was found (the rare path)."""
     floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel() and t.device.type != "meta"]
     if not floats:
         return {}
-    sums = [t.sum(dtype=torch.float64) for t in floats]  # NaN/Inf propagate: one pass decides the common case
+    extremes = [torch.aminmax(t) for t in floats]
+    low, high = min(float(e.min) for e in extremes), max(float(e.max) for e in extremes)
     nan = inf = 0
-    if not all(bool(torch.isfinite(s)) for s in sums):
+    if not (math.isfinite(low) and math.isfinite(high)):
         nan = sum(int(torch.isnan(t).sum()) for t in floats)
         inf = sum(int(torch.isinf(t).sum()) for t in floats)
-    finite = [t[torch.isfinite(t)] if nan or inf else t for t in floats]
-    finite = [t for t in finite if t.numel()]
-    if not finite:
-        return {"nan": nan, "inf": inf}
-    extremes = [torch.aminmax(t) for t in finite]
-    low = min(float(e.min) for e in extremes)
-    high = max(float(e.max) for e in extremes)
-    total = sum(float(s) for s in sums) if not (nan or inf) else sum(float(t.sum(dtype=torch.float64)) for t in finite)
-    mean = total / sum(t.numel() for t in finite)
+        floats = [f for f in (t[torch.isfinite(t)] for t in floats) if f.numel()]
+        if not floats:
+            return {"nan": nan, "inf": inf}
+        extremes = [torch.aminmax(t) for t in floats]
+        low, high = min(float(e.min) for e in extremes), max(float(e.max) for e in extremes)
+    samples = [t.reshape(-1)[:: max(1, t.numel() // MEAN_SAMPLE)] for t in floats]
+    weights = [t.numel() for t in floats]
+    mean = sum(float(s.double().mean()) * w for s, w in zip(samples, weights)) / sum(weights)
     return {"min": round(low, 6), "max": round(high, 6), "mean": round(mean, 6), "nan": nan, "inf": inf}
 
 
@@ -107,10 +116,11 @@ def _stats(tensors: list[torch.Tensor]) -> dict[str, Any]:
 
 
 class _Recorder:
-    __slots__ = ("stats", "calls", "finished", "raising", "failures")
+    __slots__ = ("stats", "calls", "finished", "raising", "failures", "seen")
 
     def __init__(self, stats: bool) -> None:
         self.stats = stats
+        self.seen: dict[int, tuple[Any, int, dict[str, Any]]] = {}  # id -> (weak ref, version, statistics)
         self.calls: list[list[Any]] = []
         self.finished = 0
         self.raising: BaseException | None = None  # the exception propagating now, if any
@@ -142,8 +152,19 @@ class _Recorder:
         if tensors:
             record[_DTYPE], record[_DEVICE] = tensors[0].dtype, tensors[0].device
         if self.stats:
-            record[_STATS] = _stats(tensors)
+            record[_STATS] = self._stats_of(output, tensors)
         return output
+
+    def _stats_of(self, output: Any, tensors: list[torch.Tensor]) -> dict[str, Any]:
+        """A container returns its last child's tensor: its statistics are taken once, not again."""
+        if type(output) is not torch.Tensor:
+            return _stats(tensors)
+        entry = self.seen.get(id(output))
+        if entry is not None and entry[0]() is output and entry[1] == output._version:
+            return entry[2]  # the same tensor, unchanged: a weak reference, so no activation is kept alive
+        found = _stats(tensors)
+        self.seen[id(output)] = (weakref.ref(output), output._version, found)
+        return found
 
     def settle(self, error: BaseException | None) -> list[Any] | None:
         """After the forward: calls whose exception the model caught say so; the innermost call of
@@ -325,7 +346,8 @@ def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool = True, eval:
     x : Tensor
         The input, usually (N, C, H, W).
     stats : bool
-        Also record min/max/mean and NaN/Inf counts of every output (costs a few reductions).
+        Also record min/max, NaN/Inf counts (exact, one pass per output) and the mean (estimated
+        from :data:`MEAN_SAMPLE` evenly spaced values) of every output.
     eval : bool
         Run in eval mode (dropout off), under ``torch.no_grad()``.
 

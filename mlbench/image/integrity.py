@@ -1,0 +1,205 @@
+"""Does the file hold the pixels its header announces? Checks that catch invented rows.
+
+Decoders trust the header: a PNG or compressed TIFF whose height was changed decodes to the new
+height, the missing rows filled with zeros, and libjpeg fills a JPEG's missing rows with one
+flat value, all without an error. These checks compare the header with the data behind it:
+
+- PNG: every chunk's CRC, and the inflated rows against the IHDR's (streamed, nothing kept);
+  a mismatch is an :class:`~mlbench.errors.ImageError`.
+- TIFF: the strips or tiles present against those the header's size needs, and for uncompressed
+  data their bytes; an ImageError.
+- JPEG: a band of one flat value from an MCU row boundary to the bottom, libjpeg's fill for
+  missing data; a problem (``ok`` False), as a real image could end in a flat band.
+- GIF: a first frame that does not cover the logical screen (the rest is background); a problem.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+
+from mlbench.budgets import Deadline
+from mlbench.errors import ImageError
+from mlbench.findings import Problem
+
+__all__ = ["check_png", "tiff_damage", "jpeg_fill_problems", "gif_frame_problems"]
+
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+
+
+def _png_raw_bytes(width: int, height: int, depth: int, colour: int, interlaced: bool) -> int:
+    """Bytes of a PNG's filtered rows (one filter byte per row), per pass when interlaced."""
+    bits = _PNG_SAMPLES.get(colour, 4) * depth
+    passes = _ADAM7 if interlaced else ((0, 0, 1, 1),)
+    total = 0
+    for x0, y0, dx, dy in passes:
+        columns, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if columns > 0 and rows > 0:
+            total += rows * (1 + -(-columns * bits // 8))
+    return total
+
+
+def _png_chunks(data: bytes, name: str) -> tuple[bytes, list[memoryview]]:
+    """The IHDR body and the IDAT bodies, every chunk's CRC checked."""
+    view, pos, header, idat = memoryview(data), 8, b"", []
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            break  # a truncated chunk: the decoder says "truncated"
+        if zlib.crc32(view[pos + 4:end]) != struct.unpack(">I", data[end:end + 4])[0]:
+            raise ImageError(f"{name}: the PNG chunk {kind.decode('latin-1')!r} at byte {pos:,} fails its CRC check: "
+                             "the file was changed or damaged after it was written; export it again")
+        if kind == b"IHDR":
+            header = bytes(view[pos + 8:end])
+        elif kind == b"IDAT":
+            idat.append(view[pos + 8:end])
+        elif kind == b"IEND":
+            break
+        pos = end + 4
+    return header, idat
+
+
+def _inflated_size(idat: list[memoryview], limit: int, deadline: Deadline) -> tuple[int, bool]:
+    """Bytes the IDAT stream inflates to (counted up to ``limit`` + 1) and whether it ended."""
+    inflater, got = zlib.decompressobj(), 0
+    for piece in idat:
+        pending = bytes(piece)
+        while pending and got <= limit:
+            got += len(inflater.decompress(pending, 1 << 20))
+            pending = inflater.unconsumed_tail
+            deadline.check("checking the PNG's compressed rows")
+        if inflater.eof or got > limit:
+            break
+    return got, inflater.eof
+
+
+def check_png(data: bytes, name: str, deadline: Deadline) -> None:
+    """Raise when a PNG's chunks fail their CRC, or its rows inflate to more or fewer bytes than its
+    IHDR announces (a changed header invents rows, or drops them)."""
+    header, idat = _png_chunks(data, name)
+    if len(header) < 13 or not idat:
+        return  # no header or no data: the decoder reports it
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header)
+    expected = _png_raw_bytes(width, height, depth, colour, interlace == 1)
+    try:
+        got, ended = _inflated_size(idat, expected, deadline)
+    except zlib.error as exc:
+        raise ImageError(f"{name}: the PNG's compressed rows are damaged ({exc}); export the image again") from None
+    if got != expected or not ended:
+        rows = got * height // max(expected, 1)
+        more = "more" if got > expected else "fewer"
+        raise ImageError(f"{name}: the PNG header announces {width}x{height} pixels ({expected:,} bytes of rows) but "
+                         f"its data holds {more} ({got:,}{'+' if got > expected else ''} bytes, about {rows:,} rows): "
+                         "decoding would invent or drop rows. The header was changed or the file is truncated; "
+                         "export the image again")
+
+
+def _tiff_raw_bytes(page) -> int:
+    """Bytes an uncompressed TIFF page needs: its rows (or tiles) of packed samples."""
+    contig = int(page.planarconfig) != 2
+    samples = page.samplesperpixel if contig else 1
+    bits = int(np.max(page.bitspersample)) if np.ndim(page.bitspersample) else int(page.bitspersample)
+    if page.is_tiled:
+        return len(page.dataoffsets) * page.tilelength * -(-page.tilewidth * samples * bits // 8) * page.tiledepth
+    planes = 1 if contig else page.samplesperpixel
+    return page.imagelength * -(-page.imagewidth * samples * bits // 8) * planes * page.imagedepth
+
+
+def tiff_damage(tif, name: str) -> None:
+    """Raise when a TIFF page has fewer or more strips/tiles than its size needs, an empty one, or
+    (uncompressed) fewer or more bytes of pixel data than its header describes: a changed header."""
+    for index in range(min(16, len(tif.pages))):
+        page = tif.pages[index].aspage()  # a TiffFrame holds only offsets and counts
+        needed, present = int(np.prod(page.chunked)), len(page.dataoffsets)
+        counts = [int(c) for c in page.databytecounts]
+        raw = _tiff_raw_bytes(page) if int(page.compression) == 1 else None
+        if needed != present:
+            found = f"needs {needed:,} strips or tiles, but the file lists {present:,}"
+        elif 0 in counts:
+            found = f"lists an empty strip or tile (number {counts.index(0)})"
+        elif raw is not None and not raw <= sum(counts) <= raw + len(counts):
+            found = f"needs {raw:,} bytes of uncompressed pixel data, but its strips or tiles hold {sum(counts):,}"
+        else:
+            continue
+        raise ImageError(f"{name}: TIFF page {page.index} is {page.imagewidth}x{page.imagelength} pixels of "
+                         f"{page.bitspersample}-bit samples, which {found}: decoding would invent or drop rows. "
+                         "The header was changed or the file is damaged; export it again")
+
+
+def _jpeg_mcu(data: bytes) -> tuple[int, int, int] | None:
+    """(MCU height, MCU width, components) from a JPEG's first SOF marker."""
+    pos = 2
+    while pos + 10 < len(data) and data[pos] == 0xFF:
+        if data[pos + 1] in (0xC0, 0xC1, 0xC2):
+            components = data[pos + 9]
+            factors = [data[pos + 11 + 3 * i] for i in range(components) if pos + 11 + 3 * i < len(data)] or [0x11]
+            return 8 * max(f & 0x0F for f in factors), 8 * max(f >> 4 for f in factors), components
+        pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
+    return None
+
+
+def _jpeg_luma(data: bytes, image: np.ndarray) -> np.ndarray:
+    """The Y plane as decoded (before colour conversion, so chroma upsampling does not blur the fill)."""
+    if image.ndim == 2:
+        return image
+    from PIL import Image
+
+    from mlbench.image.formats import bytes_io
+
+    with Image.open(bytes_io(data)) as ycc:
+        ycc.draft("YCbCr", ycc.size)
+        return np.asarray(ycc)[..., 0]
+
+
+def _filled_mcus(luma: np.ndarray, mcu_h: int, mcu_w: int) -> tuple[int, int]:
+    """How many MCUs at the end of the scan (raster order) are exact mid-grey, and the MCU row where they start."""
+    columns = -(-luma.shape[1] // mcu_w)
+    count = 0
+    for top in range((luma.shape[0] - 1) // mcu_h * mcu_h, -1, -mcu_h):
+        flat = [bool(np.all(luma[top:top + mcu_h, c * mcu_w:(c + 1) * mcu_w] == 128)) for c in range(columns)]
+        trailing = next((i for i, f in enumerate(reversed(flat)) if not f), columns)
+        count += trailing
+        if trailing < columns:
+            return count, top + mcu_h
+    return count, 0
+
+
+def jpeg_fill_problems(data: bytes, image: np.ndarray, orientation: int = 1) -> list[Problem]:
+    """A problem when the last blocks of the scan are exact mid-grey: what libjpeg writes (silently)
+    where the data ends before the rows the header announces."""
+    layout = _jpeg_mcu(data)
+    if layout is None or layout[2] not in (1, 3) or orientation != 1 or image.ndim > 3:
+        return []
+    luma = _jpeg_luma(data, image)
+    columns = -(-luma.shape[1] // layout[1])
+    count, start = _filled_mcus(luma, layout[0], layout[1])
+    if count < max(1, columns - 1):
+        return []
+    rows = luma.shape[0]
+    return [Problem("jpeg_rows_filled", f"the last {count} of the JPEG's {layout[0]}x{layout[1]} blocks are exact "
+                    f"mid-grey (rows {min(start, rows - 1)}..{rows - 1} of {rows}): what libjpeg writes where the data "
+                    "ends before the rows the header announces (a changed header or a truncated file). Export the "
+                    "image again; if it really ends in a flat grey band, ignore this")]
+
+
+def gif_frame_problems(data: bytes) -> list[Problem]:
+    """A problem when a GIF's first frame does not cover its logical screen (the rest is background)."""
+    width, height, flags = struct.unpack("<HHB", data[6:11])
+    pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+    while pos < len(data) and data[pos] == 0x21:  # extension blocks: label, then sub-blocks
+        pos += 2
+        while pos < len(data) and data[pos]:
+            pos += data[pos] + 1
+        pos += 1
+    if pos + 9 > len(data) or data[pos] != 0x2C:
+        return []
+    left, top, frame_width, frame_height = struct.unpack("<HHHH", data[pos + 1:pos + 9])
+    if (left, top, frame_width, frame_height) == (0, 0, width, height):
+        return []
+    return [Problem("gif_partial_frame", f"the GIF's screen is {width}x{height} but its first frame is "
+                    f"{frame_width}x{frame_height} at ({left}, {top}): the rest of the image is background colour, "
+                    "not data. The header was changed or the file was written oddly; export the image again")]

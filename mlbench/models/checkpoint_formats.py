@@ -1,0 +1,274 @@
+"""The three checkpoint formats, each checked against the budgets before torch or safetensors sees it.
+
+- zip (``torch.save`` since 1.6): the member count and the sizes the members declare are read
+  from the central directory before a member is inflated; every member is then read in chunks
+  (CRC checked, bytes counted, the clock watched) and every ``*.pkl`` member scanned.
+- legacy pickle (``_use_new_zipfile_serialization=False``, or ``pickle.dump``): the leading
+  pickles are scanned, and the tensor bytes they declare must be in the file. A tar archive in
+  disguise (torch < 0.4, which torch would still unpickle) is refused.
+- safetensors: the header is counted (tensor entries) before it is parsed.
+
+:func:`load_pickled` and :func:`load_safetensors` run those checks and then the only loaders
+used (``torch.load(weights_only=True)`` with the named allowlist, safetensors); a refusal is a
+:class:`~mlbench.errors.WeightsError` with a ``budget`` or ``code`` attribute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import struct
+import tarfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from mlbench.budgets import Budgets, Deadline, budget_error
+from mlbench.errors import WeightsError
+from mlbench.models.pickle_scan import PickleScan, scan_pickle
+
+__all__ = ["ALLOWED_GLOBALS", "FileFacts", "is_code_global", "scan_zip", "scan_legacy", "check_safetensors", "refusal",
+           "load_safetensors", "load_pickled"]
+
+ALLOWED_GLOBALS: dict[str, Any] = {"argparse.Namespace": argparse.Namespace}
+"""Globals a checkpoint may hold beyond tensors: loaded only when named here."""
+
+
+@dataclass
+class FileFacts:
+    """What was learnt from the bytes of a checkpoint file (mutable while it is being filled in)."""
+
+    format: str = "unknown"
+    crc_ok: bool | None = None
+    unsafe_globals: tuple[str, ...] = ()
+    load: str = "not attempted"
+    devices: tuple[str, ...] = ()
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+
+_CODE_ROOTS = frozenset({
+    "os", "posix", "nt", "subprocess", "builtins", "__builtin__", "sys", "shutil", "socket", "runpy", "importlib",
+    "pty", "webbrowser", "code", "codeop", "commands", "popen2", "pickle", "_pickle", "cPickle", "marshal", "types",
+    "ctypes", "operator", "functools", "pdb", "bdb", "timeit", "platform", "multiprocessing", "asyncio", "threading",
+    "_thread", "signal", "tempfile", "pathlib", "io", "_io", "glob", "urllib", "http", "ftplib", "smtplib",
+    "telnetlib", "requests", "distutils", "setuptools", "pip", "posixpath", "ntpath", "zipimport", "pkgutil",
+    "ensurepip", "venv", "sysconfig", "cProfile", "profile", "trace", "doctest", "unittest", "inspect", "gc",
+    "_posixsubprocess", "_winapi", "_ctypes", "imp", "_imp", "_operator", "_functools", "_signal", "_socket", "ssl",
+    "socketserver", "xmlrpc", "asyncore",
+})
+_CODE_NAMES = frozenset({"eval", "exec", "execfile", "compile", "system", "popen", "__import__", "getattr", "setattr",
+                         "delattr", "open", "apply", "import_module", "attrgetter", "methodcaller", "spawn",
+                         "spawnl", "spawnv", "execv", "execve", "Popen", "call", "check_call", "check_output",
+                         "run", "load", "loads", "runcode", "run_path", "run_module", "interact"})
+"""Modules, and names in any module, whose globals run code or reach the system: ``code_execution``."""
+
+
+def is_code_global(name: str) -> bool:
+    """True for a global that runs code or reaches the system (``os.system``, ``builtins.eval``, ...)."""
+    root, _, rest = name.partition(".")
+    computed = name.startswith("<")  # a name computed while unpickling, or a copyreg extension code
+    return computed or root in _CODE_ROOTS or rest.rpartition(".")[2] in _CODE_NAMES
+
+
+_LEGACY_PICKLES = 5
+"""A legacy torch file: magic number, protocol, system info, the object, the storage keys; raw bytes follow."""
+_SAFETENSORS_HEADER_LIMIT = 100_000_000
+"""safetensors' own limit on its JSON header."""
+
+
+def refusal(code: str, message: str) -> WeightsError:
+    """A :class:`WeightsError` carrying the problem ``code`` it should be reported under."""
+    exc = WeightsError(message)
+    exc.code = code
+    return exc
+
+
+def _central_directory(handle: BinaryIO, size: int, limits: Budgets) -> None:
+    """Refuse a zip whose central directory lists too many members, before ``zipfile`` parses it."""
+    record = zipfile._EndRecData(handle)  # the end-of-central-directory record only
+    if record is None:
+        raise refusal("truncated", f"the zip archive is incomplete ({size:,} bytes, no end of central directory): "
+                      "PyTorch reports 'failed finding central directory'. The copy or download stopped early: "
+                      "copy it again")
+    members = record[zipfile._ECD_ENTRIES_TOTAL]
+    if members > limits.max_tensors + 16:
+        raise budget_error(WeightsError, "max_tensors", limits.max_tensors,
+                           "the members of the zip archive (one per tensor storage)", members)
+
+
+def _members(archive: zipfile.ZipFile, limits: Budgets) -> list[zipfile.ZipInfo]:
+    infos = archive.infolist()
+    declared = sum(info.file_size for info in infos)
+    if declared > limits.max_decompressed_bytes:
+        largest = max(infos, key=lambda info: info.file_size)
+        raise budget_error(WeightsError, "max_decompressed_bytes", limits.max_decompressed_bytes,
+                           f"the zip members declare (largest: {largest.filename}, {largest.file_size:,} bytes "
+                           f"from {largest.compress_size:,} compressed) in all", declared, " bytes")
+    return infos
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, deadline: Deadline) -> bytes | None:
+    """Read one member in chunks (zipfile stops at the declared size and checks the CRC); its
+    bytes for a pickle, ``b""`` for another member, None when its CRC fails."""
+    kept, keep = [], info.filename.endswith(".pkl")
+    try:
+        with archive.open(info) as member:
+            while chunk := member.read(1 << 20):
+                deadline.check(f"reading zip member {info.filename}")
+                if keep:
+                    kept.append(chunk)
+    except zipfile.BadZipFile as exc:
+        if "CRC" not in str(exc):
+            raise
+        return None
+    return b"".join(kept)
+
+
+def scan_zip(handle: BinaryIO, size: int, limits: Budgets, deadline: Deadline) -> tuple[str | None, list[PickleScan]]:
+    """CRC-check every member within the budgets and scan every pickle member.
+
+    Returns the name of the first member whose CRC fails (None when all pass) and the scans.
+    """
+    _central_directory(handle, size, limits)
+    handle.seek(0)
+    bad, pickles = None, []
+    try:
+        with zipfile.ZipFile(handle) as archive:
+            for info in _members(archive, limits):
+                data = _read_member(archive, info, deadline)
+                if data is None and info.filename.endswith(".pkl"):
+                    raise refusal("crc_mismatch", f"the pickle member {info.filename} fails its CRC check: the file "
+                                  "was damaged after saving and was not loaded; restore a good copy")
+                bad = bad or (info.filename if data is None else None)
+                pickles += [data] if data else []
+    except WeightsError:
+        raise
+    except Exception as exc:  # zipfile and zlib errors of every kind on a damaged archive
+        raise refusal("truncated", f"the zip archive is damaged or incomplete ({size:,} bytes; {type(exc).__name__}: "
+                      f"{exc}): PyTorch would report 'failed finding central directory' or a read error. "
+                      "Copy it again") from None
+    return bad, [scan_pickle(io.BytesIO(data), limits, deadline) for data in pickles]
+
+
+def scan_legacy(handle: BinaryIO, size: int, limits: Budgets, deadline: Deadline) -> list[PickleScan]:
+    """Scan the leading pickles of a legacy torch file or a plain pickle; the tensor bytes they
+    declare must be in the file."""
+    handle.seek(0)
+    if tarfile.is_tarfile(handle):
+        raise refusal("unreadable_pickle", "this is a tar archive of pickles (the torch < 0.4 format), which torch "
+                      "would unpickle without the checks made here; it was not loaded. Re-save it with a current "
+                      "torch: torch.save(torch.load(path), new_path) on a trusted machine")
+    handle.seek(0)
+    scans = []
+    while len(scans) < _LEGACY_PICKLES and handle.tell() < size:
+        scans.append(scan_pickle(handle, limits, deadline))
+    declared = sum(scan.storage_bytes for scan in scans)
+    if declared > size:
+        raise refusal("truncated", f"the pickle declares {declared:,} bytes of tensor data but the file has only "
+                      f"{size:,} bytes: it is truncated or forged (torch would allocate the declared size); "
+                      "copy it again")
+    return scans
+
+
+def check_safetensors(handle: BinaryIO, size: int, limits: Budgets) -> None:
+    """Refuse a safetensors file whose header is cut short or lists more tensors than the budget."""
+    handle.seek(0)
+    announced = struct.unpack("<Q", handle.read(8))[0]
+    if announced + 8 > size:
+        raise refusal("truncated", f"the safetensors header announces {announced:,} bytes of metadata but the "
+                      f"file has only {size:,} bytes: the copy or download stopped early; copy it again")
+    if announced > _SAFETENSORS_HEADER_LIMIT:
+        raise refusal("load_failed", f"the safetensors header announces {announced:,} bytes of metadata, over "
+                      f"safetensors' own limit of {_SAFETENSORS_HEADER_LIMIT:,}: the file is damaged or forged")
+    tensors = handle.read(announced).count(b'"data_offsets"')
+    if tensors > limits.max_tensors:
+        raise budget_error(WeightsError, "max_tensors", limits.max_tensors, "the tensors in the safetensors header",
+                           tensors)
+
+
+def _classify_globals(scans: list[PickleScan], facts: FileFacts) -> None:
+    """Globals beyond torch's weights-only allowlist: code-running ones, then the others."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    allowed = set(_get_allowed_globals())
+    found = sorted({name for scan in scans for name in scan.globals if name not in allowed})
+    facts.unsafe_globals = tuple(found)
+    code = [name for name in found if is_code_global(name)]
+    if code:
+        facts.problems.append(("code_execution", f"the pickle calls {code}: unpickling it with pickle.load or an "
+                               "unrestricted torch.load would run that code. It was not loaded and nothing in it ran. "
+                               "Do not load this file anywhere; get the weights from a trusted source"))
+    other = [name for name in found if name not in ALLOWED_GLOBALS and name not in code]
+    if other:
+        facts.problems.append(("unsafe_globals", f"the pickle needs globals {other} that are not on the allowlist "
+                               f"{sorted(ALLOWED_GLOBALS)}; it was not loaded. Re-save only the state dict "
+                               "(torch.save(model.state_dict())) or as safetensors"))
+
+
+def _torch_message(exc: Exception) -> str:
+    """torch's error without its advice to load unsafely: the unpickler's own line, or the first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    own = [line for line in lines if line.startswith("WeightsUnpickler error")]
+    text = (own or [line for line in lines if "weights_only" not in line] or ["no message"])[0]
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+def _torch_load(handle: BinaryIO, facts: FileFacts) -> Any:
+    """``torch.load(weights_only=True)``, allowlisted globals by name, recording saved devices."""
+    locations: list[str] = []
+
+    def to_cpu(storage, location):
+        locations.append(str(location))
+        return storage
+
+    allow = [ALLOWED_GLOBALS[g] for g in facts.unsafe_globals if g in ALLOWED_GLOBALS]
+    handle.seek(0)
+    try:
+        with torch.serialization.safe_globals(allow):
+            obj = torch.load(handle, map_location=to_cpu, weights_only=True)
+    except Exception as exc:
+        facts.load = f"weights_only=True failed: {type(exc).__name__}"
+        facts.problems.append(("load_failed", f"torch.load(weights_only=True) failed ({_torch_message(exc)}) after "
+                               "the scan passed; the file is damaged. Restore a good copy"))
+        return None
+    names = [g for g in facts.unsafe_globals if g in ALLOWED_GLOBALS]
+    facts.load = "weights_only=True" + (f" with the named allowlist {names}" if names else "")
+    facts.devices = tuple(sorted(set(locations)))
+    return obj
+
+
+def load_safetensors(handle: BinaryIO, path: Path, size: int, limits: Budgets, facts: FileFacts) -> Any:
+    """Check the header within ``limits``, then load the tensors (safetensors runs no code)."""
+    from safetensors.torch import load_file
+
+    check_safetensors(handle, size, limits)
+    descriptor = f"/proc/self/fd/{handle.fileno()}"  # the file checked, not whatever the path names now
+    try:
+        obj = load_file(descriptor if os.path.exists(descriptor) else str(path))
+    except Exception as exc:
+        facts.problems.append(("load_failed", f"safetensors could not read it ({exc}); the file is truncated or damaged"))
+        return None
+    facts.load, facts.devices = "safetensors (no code possible)", ("cpu",)
+    return obj
+
+
+def load_pickled(handle: BinaryIO, size: int, limits: Budgets, deadline: Deadline, facts: FileFacts) -> Any:
+    """Check and scan a zip or legacy checkpoint; ``torch.load(weights_only=True)`` only when nothing
+    unsafe was found. Raises :class:`WeightsError` (``budget`` or ``code``) when it refuses."""
+    if facts.format == "zip":
+        bad, scans = scan_zip(handle, size, limits, deadline)
+        facts.crc_ok = bad is None
+        if bad is not None:
+            facts.problems.append(("crc_mismatch", f"member {bad} fails its CRC check: the file was damaged after "
+                                   "saving (torch.load would load it silently with changed weights); restore a good copy"))
+    else:
+        scans = scan_legacy(handle, size, limits, deadline)
+    _classify_globals(scans, facts)
+    if any(code in ("code_execution", "unsafe_globals") for code, _ in facts.problems):
+        facts.load = "refused: unsafe globals (nothing was unpickled)"
+        return None
+    return _torch_load(handle, facts)

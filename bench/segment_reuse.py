@@ -1,11 +1,14 @@
 """``mb.segment(image, "name")`` against segmenting with a model already loaded, side by side in one run.
 
-Naming a model (what the CLI, the Stepper, the sweep and most notebook calls do) used to read and
-hash the weights file on every call; the shared model cache (``mlbench.models.loading.shared_model``)
-loads it once per file version. Target: the named call within 1.1x of the loaded one (the median
-of back-to-back pairs, order alternating, as bench/probes.py judges).
+Naming a model (what the CLI, the Stepper and most notebook calls do) used to read and hash the
+weights file and build the network on every call; the shared model cache
+(``mlbench.models.loading.shared_model``, at most 4 models, keyed by the weights file and device,
+reloaded when the file's bytes change) loads it once. What a named call still pays: a stat of the
+file and a look at the model's parameter versions. Target: the named call within 1.1x of the
+loaded one (the median of back-to-back pairs, order alternating, as bench/probes.py judges; one
+torch thread by default, for the reason given there).
 
-    python bench/segment_reuse.py [--repeats 15] [--models cbam_resunet hrnet ma_resunet]
+    python bench/segment_reuse.py [--repeats 15] [--threads 1] [--models cbam_resunet hrnet ma_resunet]
 """
 
 from __future__ import annotations
@@ -44,9 +47,10 @@ def paired_ratio(name: str, image, repeats: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", nargs="+", default=mb.list_models())
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     image = mb.load_sample("spheroids_8bit").image
     ratios = {name: paired_ratio(name, image, args.repeats) for name in args.models}
     for name, ratio in ratios.items():

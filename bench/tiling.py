@@ -1,75 +1,133 @@
-"""How close is a tiled mask to the whole-image mask? Measured per model, sample and tile size.
+"""Tiled inference against one whole-image forward: mask IoU and time ratio per model, sample, tile and method.
 
-For each trained small model and each 512 px sample, ``mb.tile_fidelity`` compares the mask of
-``predict_tiled`` with the mask of one whole-image forward, as IoU, for tiles of 256, 320, 384
-and 448 px with 64 px of overlap (the issue's target: IoU >= 0.99), in both modes:
+For each trained small model, each 512 px sample and each tile size (64 px overlap), every
+method runs next to a whole-image forward, ``--repeats`` times, the methods interleaved
+(whole, method, whole, method, ...), and the table gives the median of the per-pair time
+ratios (method time / whole-image forward time of the same pair) with the mask IoU against
+the whole-image mask and the relative L2 error of the logits. Time is this process's CPU time
+with one thread by default: on a shared machine, wall-clock ratios of the same run swung from
+0.6 to 14 (``--clock wall --threads 2`` measures those). Methods:
 
-- ``norm_stats="tile"``: every tile normalised by its own InstanceNorm statistics (one pass);
-- ``norm_stats="image"``: statistics pooled over the whole image, one tile at a time, in
-  passes until the output settles (``passes``; ``settled`` is False where ``max_passes`` ran
-  out first).
+- ``tile``: each tile normalised by its own InstanceNorm statistics (one pass);
+- ``image``: whole-image statistics, the default: exact in one pass when every tile fits in
+  one batch (``tile_batch``, 4 here), else a prior from a downsampled copy plus one pass;
+- ``image/all``: the same with every tile in one batch (exact statistics, more memory);
+- ``pooled``: the iterative method, passes until the output changes by at most 1%;
+- ``monai``: MONAI's ``sliding_window_inference`` (Gaussian blending, per-tile statistics),
+  when monai is installed (it is not a dependency).
 
-``time_ratio`` is the tiled time over the whole-image forward, measured in the same run. The
-last table is the smallest faithful tile per model and sample (``TileFidelity.smallest``).
-
-    python bench/tiling.py [--models cbam_resunet hrnet ma_resunet] [--tiles 256 320 384 448]
+    python bench/tiling.py [--models cbam_resunet hrnet ma_resunet] [--tiles 256 384] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlbench as mb  # noqa: E402
+from mlbench.probes.tiling import tile_starts  # noqa: E402
+from mlbench.studies._tile_fidelity import logits_to_mask, mask_iou  # noqa: E402
 
-TARGET = 0.99
 SAMPLES = ("spheroids_8bit", "spheroids_16bit", "spheroids_rgb", "nuclei_stardist")
+METHODS = ("tile", "image", "image/all", "pooled", "monai")
 
 
-def measure(name: str, tiles: list[int], overlap: int) -> tuple[list, dict]:
-    """Every sample's fidelity table for one model, and its smallest faithful tile per sample and mode."""
-    model = mb.load_model(name).eval()
-    tables, smallest = [], {}
-    for sample in SAMPLES:
-        x = mb.Pipeline(model, input_size=512).start(mb.load_sample(sample).image).run_until("preprocess").output(
-            "preprocess")
-        fidelity = mb.tile_fidelity(model, x, tiles, overlap, target=TARGET)
-        print(f"{name}, {sample}: {fidelity!r}", flush=True)
-        tables.append(fidelity.table.assign(model=name, sample=sample))
-        smallest[(name, sample)] = {mode: fidelity.smallest(mode) for mode in ("tile", "image")}
-    return tables, smallest
+def method_runner(name: str, model: torch.nn.Module, x: torch.Tensor, tile: int, overlap: int,
+                  batch: int) -> Callable[[], tuple[torch.Tensor, int, int]] | None:
+    """A call that runs one method and returns (output, tile_batch, passes); None if unavailable."""
+    if name == "monai":
+        try:
+            from monai.inferers import sliding_window_inference
+        except ImportError:
+            return None
+        return lambda: (sliding_window_inference(x, (tile, tile), batch, model, overlap=overlap / tile,
+                                                 mode="gaussian"), batch, 1)
+    norm_stats, _, everything = name.partition("/")
+    tiles = len(tile_starts(x.shape[-2], tile, overlap)) * len(tile_starts(x.shape[-1], tile, overlap))
+
+    def run() -> tuple[torch.Tensor, int, int]:
+        result = mb.run_tiled(model, x, tile, overlap, norm_stats=norm_stats, tile_batch=tiles if everything else batch)
+        return result.output, result.tile_batch, result.passes
+    return run
+
+
+def measure(model_name: str, sample: str, tiles: list[int], overlap: int, methods: list[str], repeats: int,
+            batch: int, clock: Callable[[], float] = time.process_time) -> list[dict]:
+    """Rows of one model and sample: every tile size and method, timed in interleaved pairs."""
+    model = mb.load_model(model_name).eval()
+    x = mb.Pipeline(model, input_size=512).start(mb.load_sample(sample).image).run_until("preprocess").output(
+        "preprocess")
+    with torch.no_grad():
+        whole = model(x).float()
+    runners = {(tile, m): method_runner(m, model, x, tile, overlap, batch) for tile in tiles for m in methods}
+    runners = {key: run for key, run in runners.items() if run is not None}
+    ratios: dict[tuple, list[float]] = {key: [] for key in runners}
+    outputs = {}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an unsettled 'pooled' run shows in its IoU
+        for _ in range(repeats):
+            for key, run in runners.items():
+                start = clock()
+                model(x)
+                whole_s = clock() - start
+                start = clock()
+                outputs[key] = run()
+                ratios[key].append((clock() - start) / whole_s)
+    rows = []
+    for (tile, method), (output, used_batch, passes) in outputs.items():
+        rows.append({"model": model_name, "sample": sample, "tile": tile, "method": method, "tile_batch": used_batch,
+                     "passes": passes, "iou": round(mask_iou(logits_to_mask(whole), logits_to_mask(output)), 4),
+                     "l2_error": round(float((output - whole).norm() / whole.norm()), 4),
+                     "time_ratio": round(statistics.median(ratios[(tile, method)]), 2)})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=mb.list_models())
-    parser.add_argument("--tiles", nargs="+", type=int, default=[256, 320, 384, 448])
+    parser.add_argument("--samples", nargs="+", default=list(SAMPLES))
+    parser.add_argument("--tiles", nargs="+", type=int, default=[256, 384])
     parser.add_argument("--overlap", type=int, default=64)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--tile-batch", type=int, default=4, help="tiles per forward (default 4, predict_tiled's)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timing pairs per method (median)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                        help="cpu: this process's CPU time (default: steady on a shared machine); wall: elapsed time")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     import pandas as pd
 
-    tables, smallest = [], {}
+    try:
+        import monai  # noqa: F401
+    except ImportError:
+        print("monai is not installed: its sliding-window rows are skipped")
+    rows = []
     for name in args.models:
-        model_tables, model_smallest = measure(name, args.tiles, args.overlap)
-        tables += model_tables
-        smallest.update(model_smallest)
-    table = pd.concat(tables, ignore_index=True)[["model", "sample", "tile", "norm_stats", "iou", "passes", "settled",
-                                                  "time_ratio"]]
+        for sample in args.samples:
+            measured = measure(name, sample, args.tiles, args.overlap, args.methods, args.repeats, args.tile_batch,
+                               time.process_time if args.clock == "cpu" else time.perf_counter)
+            print(pd.DataFrame(measured).to_string(index=False), flush=True)
+            rows += measured
+    table = pd.DataFrame(rows)
     with pd.option_context("display.width", 160, "display.max_rows", 500):
+        print(f"\nall rows ({args.repeats} interleaved pairs per method, {args.threads} thread(s), {args.clock} time, "
+              f"{args.overlap} px overlap, time_ratio = median of method / whole-image forward):")
         print(table.to_string(index=False))
-    lowest = table.groupby(["model", "norm_stats", "tile"])["iou"].min().unstack()
-    print(f"\nlowest IoU over the samples (target >= {TARGET}):")
-    print(lowest.to_string())
-    faithful = pd.DataFrame([{"model": model, "sample": sample, **modes} for (model, sample), modes in smallest.items()],
-                            dtype=object)  # None stays None, tiles stay ints
-    print("\nsmallest faithful tile (None: not even the largest measured):")
-    print(faithful.to_string(index=False))
+        summary = table.groupby(["model", "tile", "method"], sort=False).agg(
+            lowest_iou=("iou", "min"), median_iou=("iou", "median"), highest_ratio=("time_ratio", "max"),
+            median_ratio=("time_ratio", "median"))
+        print("\nper model, tile and method, over the samples:")
+        print(summary.to_string())
     return 0
 
 

@@ -63,6 +63,9 @@ from mlbench.probes import estimate_memory, explain_error, max_input_size, recor
 from mlbench.probes.tiling import pad_to_multiple, predict_tiled, run_tiled
 from mlbench.samples import Sample, list_samples, load_sample, make_spheroids
 from mlbench.studies import TileFidelity, compare_models, summarize_comparison, sweep, sweep_executor, tile_fidelity
+from mlbench.studies import ParityReport, RunDiff, diff_runs, parity
+from mlbench.studies.golden import Golden, golden_check, golden_record
+from mlbench.studies.golden_report import GoldenReport
 
 __version__ = "0.1.0"
 
@@ -84,7 +87,9 @@ __all__ = [
     "match_objects", "matching_curve", "pixel_scores", "to_labels", "Diagnosis", "triage",
     # cases and studies
     "Case", "CaseError", "Casebook", "Report", "load_case", "report", "save_case", "TileFidelity", "compare_models",
-    "summarize_comparison", "sweep", "sweep_executor", "tile_fidelity",
+    "summarize_comparison", "sweep", "sweep_executor", "tile_fidelity", "Golden", "GoldenReport", "golden_check",
+    "golden_record",
+    "ParityReport", "RunDiff", "diff_runs", "parity",
     # faces
     "BatchResult", "SegmentResult", "ServiceClient", "ServiceError", "overlay", "viz", "widgets",
     "load_ipython_extension", "unload_ipython_extension", "setup_notebook",

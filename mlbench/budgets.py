@@ -1,9 +1,11 @@
 """Budgets: every bound on what reading one untrusted file may cost, in one place.
 
-Checkpoints and images come from anywhere (an upload, a colleague, a download). Before a byte is
-decoded or unpickled, each reader checks the file against a :class:`Budgets`: bytes read, decoded
-bytes (pixels x channels x bytes per sample, from the header), decompressed bytes (zip members),
-pickle opcodes, nesting depth, expanded objects and memo/stack size, tensor count and seconds.
+Checkpoints, images and case files come from anywhere (an upload, a colleague, a download).
+Before a byte is decoded or unpickled, each reader checks the file against a :class:`Budgets`:
+bytes read, decoded bytes (pixels x channels x bytes per sample, from the header), decompressed
+bytes (zip members), pickle opcodes, nesting depth, expanded objects and memo/stack size, tensor
+count and seconds; for a case file its members, their sizes as they inflate, its manifest, and
+the memory its replay would need.
 Past a budget the reader raises the caller's error class (:class:`~mlbench.errors.WeightsError`,
 :class:`~mlbench.errors.ImageError`) naming the budget and how to raise it.
 
@@ -62,6 +64,25 @@ class Budgets:
         Tensors (and storages, and zip members) in one checkpoint; default 100,000.
     max_seconds : float
         Seconds the checks of one file may take (scans, CRCs, image integrity); default 30.
+    max_case_bytes : int
+        Bytes of one case file (:func:`mlbench.load_case`): the zip itself, and all its members
+        (or a case folder's files) together as read, counted while they inflate; default 512 MiB.
+    max_case_member_bytes : int
+        Bytes of one member of a case (the image, the mask, a preview), counted while it
+        inflates; default 256 MiB (the largest image ``max_decoded_bytes`` lets a run decode).
+    max_case_members : int
+        Files (zip members, or entries of a case folder) in one case; default 64 (a saved case
+        has at most six).
+    max_case_manifest_bytes : int
+        Bytes of a case's ``case.json``; default 4 MiB (a saved one is 5-50 KB).
+    max_replay_bytes : int
+        Peak memory of the forward pass that replaying a case would need, predicted on the
+        ``meta`` device (:func:`mlbench.estimate_memory`) before it runs; default 4 GiB
+        (the full-size MA-ResUNet at the service's 1024 px needs 1.45 GiB).
+    max_triage_bytes : int
+        Bytes of one log (text, file or stream) :func:`mlbench.triage` reads; default 64 MiB. Past
+        it, triage reads the first quarter and the last three quarters (errors are usually at the
+        end), counts the lines between, and says so in the diagnosis's ``input_note``.
     """
 
     max_file_bytes: int = 2 * _GIB
@@ -74,6 +95,12 @@ class Budgets:
     max_pickle_memo: int = 1_000_000
     max_tensors: int = 100_000
     max_seconds: float = 30.0
+    max_case_bytes: int = 512 * _MIB
+    max_case_member_bytes: int = 256 * _MIB
+    max_case_members: int = 64
+    max_case_manifest_bytes: int = 4 * _MIB
+    max_replay_bytes: int = 4 * _GIB
+    max_triage_bytes: int = 64 * _MIB
 
     def __post_init__(self) -> None:
         for item in fields(self):

@@ -114,6 +114,8 @@ _EXTERNAL_COMMANDS = [
     ("compare", "mlbench.studies.compare", "add_compare_command", ""),
     ("memory", "mlbench.probes.cli", "add_memory_command", ""),
     ("tiles", "mlbench.studies._tile_fidelity", "add_tiles_command", ""),
+    ("parity", "mlbench.studies._parity", "add_parity_command", ""),
+    ("golden", "mlbench.studies.golden_cli", "add_golden_command", ""),
     ("serve", "mlbench.service.cli", "add_serve_command", "service"),
 ]
 COMMAND_EXTRAS = {"lab": "lab", **{name: extra for name, _, _, extra in _EXTERNAL_COMMANDS if extra}}
@@ -133,6 +135,7 @@ def _meta_model(args: argparse.Namespace, name: str):
 MODEL_COMMANDS = {
     "segment": ModelOptions(),
     "tiles": ModelOptions(),
+    "parity": ModelOptions(),
     "memory": ModelOptions(build=_meta_model, note="its widths replace --size"),
     "compare": ModelOptions(many=True),
     "sweep": ModelOptions(many=True),

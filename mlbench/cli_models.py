@@ -25,7 +25,7 @@ import torch
 
 from mlbench.errors import OptionsError
 from mlbench.models import list_models, resolve_name
-from mlbench.models.cards import ModelCard, attach_card, card
+from mlbench.models.cards import ModelCard, attach_card, card, card_fields_from_text
 from mlbench.models.loading import load_model
 
 __all__ = ["ModelOptions", "add_model_options", "resolve_model_options", "read_card"]
@@ -148,18 +148,8 @@ def read_card(text: str | None) -> ModelCard | None:
     """
     if text is None:
         return None
-    where = "--card"
-    if text.startswith("@"):
-        path = Path(text[1:])
-        if not path.is_file():
-            raise OptionsError(f"--card {text}: {path} is not a file (absolute path {path.absolute()}); "
-                               "expected @FILE.json naming a JSON file, or the JSON object itself")
-        text, where = path.read_text(), f"--card {text}"
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise OptionsError(f"{where} is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno} of {text!r}); "
-                           'expected an object, e.g. --card \'{"input_size": 512}\'') from None
+    values = card_fields_from_text(text)
+    where = "--card" if not text.startswith("@") else f"--card {text}"
     try:
         return ModelCard.from_dict(values)
     except OptionsError as exc:

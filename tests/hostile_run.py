@@ -27,13 +27,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
+import hostile_cases  # noqa: E402
 import hostile_checkpoints  # noqa: E402
 import hostile_images  # noqa: E402
 import hostile_special  # noqa: E402
 
-FAMILIES = {**hostile_checkpoints.FAMILIES, **hostile_images.FAMILIES, **hostile_special.FAMILIES}
+FAMILIES = {**hostile_checkpoints.FAMILIES, **hostile_images.FAMILIES, **hostile_special.FAMILIES,
+            **hostile_cases.FAMILIES}
 PROBES = {**dict.fromkeys(hostile_checkpoints.FAMILIES, "weights"), **dict.fromkeys(hostile_images.FAMILIES, "image"),
-          **dict.fromkeys(hostile_special.FAMILIES, "both")}
+          **dict.fromkeys(hostile_special.FAMILIES, "both"), **dict.fromkeys(hostile_cases.FAMILIES, "case")}
 MEMORY_LIMIT = 3 << 30
 """RLIMIT_AS of the child: torch and the decoders take about 1.2 GB of address space at rest."""
 SECONDS = 10.0
@@ -124,6 +126,8 @@ def _one(family: str, name: str, builder, pattern: str, folder: Path) -> dict:
             detail = probe_weights(path, pattern)
         if probe in ("image", "both"):
             detail = probe_image(path, pattern)
+        if probe == "case":  # load_case refuses it with a CaseError (hostile_cases.probe_case)
+            detail = hostile_cases.probe_case(path, pattern, _raises, Wrong)
         outcome = "clean"
     except Wrong as exc:
         outcome, detail = "wrong error", str(exc)
@@ -144,6 +148,7 @@ def child(family: str, folder: Path, only: str | None) -> None:
     """Build and probe every variant of ``family`` (or ``only``), one JSON line each."""
     variants, _ = FAMILIES[family]
     import mlbench.checks.image  # noqa: F401  imported once, outside the measured calls
+    import mlbench.cases.casefile  # noqa: F401
     import mlbench.checks.weights  # noqa: F401
     import mlbench.models.loading  # noqa: F401
     for name, (builder, pattern) in variants().items():

@@ -12,7 +12,7 @@ import mlbench.cli as cli
 from mlbench.cli import CANNOT_RUN, COMMAND_EXTRAS, build_parser, main
 
 ALL_COMMANDS = {"segment", "lab", "check-image", "check-weights", "triage", "doctor", "report", "sweep", "compare",
-                "memory", "tiles", "serve"}
+                "memory", "tiles", "golden", "parity", "serve"}
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 

@@ -122,7 +122,7 @@ def test_sweep_workers_reload_a_checkpoint_with_its_card(files):
     (["segment", "IMG", "--card", "{input_size: 64}"], 2,
      "--card is not JSON (Expecting property name enclosed in double quotes at line 1 column 2"),
     (["segment", "IMG", "--card", '{"input_siz": 64}'], 2, r"--card: ModelCard has no field(s) ['input_siz']"),
-    (["segment", "IMG", "--card", "[64]"], 2, "--card: a card must be a mapping of field -> value, got list"),
+    (["segment", "IMG", "--card", "[64]"], 2, "--card is list JSON; expected an object"),
     (["tiles", "IMG", "--card", "@nope.json"], 2, "--card @nope.json: nope.json is not a file"),
     (["segment", "IMG", "--weights", "missing.pth"], 1, "checkpoint 'missing.pth' is not a file"),
     (["memory", "--weights", "DIR/junk.pth"], 1, "junk.pth fits none of the known architectures"),

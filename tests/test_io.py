@@ -260,3 +260,44 @@ def test_16_bit_rgb_png_with_exif_orientation_is_turned_upright():
     assert image.dtype == np.uint16 and image.shape == (30, 20, 3) and report.orientation == 6
     assert np.array_equal(image, np.rot90(stored, k=-1))  # 6 = turn 90 degrees clockwise
     assert "exif_rotated" in [p.code for p in report.problems]
+
+
+def test_large_images_get_sampled_percentiles_and_exact_extremes(tmp_path):
+    """Above 2^18 values the percentiles come from a strided grid (the report says how many values);
+    the value range and bit depth stay exact, even for one hot pixel the grid does not see."""
+    from mlbench.image.read import EXACT_PERCENTILES, PERCENTILE_SAMPLE
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(100, 3000, (640, 600), dtype=np.uint16)
+    image[333, 431] = 40000  # off the grid's rows and columns (every 4th at this size)
+    path = tmp_path / "big.tif"
+    path.write_bytes(_tiff(image))
+    read, report = mb.read_image(path)
+    assert image.size > EXACT_PERCENTILES and report.percentile_sample >= PERCENTILE_SAMPLE
+    assert report.value_range == (float(image.min()), 40000.0) and report.bit_depth == 16
+    assert f"(of {report.percentile_sample:,} sampled values)" in str(report)
+    assert report.percentiles[1] == pytest.approx(float(np.percentile(image, 50)), rel=0.02)
+    assert np.array_equal(read, image) and report.to_dict()["percentile_sample"] == report.percentile_sample
+    _, small = mb.read_image(_tiff(image[:512, :512]))
+    assert small.percentile_sample == 0 and "sampled" not in str(small)
+    assert small.percentiles == tuple(float(v) for v in np.percentile(image[:512, :512], (1, 50, 99)))
+
+
+def test_nonfinite_pixels_are_counted_exactly_and_left_out_of_the_range():
+    image = np.linspace(-1.0, 2.0, 48 * 64, dtype=np.float32).reshape(48, 64)
+    image[3, 5], image[7, 9], image[40, 60] = np.nan, np.inf, -np.inf
+    _, report = mb.read_image(_tiff(image))
+    finite = image[np.isfinite(image)]
+    assert report.value_range == (float(finite.min()), float(finite.max()))
+    assert [p.message.split(" ")[0] for p in report.problems if p.code == "nonfinite"] == ["3"]
+
+
+def test_a_tiff_file_and_its_bytes_read_the_same(tmp_path):
+    """TIFF files are decoded straight from the open file, bytes through memory: same pixels, same report."""
+    stack = np.arange(3 * 20 * 30, dtype=np.uint16).reshape(3, 20, 30)
+    path = tmp_path / "stack.tif"
+    path.write_bytes(_tiff(stack, photometric="minisblack"))
+    from_file, report_file = mb.read_image(path, page=1)
+    from_bytes, report_bytes = mb.read_image(path.read_bytes(), page=1)
+    assert np.array_equal(from_file, stack[1]) and np.array_equal(from_bytes, stack[1])
+    assert {**report_file.to_dict(), "name": ""} == {**report_bytes.to_dict(), "name": ""}

@@ -25,7 +25,7 @@ LAYERS = {
     3: ("mlbench.checks",),
     4: ("mlbench.cases", "mlbench.studies"),
     5: ("mlbench.service", "mlbench.client", "mlbench.widgets", "mlbench.viz", "mlbench.cli", "mlbench.cli_models",
-        "mlbench.train", "mlbench.ipython_ext", "mlbench.notebook"),
+        "mlbench.train", "mlbench.ipython_ext", "mlbench.notebook", "mlbench.__main__"),
 }
 APART = {("mlbench.pipeline", "mlbench.probes"), ("mlbench.probes", "mlbench.pipeline")}
 """Rooms of one layer that must not import each other."""

@@ -229,3 +229,73 @@ def test_the_failed_call_is_the_one_whose_error_ended_the_forward():
     assert trace.failed.path == "(model)" and trace.operands == ("(1, 3, 8, 8)",)
     assert [c.status for c in trace.calls] == ["failed", "raised, caught"]
 
+
+
+class _Saturating(torch.nn.Module):
+    """Multiplies by ``scale``: 1e39 turns every float32 value into +-Inf, which the Sigmoid after it
+    maps back to 0 or 1, so the model's output is finite and only the trace can tell."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def _vanishing_inf_net():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), _Saturating(1e39), torch.nn.Sigmoid())
+
+
+def test_an_inf_that_vanishes_before_the_output_is_still_found():
+    x = torch.rand(1, 3, 8, 8)
+    trace = trace_shapes(_vanishing_inf_net(), x)
+    assert torch.isfinite(_vanishing_inf_net()(x)).all()
+    assert trace.first_nonfinite.path == "1" and trace.calls[2].inf == 128 and trace.calls[2].nan == 0
+    assert trace.explain().failure_class == "nan_output"
+
+
+def test_default_statistics_are_exact_extremes_and_full_adds_the_mean():
+    """min/max equal torch's on every output, also where one extreme value would escape a sample;
+    the in-place ReLU's row shows the clamped values, the conv's row the values before it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(inplace=True),
+                                    torch.nn.Conv2d(4, 1, 1), torch.nn.ReLU6(), torch.nn.Hardtanh(-0.5, 0.25))
+    x = torch.rand(1, 3, 64, 64)
+    x[0, 1, 37, 41] = 50.0  # one extreme pixel among 12,288
+    with torch.no_grad():
+        conv = model[0](x)
+        outputs = [conv.clone(), conv.relu(), None, None, None]
+        outputs[2] = model[2](outputs[1])
+        outputs[3] = model[3](outputs[2])
+        outputs[4] = model[4](outputs[3])
+    default, full = trace_shapes(model, x), trace_shapes(model, x, stats="full")
+    for call, expected in zip(default.calls[1:], outputs):
+        assert (call.min, call.max) == (round(float(expected.min()), 6), round(float(expected.max()), 6)), call.path
+        assert call.mean is None and call.nan == 0 and call.inf == 0
+    for call, expected in zip(full.calls[1:], outputs):
+        assert call.mean == pytest.approx(float(expected.double().mean()), abs=1e-6)
+    assert default.calls[1].min < 0 <= default.calls[2].min  # the conv's own values, kept before the ReLU ran
+
+
+def test_sums_that_overflow_their_dtype_still_give_the_mean():
+    class Constant(torch.nn.Module):
+        def __init__(self, value: float, dtype: torch.dtype) -> None:
+            super().__init__()
+            self.value, self.dtype = value, dtype
+
+        def forward(self, x):
+            return torch.full((1, 1, 256, 256), self.value, dtype=self.dtype)
+
+    half = trace_shapes(Constant(60000.0, torch.float16), torch.zeros(1), stats="full").calls[0]
+    assert (half.mean, half.max, half.nan, half.inf) == (60000.0, 60000.0, 0, 0)
+    big = trace_shapes(Constant(3e38, torch.float32), torch.zeros(1), stats="full").calls[0]
+    assert big.mean == pytest.approx(3e38, rel=1e-6) and big.inf == 0 and big.nan == 0
+
+
+def test_stats_must_be_true_false_or_full():
+    with pytest.raises(OptionsError, match="stats must be True, False or 'full', got 'mean'"):
+        trace_shapes(ToyNet(), torch.ones(1, 3, 4, 4), stats="mean")

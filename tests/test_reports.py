@@ -147,6 +147,25 @@ def _postprocessed(workdir):
     return Postprocessed(np.full((4, 4), 0.7, np.float32), np.ones((4, 4), bool), True, 0.5)
 
 
+def _golden(workdir):
+    Path("disk.png").write_bytes(_png((_disks() > 0).astype(np.uint8) * 200))
+    return mb.golden_record("cbam_resunet", ["disk.png"], "g.safetensors", card={"input_size": 64})
+
+
+def _bisect_report(workdir):
+    from mlbench.studies.golden_bisect import BisectReport, VersionResult
+
+    results = (VersionResult("1.0", "same", "0/1 image(s) moved", 1.0), VersionResult("2.0", "moved", "1/1 image(s) moved", 1.0))
+    return BisectReport(str(workdir / "g.safetensors"), "mlb-toy", ("1.0", "2.0"), results, "2.0", "1.0", (),
+                        "first version that moves the outputs: 2.0")
+
+
+def _run_diff(workdir):
+    Path("disk.png").write_bytes(_png((_disks() > 0).astype(np.uint8) * 200))
+    model = mb.load_model("cbam_resunet", card=mb.ModelCard(input_size=64))
+    return mb.diff_runs(mb.Pipeline(model).start("disk.png"), mb.Pipeline(model, threshold=0.6).start("disk.png"))
+
+
 MAKERS = {
     "ImageReport": _image_report,
     "WeightsReport": _weights_report,
@@ -177,6 +196,12 @@ MAKERS = {
     "Decoded": _decoded,
     "ModelCard": _model_card,
     "Postprocessed": _postprocessed,
+    "Golden": _golden,
+    "GoldenReport": lambda w: mb.golden_check(_golden(w).path),
+    "BisectReport": _bisect_report,
+    "ParityReport": lambda w: mb.parity("cbam_resunet", _disks().astype(np.uint8) * 30, variants=["repeat", "cuda"],
+                                        input_size=64),
+    "RunDiff": _run_diff,
     "DomainReport": lambda w: mb.check_domain(mb.load_sample("spheroids_8bit").image, mb.load_model("cbam_resunet")),
 }
 

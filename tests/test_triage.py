@@ -554,7 +554,7 @@ def test_a_long_json_log_line_keeps_its_head_and_the_error_at_its_end():
     text = triage(io.BytesIO((filler + record + "\n" + filler).encode()), casebook=False)
     assert text.failure_class == "cuda_oom" and "Tried to allocate 2.00 GiB" in text.evidence
     from mlbench.failures.stream import read_stream
-    kept, _, _ = read_stream(io.BytesIO((filler + record + "\n").encode()))
+    kept = read_stream(io.BytesIO((filler + record + "\n").encode())).text
     line = next(line for line in kept.splitlines() if "inference.worker" in line)
     assert line.startswith('{"time": "2026-01-01') and " \u2026 " in line and len(line) < 2100 and line.endswith('capacity)"}')
 
@@ -566,3 +566,218 @@ def test_an_exception_carrying_an_http_status_is_classed_by_it(status, expected)
 
     words = f"{status}: the service refused the upload of the image 'a.tif' (an image file, 524,544 bytes)"
     assert triage(ServiceError(status, words, {}, {}), casebook=False).failure_class == expected
+
+
+# ---- linear time, the whole log, the size cap (issue 20) -------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+LAST = "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total capacity)"
+PATHOLOGICAL = ["single_line", "error_words", "digit_run", "gap_rule_words", "blank_runs", "flat_frames", "tiny_errors",
+                "distinct_errors"]
+
+
+def test_pathological_logs_finish_in_linear_time_and_their_last_line_is_found():
+    """Each of bench/triage_speed.py's pathological logs (one 1 MB line without newlines, long words full of
+    "Error", digit runs, lines dense with the words of the line-gap rules, ...) at 100 KB and 1 MB, in a
+    child process with a timeout: under 10 s at 1 MB (the old rules took over 60 s on a 1 MB line), at
+    most about linear growth (the old ones grew 100-fold), and the CUDA error of the last line found."""
+    import subprocess
+    import sys
+
+    code = (f"import json, sys, time; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'bench')!r}]\n"
+            "from triage_speed import LOGS\nfrom mlbench.failures import triage\n"
+            f"for name in {PATHOLOGICAL!r}:\n"
+            "    for size in (100_000, 1_000_000):\n"
+            "        data = LOGS[name](size).decode()\n"
+            "        started = time.perf_counter(); found = triage(data, casebook=False)\n"
+            "        print(json.dumps([name, size, time.perf_counter() - started, [d.failure_class for d in found.all]]), flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    times = {}
+    for name, size, seconds, classes in map(json.loads, done.stdout.splitlines()):
+        assert "cuda_oom" in classes, (name, size, classes)
+        times[name, size] = seconds
+    assert set(times) == {(name, size) for name in PATHOLOGICAL for size in (100_000, 1_000_000)}
+    for name in PATHOLOGICAL:
+        small, large = times[name, 100_000], times[name, 1_000_000]
+        assert large < 10, f"{name}: {large:.1f} s for 1 MB"
+        assert large < 30 * small + 2, f"{name}: {small:.3f} s for 100 KB, {large:.3f} s for 1 MB: more than linear"
+
+
+def _adversarial(rule, size: int = 12_000):
+    """Strings of ``size`` characters built to make ``rule`` backtrack: its literals (and those of its parts)
+    repeated alone, glued to word characters, and chained in the rule's order."""
+    from mlbench.failures.matching import needed_literals, split_gaps
+
+    groups = [needed_literals(part, rule.regex.flags) or ("a",) for parts in split_gaps(rule.pattern) for part, _ in parts]
+    units = {"a", " ", "1", "1.", " \n", "AError"}
+    units |= {literal + tail for group in groups for literal in group[:2] for tail in ("", " ", "a1.", "\n")}
+    units |= {" ".join(group[0] for group in groups) + " ", "".join(group[0] for group in groups)}
+    return [unit * max(1, size // len(unit)) for unit in sorted(units)]
+
+
+def _seconds(call, limit: float = 3.0) -> float:
+    """Seconds ``call()`` took; ``limit`` + 1 when it ran past ``limit`` (``re`` checks for signals)."""
+    import signal
+
+    def expire(signum, frame):
+        raise TimeoutError
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    started = time.perf_counter()
+    try:
+        call()
+        return time.perf_counter() - started
+    except TimeoutError:
+        return limit + 1
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_no_rule_backtracks_on_inputs_built_from_its_own_words():
+    """Every rule on 12,000-character strings of its own literals: a linear rule takes about a millisecond,
+    a quadratic one seconds (12,000^2 steps). A slow try is timed again at a quarter of the size: linear
+    grows about 4-fold from there, quadratic 16-fold."""
+    from mlbench.failures._triage import _RULES
+
+    slow = []
+    for rule in _RULES.rules:
+        for text in _adversarial(rule):
+            seconds = _seconds(lambda: sum(1 for _ in rule.finditer(text)))
+            if seconds > 0.25:
+                quarter = text[:len(text) // 4]
+                small = _seconds(lambda: sum(1 for _ in rule.finditer(quarter)))
+                if seconds > 8 * small:
+                    slow.append((rule.pattern[:80], text[:30], round(small, 3), round(seconds, 3)))
+    assert not slow, slow
+
+
+@pytest.mark.parametrize("unit", ["a", " ", "1", "1.", "a\n", " \n", "\t", "_", "AError", "AError.", "|", "│ ", "> ", "`", "\\n",
+                                  'File "a.py", line 1, in f x = g() ', "Traceback (most recent call last): ",
+                                  'Missing key(s) in state_dict: "a", ', "allocate 1", "site-packages/a/", "a.so",
+                                  "error: (-1:", "in function 'a", "\"loc\": [", "'loc': (", "2024-01-01T00:00:00Z AError",
+                                  "torch.cuda.FloatTensor ", "No such file or directory: 'a.png' ", "^^^^ ", "download weights "])
+def test_no_helper_backtracks_on_long_runs(unit):
+    """Normalising, cutting into blocks, the context rules and every class's number extraction on 16,000
+    characters of one repeated unit: bounded work per character (the old helpers were quadratic on
+    several of these, e.g. a run of digits for the memory sizes)."""
+    from mlbench.failures import numbers
+    from mlbench.failures._triage import _exception_type
+    from mlbench.failures.blocks import cut_blocks
+    from mlbench.failures.library_rules import whole_input_diagnoses
+    from mlbench.failures.log_formats import normalize
+    from mlbench.failures.patterns import context_scores
+
+    text = unit * (16_000 // len(unit))
+    calls = {"normalize": lambda: normalize(text), "blocks": lambda: cut_blocks(text.split("\n")),
+             "context": lambda: context_scores(text, "ValueError"), "type": lambda: _exception_type(text.split("\n")),
+             "whole": lambda: whole_input_diagnoses(text, lambda *args: args),
+             **{cls: (lambda cls: lambda: numbers.extract(cls, text))(cls) for cls in FAILURE_CLASSES}}
+    slow = {name: seconds for name, call in calls.items() if (seconds := _seconds(call)) > 1.0}
+    assert not slow, slow
+
+
+def _check_rules(rules, blocks: list[str]) -> None:
+    """Each of ``rules``: never skipped by the pre-filter in a block where it matches, and, matched part by
+    part, the matches of its regular expression."""
+    from bisect import bisect_right
+
+    from mlbench.failures._triage import _RULES
+
+    joined = "\n\x00\x00\x00\x00\n".join(blocks)  # blocks apart: a match holding a NUL spans two and is not checked
+    starts = [0]
+    for block in blocks[:-1]:
+        starts.append(starts[-1] + len(block) + 6)
+    allowed = [{id(rule) for rule in candidates} for candidates in _RULES.candidates(blocks)]
+    for rule in rules:
+        expected = [(m.start(), m.end()) for m in rule.regex.finditer(joined)]
+        for start, end in expected:
+            assert "\x00" in joined[start:end] or id(rule) in allowed[bisect_right(starts, start) - 1], \
+                (rule.pattern, joined[start - 50:start + 100])
+        if rule._chains:
+            assert [(m.start(), m.end()) for m in rule.finditer(joined)] == expected, rule.pattern
+
+
+def test_the_prefilter_and_the_part_by_part_rules_give_the_regex_matches():
+    """On the blocks of the labelled corpus: a rule the literal pre-filter skips for a block never matches
+    in it, and the rules matched part by part give the matches of their regular expression; each of
+    those also on strings that put its parts at the edges of their gaps (199-201 characters apart, across
+    a newline)."""
+    import random
+
+    from mlbench.failures._triage import _RULES
+    from mlbench.failures.blocks import cut_blocks
+    from mlbench.failures.log_formats import normalize
+    from mlbench.failures.matching import needed_literals, split_gaps
+
+    _check_rules(_RULES.rules, ["\n".join(block) for row in CORPUS for _, block in cut_blocks(normalize(row["text"])[0].split("\n"))])
+    rng = random.Random(0)
+    for rule in (r for r in _RULES.rules if r._chains):
+        groups = [needed_literals(part, rule.regex.flags) for parts in split_gaps(rule.pattern) for part, _ in parts]
+        words = [literal for group in groups for literal in group or ()]
+        gaps = [" ", "\n", " " * 199, "x" * 200, " " * 201, ": "]
+        _check_rules([rule], ["".join(rng.choice(words) + rng.choice(gaps) for _ in range(rng.randint(2, 6))) for _ in range(30)])
+
+
+def _records(count: int) -> str:
+    return "".join(f"2024-05-01 12:00:00,{i % 1000:03d} INFO request {i} handled in 12 ms\n" for i in range(count))
+
+
+@pytest.mark.parametrize("count", [600, 5000])  # 600: read whole, more than the old 400-block limit; 5000: error lines only
+def test_an_error_on_the_last_line_of_a_long_log_is_found(count, tmp_path, capsys):
+    text = _records(count) + LAST + "\n"
+    for source in (text, text.encode(), io.BytesIO(text.encode()), io.StringIO(text)):
+        d = triage(source, casebook=False)
+        assert (d.failure_class, d.line, d.input_note) == ("cuda_oom", count + 1, "")
+    import argparse
+
+    (tmp_path / "service.log").write_text(text)
+    parser = argparse.ArgumentParser()
+    add_triage_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["triage", str(tmp_path / "service.log")])
+    assert args.run(args) == 1  # found: the old triage answered unknown and exit 0 past 400 records
+    assert f"cuda_oom (line {count + 1})" in capsys.readouterr().out
+
+
+def test_a_log_over_max_triage_bytes_keeps_its_head_and_tail_and_says_so(monkeypatch, tmp_path):
+    from mlbench.budgets import Budgets, budgets
+
+    assert Budgets().max_triage_bytes == 64 << 20
+    monkeypatch.setenv("MLBENCH_MAX_TRIAGE_BYTES", "200000")
+    assert budgets().max_triage_bytes == 200_000
+    first = "ModuleNotFoundError: No module named 'cv2'\n"
+    filler = "".join(f"2024-05-01 INFO step {i} ok {'.' * 60}\n" for i in range(12_000))  # about 1 MB
+    text = first + filler + LAST + "\n"
+    (tmp_path / "big.log").write_text(text)
+    for source in (text, text.encode(), io.BytesIO(text.encode()), tmp_path / "big.log"):
+        d = triage(source, casebook=False)
+        assert [(x.failure_class, x.line) for x in d.all] == [("missing_dependency", 1), ("cuda_oom", 12_002)]
+        note = d.input_note
+        assert "over the budget max_triage_bytes = 200,000" in note and "MLBENCH_MAX_TRIAGE_BYTES" in note, note
+        assert "its first 50,000 and last 150,000 were searched" in note and "from line" in note
+        assert f"note: {note}" in repr(d) and d.to_dict()["input_note"] == note
+    monkeypatch.delenv("MLBENCH_MAX_TRIAGE_BYTES")
+    assert triage(text, casebook=False).input_note == ""  # within the default budget: all of it searched
+
+
+def test_an_unknown_over_the_budget_says_what_was_not_searched(monkeypatch):
+    monkeypatch.setenv("MLBENCH_MAX_TRIAGE_BYTES", "100000")
+    d = triage("all went fine\n" * 30_000, casebook=False)
+    assert d.failure_class == "unknown" and "were not; to search all" in d.input_note
+
+
+def test_a_log_dense_with_errors_keeps_the_first_and_the_last_and_says_which_lines_were_left_out():
+    lines = [f"ERROR request {chr(97 + i % 26)}{chr(97 + i // 26 % 26)}{chr(97 + i // 676 % 26)} failed: bad input"
+             for i in range(20_000)]
+    d = triage("ModuleNotFoundError: No module named 'cv2'\n" + "\n".join(lines) + "\n" + LAST + "\n", casebook=False)
+    assert [x.failure_class for x in d.all][:2] == ["missing_dependency", "cuda_oom"]
+    assert next(x.line for x in d.all if x.failure_class == "cuda_oom") == 20_002
+    assert "the error lines from line" in d.input_note and "were not diagnosed" in d.input_note
+
+
+def test_a_huge_traceback_is_read_by_its_ends():
+    """A recursion traceback of 20,000 frames: the rules read its first and last lines (the message)."""
+    frames = "".join(f'  File "/srv/app/m.py", line {i}, in f\n    return f(x)\n' for i in range(20_000))
+    d = triage("Traceback (most recent call last):\n" + frames + LAST, casebook=False)
+    assert (d.failure_class, d.line) == ("cuda_oom", 40_002)

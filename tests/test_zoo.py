@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 import mlbench as mb
+from mlbench.errors import MlbenchWarning
 from mlbench.paths import data_dir
 
 
@@ -69,3 +70,64 @@ def test_named_models_are_loaded_once_and_reloaded_when_the_file_changes(tmp_pat
     os.utime(path, ns=(10**18, 10**18))  # a new version of the file: reloaded, never the stale copy
     again = shared_model(path)
     assert again is not loaded and mb.card(again).sha256 != mb.card(loaded).sha256
+
+
+def _checkpoint(path, seed: int) -> None:
+    import torch
+
+    torch.save(mb.build_model("cbam_resunet", "small", seed=seed).state_dict(), path)
+
+
+def test_a_weights_file_overwritten_in_place_is_reloaded_even_with_its_old_times(tmp_path):
+    """Same size, modification time set back: the change time still moves, the sha256 differs, so the
+    cache loads the new weights; a file touched with the same bytes keeps its model."""
+    import os
+
+    import torch
+
+    from mlbench.models.loading import shared_model
+
+    path = tmp_path / "w.pth"
+    _checkpoint(path, seed=1)
+    before = os.stat(path)
+    first = shared_model(path)
+    _checkpoint(path, seed=2)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(path).st_size == before.st_size and os.stat(path).st_mtime_ns == before.st_mtime_ns
+    second = shared_model(path)
+    expected = mb.build_model("cbam_resunet", "small", seed=2).state_dict()
+    assert second is not first and all(torch.equal(v, expected[k]) for k, v in second.state_dict().items())
+    os.utime(path)  # touched: new times, same bytes
+    assert shared_model(path) is second
+
+
+def test_the_shared_cache_is_bounded_and_can_be_cleared(tmp_path, monkeypatch):
+    from mlbench.models import loading
+
+    monkeypatch.setattr(loading, "SHARED_MAX", 2)
+    loading.clear_shared_models()
+    paths = [tmp_path / f"w{i}.pth" for i in range(3)]
+    for i, path in enumerate(paths):
+        _checkpoint(path, seed=i)
+    first = loading.shared_model(paths[0])
+    loading.shared_model(paths[1])
+    assert loading.shared_model(paths[0]) is first  # used last, so paths[1] is the least recent
+    loading.shared_model(paths[2])
+    assert loading.shared_model(paths[0]) is first and loading.clear_shared_models() == 2
+    assert loading.shared_model(paths[0]) is not first
+
+
+def test_a_shared_model_changed_in_place_is_loaded_again_with_a_warning(tmp_path):
+    import torch
+
+    from mlbench.models.loading import shared_model
+
+    path = tmp_path / "w.pth"
+    _checkpoint(path, seed=3)
+    shared = shared_model(path)
+    with torch.no_grad():
+        next(shared.parameters()).mul_(0)  # the contract broken: inference only
+    with pytest.warns(MlbenchWarning, match=r"changed in place .* take your own copy with mb.load_model"):
+        fresh = shared_model(path)
+    assert fresh is not shared and next(fresh.parameters()).abs().sum() > 0
+    assert shared_model(path) is fresh

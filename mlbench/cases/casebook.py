@@ -6,7 +6,6 @@ an entry of the index that triage searches (:class:`mlbench.failures.case_index.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -32,14 +31,4 @@ class Casebook(CaseIndex):
         if not re.fullmatch(r"[\w.-]+", name):
             raise OptionsError(f"case name {name!r} must be letters, digits, '_', '-' or '.' (it becomes a folder name)")
         self.folders[0].mkdir(parents=True, exist_ok=True)
-        path = save_case(run, self.folders[0] / name, name=name, note=note, failure_class=failure_class)
-        if fix:
-            _record_fix(path, fix)
-        return path
-
-
-def _record_fix(path: Path, fix: str) -> None:
-    """Add the fix to case.json (case.json is not in its own checksum list, the data files are)."""
-    meta = json.loads((path / "case.json").read_text())
-    meta["fix"] = fix
-    (path / "case.json").write_text(json.dumps(meta, indent=1))
+        return save_case(run, self.folders[0] / name, name=name, note=note, failure_class=failure_class, fix=fix)

@@ -2,10 +2,20 @@
 
 A case is one folder (or the same files in one ``.zip``): ``case.json`` (model id and
 weights sha256, preset and options, per-stage summaries, the outcome, the exception and its
-diagnosis, the doctor report, and the sha256 of every other file), the original image bytes,
-``outcome.npz`` (the mask) and small PNG previews. JSON, npz and PNG only: never pickle.
-:func:`load_case` refuses files whose sha256 differs, rebuilds the model and the pipeline,
-replays the run and says whether the outcome is the same as recorded.
+diagnosis, the doctor report, and the sha256 of every other file), ``case.sig`` (an HMAC of
+``case.json``), the original image bytes, ``outcome.npz`` (the mask) and small PNG previews.
+JSON, npy/npz and PNG only: never pickle.
+
+Cases come from other teams and are untrusted: :func:`load_case` reads them within the budgets of
+:class:`mlbench.budgets.Budgets` (``max_case_*``; :mod:`mlbench.cases.bundle`: no symlinks, no path
+outside the case, no duplicate names, sizes counted while inflating), checks the manifest's shape,
+its file list (every listed file present with its sha256, nothing unlisted, never empty) and its
+options as a user's (:mod:`mlbench.cases.manifest`), says who vouches for ``case.json``
+(:mod:`mlbench.cases.signing`: an HMAC with this machine's key; a case from another machine cannot
+be verified by that key and loads as ``foreign``, checked for self-consistency only, which
+``Case.integrity`` and the case's text say), rebuilds the model, and replays the run within the
+memory budget (:mod:`mlbench.cases.replaying`), saying whether the outcome is the same as recorded.
+Every refusal is a :class:`CaseError` naming the case, what is wrong and the fix.
 """
 
 from __future__ import annotations
@@ -13,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import zipfile
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,49 +31,31 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlbench.cases.parts import outcome_of, previews, stage_summaries, state_sha256
-from mlbench.errors import DataError, MlbenchError, OptionsError
-from mlbench.findings import ReportText
-from mlbench.models.cards import attach_card, card
+from mlbench.budgets import Budgets, budget_error, budgets
+from mlbench.cases import manifest, signing
+from mlbench.cases.bundle import CaseError, read_files, write_files
+from mlbench.cases.manifest import FORMAT
+from mlbench.cases.parts import model_record, outcome_of, previews, rebuild_model, stage_summaries
+from mlbench.cases.replaying import Replay, differences, run_within_budgets
+from mlbench.errors import OptionsError
+from mlbench.findings import Problem, ReportText
 from mlbench.pipeline.run import Pipeline, Run
 
 __all__ = ["Case", "Replay", "CaseError", "save_case", "load_case", "FORMAT"]
 
-FORMAT = "mlbench-case/1"
-
-
-class CaseError(MlbenchError, ValueError):
-    """A case file that is incomplete, damaged (checksum) or cannot be replayed."""
-
-
-@dataclass(frozen=True, repr=False)
-class Replay(ReportText):
-    """A case replayed: the new run and how its outcome compares with the recorded one."""
-
-    run: Run
-    recorded: dict
-    observed: dict
-    differences: tuple = ()
-
-    @property
-    def same(self) -> bool:
-        return not self.differences
-
-    def text(self) -> str:
-        head = "replay: SAME outcome as recorded" if self.same else "replay: DIFFERENT outcome"
-        status = f"({self.observed['status']}" + (f" at {self.observed['failed_stage']}" if self.observed.get("failed_stage") else "") + ")"
-        return "\n".join([f"{head} {status}"] + [f"  differs: {d}" for d in self.differences])
-
 
 @dataclass(frozen=True, repr=False)
 class Case(ReportText):
-    """A loaded case: its record (``meta``), its files, and the replay if one was made."""
+    """A loaded case: its record (``meta``), its files, the replay if one was made, and its
+    ``integrity``: a Problem whose code is ``signed``, ``bundled``, ``foreign`` or ``unsigned``
+    (see :mod:`mlbench.cases.signing`)."""
 
     name: str
     path: Path
     meta: dict
     files: dict = field(repr=False)
     replay: Replay | None = None
+    integrity: Problem | None = None
 
     @property
     def failure_class(self) -> str:
@@ -77,19 +69,18 @@ class Case(ReportText):
     def image_source(self) -> bytes | np.ndarray:
         """What the run was given: the original bytes, or the array for a run started from an array."""
         if self.meta["image"]["file"].endswith(".npy"):
-            return np.load(io.BytesIO(self.image_bytes), allow_pickle=False)
+            return manifest.read_npy(self.image_bytes, f"case {self.path}: {self.meta['image']['file']}", budgets())
         return self.image_bytes
 
     @property
     def recorded_mask(self) -> np.ndarray | None:
         if "outcome.npz" not in self.files:
             return None
-        with np.load(io.BytesIO(self.files["outcome.npz"]), allow_pickle=False) as data:
-            return np.unpackbits(data["mask_bits"])[: int(np.prod(data["shape"]))].reshape(data["shape"]).astype(bool)
+        return manifest.read_mask(self.files["outcome.npz"], f"case {self.path}: outcome.npz", budgets())
 
     def build_model(self) -> torch.nn.Module:
         """The model of the case: bundled weights when the sha256 matches, else the seeded untrained one."""
-        return _rebuild_model(self.meta["model"])
+        return rebuild_model(self.meta["model"])
 
     def pipeline(self, preset: str | None = None, model: torch.nn.Module | None = None, **changes: Any) -> Pipeline:
         """The recorded pipeline; ``preset`` swaps the option set (e.g. "fixed"), ``changes`` override options."""
@@ -99,14 +90,25 @@ class Case(ReportText):
         return Pipeline(model or self.build_model(), preset, **changes)
 
     def start(self, preset: str | None = None, **changes: Any) -> Run:
-        """A fresh, un-executed Run of the case's image (for stepping, e.g. with the Stepper)."""
+        """A fresh, un-executed Run of the case's image (for stepping, e.g. with the Stepper).
+
+        Its options were checked at load; the forward's memory is predicted only by :meth:`rerun`.
+        """
         return self.pipeline(preset, **changes).start(self.image_source)
 
     def rerun(self, preset: str | None = None, **changes: Any) -> Replay:
-        """Run the case again (optionally with another preset or options) and compare with the record."""
-        run = self.start(preset, **changes).run()
+        """Run the case again (optionally with another preset or options) and compare with the record.
+
+        Raises
+        ------
+        CaseError
+            When the image, the model input or the forward's predicted memory exceed the budgets
+            (``max_pixels``, ``max_decoded_bytes``, ``max_replay_bytes``): nothing is run then.
+        """
+        image = None if self.meta["image"]["file"].endswith(".npy") else self.image_bytes
+        run = run_within_budgets(self.start(preset, **changes), image, str(self.path), budgets())
         observed = outcome_of(run)
-        return Replay(run, self.meta["outcome"], observed, tuple(_differences(self.meta["outcome"], observed, run, self.recorded_mask)))
+        return Replay(run, self.meta["outcome"], observed, tuple(differences(self.meta["outcome"], observed, run, self.recorded_mask)))
 
     def text(self) -> str:
         m, o = self.meta, self.meta["outcome"]
@@ -114,6 +116,8 @@ class Case(ReportText):
                   else f"done, {o['polygons']} polygon(s), mask covers {o['mask_fraction']:.1%}")
         lines = [f"Case {self.name!r}: {self.failure_class}", f"  model {m['model']['name']} ({m['model']['weights']}), preset {m['preset']!r}",
                  f"  image {m['image']['file']} ({m['image']['bytes']} bytes), {result}"]
+        if self.integrity is not None and self.integrity.code in ("foreign", "unsigned"):
+            lines.append(f"  integrity: {self.integrity.message}")
         if m.get("note"):
             lines.append(f"  note: {m['note']}")
         lines += [f"  {name}: {s['status']}" + (f" -> {s['summary']}" if s.get("summary") else "") for name, s in m["stages"].items()]
@@ -123,8 +127,10 @@ class Case(ReportText):
 
 
 def save_case(run: Run, path: str | Path, *, name: str | None = None, note: str = "", failure_class: str | None = None,
-              doctor_report: dict | None = None) -> Path:
+              doctor_report: dict | None = None, fix: str = "") -> Path:
     """Save ``run`` (failed or not) as a case folder, or as one zip when ``path`` ends in ``.zip``.
+
+    ``case.json`` is signed with this machine's key (``case.sig``, see :mod:`mlbench.cases.signing`).
 
     Parameters
     ----------
@@ -139,13 +145,21 @@ def save_case(run: Run, path: str | Path, *, name: str | None = None, note: str 
         "postprocessing" for a run that found no polygon, or "none" for a good run.
     doctor_report : dict, optional
         The environment record; default ``mb.doctor(imports=False).to_dict()``.
+    fix : str
+        What solved it, for the casebook (recorded in ``case.json`` when given).
+
+    Raises
+    ------
+    CaseError
+        When the target exists, or the case would exceed the budgets :func:`load_case` reads within.
     """
     from mlbench.checks.environment import doctor
 
     target = Path(path)
-    if target.exists():
+    if target.exists() or target.is_symlink():
         raise CaseError(f"{target} already exists; choose a new name or delete it first (cases are never overwritten)")
-    files = {"image" + _suffix(run.source): _source_bytes(run.source)}
+    image_file = "image" + _suffix(run.source)
+    files = {image_file: _source_bytes(run.source)}
     run.run()
     files.update(previews(run))
     outcome = outcome_of(run)
@@ -158,43 +172,66 @@ def save_case(run: Run, path: str | Path, *, name: str | None = None, note: str 
     diagnosis = _diagnosis(run, failure_class)
     meta = {
         "format": FORMAT, "name": name or target.stem, "note": note, "failure_class": diagnosis["failure_class"],
-        "model": _model_record(run.pipeline.model), "preset": run.pipeline.preset, "options": run.options.to_dict(),
-        "image": {"file": next(iter(files)), "bytes": len(files[next(iter(files))]), "sha256": _sha(files[next(iter(files))])},
+        "model": model_record(run.pipeline.model), "preset": run.pipeline.preset, "options": run.options.to_dict(),
+        "image": {"file": image_file, "bytes": len(files[image_file]), "sha256": _sha(files[image_file])},
         "stages": stage_summaries(run), "outcome": outcome, "diagnosis": diagnosis,
         "traceback": _traceback(run.error), "doctor": doctor_report or doctor(imports=False).to_dict(),
         "files": {rel: _sha(data) for rel, data in files.items()},
     }
+    if fix:
+        meta["fix"] = fix
     files["case.json"] = json.dumps(meta, indent=1, default=str).encode()
-    _write(target, files)
+    signature = signing.sign(files["case.json"], CaseError)
+    if signature is not None:
+        files[signing.SIGNATURE_FILE] = signature
+    _check_size(target, files, budgets())
+    write_files(target, files)
     return target
 
 
-def load_case(path: str | Path, *, replay: bool = True, model: torch.nn.Module | None = None) -> Case:
-    """Load a case folder or zip, check every file's sha256, and (by default) replay it.
+def load_case(path: str | Path, *, replay: bool = True, model: torch.nn.Module | None = None,
+              require_signature: bool = False) -> Case:
+    """Load a case folder or zip, check it (see the module docstring), and (by default) replay it.
+
+    Parameters
+    ----------
+    path : str or Path
+        The case folder or ``.zip``.
+    replay : bool
+        Rebuild the model and run the case again (within ``max_replay_bytes``).
+    model : nn.Module, optional
+        The model to replay with (needed when the case ran weights that are not bundled).
+    require_signature : bool
+        Refuse a case not signed with this machine's key (a foreign, unsigned or bundled one).
 
     Raises
     ------
     CaseError
-        When ``case.json`` is missing or not a case, a listed file is missing, or a
-        file's sha256 differs from the one recorded.
+        For a missing, damaged, unsafe or over-budget case, a manifest that is not one, a listed
+        file missing or changed, an unlisted file, a ``case.json`` changed since it was signed
+        here, options outside their allowed values, or a replay over the budgets.
     """
-    source = Path(path)
-    files = _read(source)
+    source, limits = Path(path), budgets()
+    files = read_files(source, limits)
     if "case.json" not in files:
-        raise CaseError(f"{source} is not a case: no case.json inside (found {sorted(files)[:5]})")
-    meta = json.loads(files["case.json"])
-    if meta.get("format") != FORMAT:
-        raise CaseError(f"{source}/case.json has format {meta.get('format')!r}; expected {FORMAT!r}")
-    for rel, expected in meta["files"].items():
-        if rel not in files:
-            raise CaseError(f"case {source}: file {rel} is listed in case.json but missing; the case is incomplete")
-        actual = _sha(files[rel])
-        if actual != expected:
-            raise CaseError(f"case {source}: {rel} has sha256 {actual[:16]}... but case.json records {expected[:16]}...; "
-                            "the file was changed or damaged: restore the case from its original copy")
-    case = Case(meta.get("name", source.stem), source, meta, files)
+        raise CaseError(f"{source} is not a case: no case.json inside (found {sorted(files)[:5]}); pass the folder or "
+                        ".zip mb.save_case wrote")
+    where = str(source)
+    integrity = signing.verify(files["case.json"], files.get(signing.SIGNATURE_FILE), source, CaseError)
+    meta = manifest.parse_manifest(files["case.json"], where, limits)
+    manifest.check_manifest(meta, where)
+    if require_signature and integrity.code != "signed":
+        raise CaseError(f"case {source} is not signed with this machine's key ({integrity.message}); it was refused "
+                        "because require_signature=True: load it without that to check it for self-consistency only")
+    manifest.check_files(meta, files, where, _sha, extra=(signing.SIGNATURE_FILE,))
+    manifest.check_options(meta, where, limits)
+    case = Case(meta["name"], source, meta, files, None, integrity)
+    if meta["image"]["file"].endswith(".npy"):
+        case.image_source  # noqa: B018 - its header and size are checked here, before any replay
+    if "outcome.npz" in files:
+        case.recorded_mask  # noqa: B018
     if replay:
-        case = Case(case.name, source, meta, files, case.rerun(model=model) if model is not None else case.rerun())
+        case = Case(case.name, source, meta, files, case.rerun(model=model) if model is not None else case.rerun(), integrity)
     return case
 
 
@@ -216,47 +253,27 @@ def _source_bytes(source: Any) -> bytes:
 
 
 def _suffix(source: Any) -> str:
+    """``.npy`` for an array, else the format's (bytes) or the file's suffix; ``.bin`` when odd."""
     if isinstance(source, np.ndarray):
         return ".npy"
     if isinstance(source, (bytes, bytearray, memoryview)):
         from mlbench.image.formats import sniff_format
 
         return "." + (sniff_format(bytes(source[:16])) or "bin").replace("jpeg", "jpg").replace("tiff", "tif")
-    return Path(source).suffix.lower() or ".bin"
+    suffix = Path(source).suffix.lower()
+    return suffix if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix) else ".bin"
 
 
-def _model_record(model: torch.nn.Module) -> dict[str, Any]:
-    about = card(model)
-    bundled = about.source.startswith("bundled")
-    return {"name": about.name, "architecture": about.architecture, "size": getattr(model, "mlbench_size", None),
-            "input_size": about.input_size, "input_multiple": about.input_multiple,
-            "weights_file_sha256": about.sha256 or None, "state_sha256": state_sha256(model),
-            "weights": "bundled trained weights" if bundled else (about.source or "untrained, seed 0"),
-            "parameters": int(sum(p.numel() for p in model.parameters())), "card": about.to_dict()}
-
-
-def _rebuild_model(record: dict[str, Any]) -> torch.nn.Module:
-    from mlbench.models import build_model
-    from mlbench.models.loading import load_model
-
-    name = record.get("architecture") or record["name"]
-    if record.get("weights") == "bundled trained weights":
-        try:
-            model = load_model(name)
-        except MlbenchError as exc:
-            raise CaseError(f"the case used the bundled weights of {name} but they cannot be loaded here: {exc}") from exc
-    elif record.get("weights_file_sha256"):
-        raise CaseError(f"the case ran {record['name']} with the weights of {record.get('weights')} (sha256 "
-                        f"{record['weights_file_sha256'][:12]}...), which are not bundled: pass "
-                        "model=mb.load_model(path) to load_case")
-    else:
-        model = build_model(name, record.get("size") or "small").eval()
-    if state_sha256(model) != record["state_sha256"]:
-        raise CaseError(f"the {name} weights available here (state sha256 {state_sha256(model)[:12]}...) are not the "
-                        f"ones the case ran with ({record['state_sha256'][:12]}...); pass model= to load_case")
-    if record.get("input_size"):
-        attach_card(model, card(model).changed("case", input_size=int(record["input_size"])))
-    return model
+def _check_size(target: Path, files: dict[str, bytes], limits: Budgets) -> None:
+    """Refuse to write a case that :func:`load_case` would refuse for its size."""
+    what = f"cannot save {target}, load_case would refuse it:"
+    checks = [("max_case_members", f"{what} its files", len(files), ""),
+              ("max_case_manifest_bytes", f"{what} case.json", len(files["case.json"]), " bytes"),
+              ("max_case_bytes", f"{what} its files together", sum(map(len, files.values())), " bytes")]
+    checks += [("max_case_member_bytes", f"{what} {rel}", len(data), " bytes") for rel, data in files.items()]
+    for budget, words, actual, unit in checks:
+        if actual > getattr(limits, budget):
+            raise budget_error(CaseError, budget, getattr(limits, budget), words, actual, unit)
 
 
 def _diagnosis(run: Run, failure_class: str | None) -> dict[str, Any]:
@@ -278,40 +295,3 @@ def _traceback(error: BaseException | None) -> str:
     if error is None:
         return ""
     return cut_machine_paths("".join(traceback.format_exception(type(error), error, error.__traceback__)))
-
-
-def _write(target: Path, files: dict[str, bytes]) -> None:
-    if target.suffix == ".zip":
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
-            for rel in sorted(files):
-                archive.writestr(zipfile.ZipInfo(rel, date_time=(2020, 1, 1, 0, 0, 0)), files[rel])
-        return
-    for rel, data in files.items():
-        (target / rel).parent.mkdir(parents=True, exist_ok=True)
-        (target / rel).write_bytes(data)
-
-
-def _read(source: Path) -> dict[str, bytes]:
-    if source.is_dir():
-        return {p.relative_to(source).as_posix(): p.read_bytes() for p in sorted(source.rglob("*")) if p.is_file()}
-    if source.is_file() and zipfile.is_zipfile(source):
-        with zipfile.ZipFile(source) as archive:
-            return {info.filename: archive.read(info) for info in archive.infolist() if not info.is_dir()}
-    if not source.exists():
-        raise DataError(f"no case at {source}: expected a case folder or .zip (see mb.save_case)")
-    raise CaseError(f"{source} is neither a case folder nor a zip file")
-
-
-def _differences(recorded: dict, observed: dict, run: Run, recorded_mask: np.ndarray | None) -> list[str]:
-    out = [f"{key}: recorded {recorded.get(key)!r}, now {observed.get(key)!r}"
-           for key in ("status", "failed_stage", "error_type", "polygons") if recorded.get(key) != observed.get(key)]
-    if recorded.get("error_message") != observed.get("error_message") and not out:
-        out.append(f"error message: recorded {recorded.get('error_message')!r}, now {observed.get('error_message')!r}")
-    if recorded_mask is not None and run.done:
-        mask = np.asarray(run.output("postprocess").mask, dtype=bool)
-        if mask.shape != recorded_mask.shape:
-            out.append(f"mask shape: recorded {recorded_mask.shape}, now {mask.shape}")
-        elif (changed := int((mask != recorded_mask).sum())) > 0:
-            out.append(f"mask: {changed} pixel(s) differ ({changed / mask.size:.2%})")
-    return out

@@ -1,4 +1,5 @@
-"""What a case file records about a run: stage summaries, the outcome, previews, a weights hash."""
+"""What a case file records about a run: stage summaries, the outcome, previews, the model (and
+how to build it again), a weights hash."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from mlbench.cases.bundle import CaseError
+from mlbench.errors import MlbenchError
+from mlbench.models.cards import attach_card, card
 from mlbench.pipeline.run import Run
 from mlbench.pipeline.result import NO_POLYGONS_WARNING
 from mlbench.pipeline.stages import describe
 
-__all__ = ["stage_summaries", "outcome_of", "previews", "state_sha256", "array_stats"]
+__all__ = ["stage_summaries", "outcome_of", "previews", "state_sha256", "array_stats", "model_record",
+           "rebuild_model"]
 
 _PREVIEW_SIDE = 256
 
@@ -106,3 +111,47 @@ def state_sha256(model: torch.nn.Module) -> str:
         digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def model_record(model: torch.nn.Module) -> dict[str, Any]:
+    """The model as a case records it: names, size, input geometry, weights and state sha256, card."""
+    about = card(model)
+    bundled = about.source.startswith("bundled")
+    return {"name": about.name, "architecture": about.architecture, "size": getattr(model, "mlbench_size", None),
+            "input_size": about.input_size, "input_multiple": about.input_multiple,
+            "weights_file_sha256": about.sha256 or None, "state_sha256": state_sha256(model),
+            "weights": "bundled trained weights" if bundled else (about.source or "untrained, seed 0"),
+            "parameters": int(sum(p.numel() for p in model.parameters())), "card": about.to_dict()}
+
+
+def rebuild_model(record: dict[str, Any]) -> torch.nn.Module:
+    """The model a case ran, from its record: a bundled architecture only (never a path), its bundled
+    weights or the seeded untrained ones, refused when the state sha256 differs."""
+    from mlbench.models import build_model, list_models
+    from mlbench.models.loading import load_model
+    from mlbench.models.registry import SIZES
+
+    name = record.get("architecture") or record["name"]
+    if name not in list_models():
+        raise CaseError(f"the case ran a model {name[:80]!r}, which is not one of mlbench's {list_models()}: pass the "
+                        "model it ran to load_case(path, model=...) (or replay=False to read the case without running it)")
+    if record.get("size") not in (None, *SIZES):
+        raise CaseError(f"the case records model size {str(record['size'])[:40]!r}; expected one of {SIZES}: restore "
+                        "the case from its original copy, or pass model= to load_case")
+    if record.get("weights") == "bundled trained weights":
+        try:
+            model = load_model(name)
+        except MlbenchError as exc:
+            raise CaseError(f"the case used the bundled weights of {name} but they cannot be loaded here: {exc}") from exc
+    elif record.get("weights_file_sha256"):
+        raise CaseError(f"the case ran {record['name'][:80]} with the weights of {record.get('weights', '')[:200]} (sha256 "
+                        f"{record['weights_file_sha256'][:12]}...), which are not bundled: pass "
+                        "model=mb.load_model(path) to load_case")
+    else:
+        model = build_model(name, record.get("size") or "small").eval()
+    if state_sha256(model) != record["state_sha256"]:
+        raise CaseError(f"the {name} weights available here (state sha256 {state_sha256(model)[:12]}...) are not the "
+                        f"ones the case ran with ({record['state_sha256'][:12]}...); pass model= to load_case")
+    if record.get("input_size"):
+        attach_card(model, card(model).changed("case", input_size=int(record["input_size"])))
+    return model

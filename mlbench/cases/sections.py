@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
@@ -67,23 +66,11 @@ def _model(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _recorded_card(meta: dict[str, Any]):
-    """The model card a case recorded (an older case without one: the defaults)."""
-    from mlbench.models.cards import ModelCard, card_fields
-
-    values = {k: v for k, v in meta.get("model", {}).get("card", {}).items() if k in card_fields()}
-    if str(values.get("normalization", "")).startswith("callable"):
-        values.pop("normalization")
-    for key in ("mean", "std", "foreground"):
-        if key in values:
-            values[key] = tuple(values[key])
-    return ModelCard(**values, origins={"name": "case"})
-
-
 def _solution(meta: dict[str, Any], fix_preset: str) -> str:
+    from mlbench.cases.manifest import recorded_card
     from mlbench.pipeline.options import make_options
 
-    recorded, fixed = meta["options"], make_options(fix_preset).resolved(_recorded_card(meta)).to_dict()
+    recorded, fixed = meta["options"], make_options(fix_preset).resolved(recorded_card(meta)).to_dict()
     changes = [f"- `{k}`: {recorded[k]!r} -> {fixed[k]!r}" for k in recorded if k in fixed and recorded[k] != fixed[k] and k != "device"]
     lines = [meta["diagnosis"].get("fix", ""), "", f"Options that the `{fix_preset}` preset changes:"]
     lines += changes or ["- none: the options were already those of the preset"]
@@ -158,6 +145,9 @@ def case_sections(case: Any, replay: bool, fix_preset: str) -> list[tuple[str, s
              ] if outcome["status"] == "failed" else [f"the run completed: {outcome['polygons']} polygon(s), mask covers {outcome['mask_fraction']:.1%}"]
     if meta.get("note"):
         extra.append(f"note: {meta['note']}")
+    integrity = getattr(case, "integrity", None)
+    if integrity is not None and integrity.code in ("foreign", "unsigned"):
+        extra.append(f"integrity: {integrity.message}")
     return [("Error analysis", _analysis(meta["diagnosis"], meta.get("traceback", ""), extra)),
             ("Resource status", _resources(meta.get("doctor", {}), meta["stages"])),
             ("Model diagnostics", _model(meta)), ("Solution", _solution(meta, fix_preset)),

@@ -105,6 +105,11 @@ def _explain_413(body: Any, sent: Mapping[str, Any], code: str | None) -> str:
         return (f"413: the image is {info['width']}x{info['height']} = {info['pixels']:,} pixels and the service "
                 f"accepts at most {info['limit']:,} (checked from the file header before decoding). "
                 "Fix: downscale or tile the image before sending it")
+    if code == "too_many_decoded_bytes":
+        return (f"413: the image would decode to {info['decoded_bytes']:,} bytes ({info['width']}x{info['height']} "
+                f"pixels x {info['channels']} channel(s) x {info['sample_bytes']} byte(s) per sample) and the service "
+                f"accepts at most {info['limit']:,} (checked from the file header before decoding). Fix: send 8- or "
+                "16-bit data with fewer channels, or downscale or tile the image")
     if code == "too_many_files":
         return f"413: {info['sent']} files in one batch, the limit is {info['limit']}. Fix: split the batch"
     size = info.get("sent") or sent.get("body_bytes")

@@ -1,7 +1,8 @@
 """Failure classes and triage: which kind of failure an exception, log or HTTP body shows.
 
-``rules``, ``library_rules``, ``patterns``, ``log_formats``, ``numbers`` and ``stream`` are the
-parts of :func:`triage`; ``case_index`` is the read-only index of past cases it searches.
+``rules``, ``library_rules``, ``patterns``, ``log_formats``, ``numbers``, ``blocks``, ``matching``
+(linear-time rule matching) and ``stream`` (capped reading) are the parts of :func:`triage`;
+``case_index`` is the read-only index of past cases it searches.
 """
 
 from __future__ import annotations

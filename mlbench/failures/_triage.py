@@ -7,48 +7,55 @@ exception message counts most, stack frames least, weak hints only on lines that
 and the context rules of :mod:`mlbench.failures.patterns` (tensor types, what a missing file is,
 the call and the library that raised);
 the best class per block becomes a :class:`Diagnosis` with the deciding line as evidence and
-the numbers pulled from the text. Several errors give several diagnoses, root cause first. Files and
-streams larger than 2 MiB are read in chunks and only lines that look like errors are kept,
-so a 100 MB log takes seconds and constant memory.
+the numbers pulled from the text. Several errors give several diagnoses, root cause first.
+
+Budget: linear in the input and bounded: a C-speed keyword search over the log (about 0.05 s per
+MB) plus rule matching on at most 160 KiB of it (under a second); under 2 s per 10 MB
+on a 2-core machine, whatever the log holds (``bench/triage_speed.py`` measures it). How (see
+:mod:`mlbench.failures.stream` for the reading):
+
+- at most ``max_triage_bytes`` (64 MiB) of an input are searched, its head and its tail, with a
+  note in :attr:`Diagnosis.input_note`; above 64 KiB only the error-like lines and whole
+  tracebacks are kept;
+- each block gives the rules at most 16 KiB (its first quarter and its last three quarters, where
+  the exception message is), and all blocks together at most 160 KiB and 4000 blocks (the first
+  blocks and the last ones; the note says which lines were left out), every line cut at 4000
+  characters (:mod:`mlbench.failures.blocks`);
+- a rule runs on a block only when the block holds a literal every match of the rule contains, and
+  rules with line gaps are matched part by part (:mod:`mlbench.failures.matching`); no regular
+  expression used here backtracks more than a bounded amount per character (``tests/test_triage.py``
+  checks the pathological inputs).
 """
 
 from __future__ import annotations
 
-
 import os
 import re
-import traceback
+from bisect import bisect_right
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import IO, Any, Union
 
 from mlbench.failures import numbers as triage_numbers
 from mlbench.failures.case_index import similar_cases
 from mlbench.errors import OptionsError
-from mlbench.failures.patterns import caused_by_earlier, context_scores, is_frame, is_frame_header, strip_prefix
+from mlbench.failures.blocks import TB_START, cut_blocks, fit_block, within_budget
 from mlbench.failures.library_rules import LIBRARY_RULES, whole_input_diagnoses
 from mlbench.failures.log_formats import normalize
+from mlbench.failures.matching import Rule, RuleSet
+from mlbench.failures.patterns import caused_by_earlier, context_scores, exception_name, ipython_header_name, is_frame, is_frame_header
 from mlbench.failures.rules import CLASS_INFO, CONSEQUENCE_CLASSES, RULES, WEAK_RULES
-from mlbench.failures.stream import clean as _clean
-from mlbench.failures.stream import read_stream as _read_stream
+from mlbench.failures.stream import Reading, read_source
 from mlbench.findings import ReportText
 
 __all__ = ["Diagnosis", "triage", "triage_text", "triage_text_all", "make_diagnosis", "FAILURE_CLASSES", "add_triage_command"]
 
 FAILURE_CLASSES = tuple(CLASS_INFO)
 _FLAGS = re.I | re.M | re.ASCII
-_COMPILED = [(cls, float(w), re.compile(p, _FLAGS), False) for cls, w, p in RULES + LIBRARY_RULES]
-_COMPILED += [(cls, float(w), re.compile(p, _FLAGS), True) for cls, w, p in WEAK_RULES]
+_RULES = RuleSet([Rule(cls, w, p, _FLAGS) for cls, w, p in RULES + LIBRARY_RULES]
+                 + [Rule(cls, w, p, _FLAGS, weak=True) for cls, w, p in WEAK_RULES])
 # A weak hint counts only on a line that reads as an error, not on progress or config lines.
 _ERRORISH = re.compile(r"error|exception|fail|fatal|critical|warn|cannot|can't|could not|unable|invalid|not found|denied|refused"
                        r"|killed|abort|traceback|timed out|\bnan\b|wrong|mismatch|missing|unexpected|expected|assert|problem|issue", re.I)
-_MAX_BLOCKS = 400
-_TB_START = re.compile(r"Traceback \(most recent call last\)")
-_CHAIN = re.compile(r"^(During handling of the above exception|The above exception was the direct cause)")
-_EXC_LINE = re.compile(r"^\s{0,4}([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Exceeded|Timeout|Full|Killed)\w*)\b(?::|\uff1a|$)")
-_BARS = re.compile(r"^\s*(?:\d+\|[\w-]+\s*)?(?:[\d/-]{8,10}[ T][\d:.,]{8,15}\s+)?(?:[|+]\s?)+(?=\s*\S)")
-_IPY_HEADER = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Warning|Exit|Interrupt|Exceeded|Timeout)\w*)\s{2,}Traceback \(most recent call last\)")
-_LOG_PREFIX = re.compile(r"^(\d{4}-\d\d-\d\d|\[\d{4}-|\[?(INFO|ERROR|WARNING|WARN|DEBUG|CRITICAL)\b|[IWEF]\d{4} )")
 
 @dataclass(frozen=True, repr=False)
 class Diagnosis(ReportText):
@@ -68,6 +75,8 @@ class Diagnosis(ReportText):
     exception_type : the exception's type name when one was seen.
     others : further diagnoses from the same input, most likely root cause first.
     similar_cases : past cases from the casebook (name, class, evidence, fix), most similar first.
+    input_note : what part of the input was not searched (over the ``max_triage_bytes`` budget, or
+        error blocks past the rules' budget), and how to search it all; "" when all of it was.
     """
 
     failure_class: str
@@ -82,6 +91,7 @@ class Diagnosis(ReportText):
     exception_type: str = ""
     others: tuple = ()
     similar_cases: tuple = ()
+    input_note: str = ""
 
     @property
     def all(self) -> tuple["Diagnosis", ...]:
@@ -110,6 +120,8 @@ class Diagnosis(ReportText):
             text += ["- " + d._summary().replace("\n", "\n  ") for d in self.others]
         for case in self.similar_cases:
             text.append(f"similar past case: {case['name']} ({case['failure_class']}): fix was {case['fix']}")
+        if self.input_note:
+            text.append(f"note: {self.input_note}")
         return "\n".join(text)
 
 
@@ -124,7 +136,9 @@ def triage(source: TriageInput, *, casebook: Any = None, k: int = 3) -> Diagnosi
     source : BaseException, str, bytes, path or file object
         An exception (its chained causes and frames are used), pasted text (traceback,
         service log, HTTP error body), a :class:`pathlib.Path` of a log file, or an open
-        text/binary stream. A plain ``str`` is always treated as text, never as a path.
+        text/binary stream. A plain ``str`` is always treated as text, never as a path. At most
+        ``max_triage_bytes`` (:class:`mlbench.budgets.Budgets`) are searched: the head and the
+        tail, with a note in ``input_note``.
     casebook : path, Casebook, False or None
         Where to look for similar past cases; None uses the default casebook folders
         (``data/cases`` and ``$MLBENCH_CASEBOOK``), False skips the search.
@@ -157,21 +171,24 @@ def triage_text(text: str) -> Diagnosis:
 
 def triage_text_all(source: TriageInput) -> list[Diagnosis]:
     """Every diagnosis in ``source``, root cause first (``[unknown]`` when nothing is recognised)."""
-    text, offsets, note = _read(source)
+    reading = read_source(source)
+    text = reading.text
     if _binary(text):
-        return [_unknown(text, note)]
+        return [_unknown(text, reading)]
     text, origin = normalize(text)  # ANSI colours, JSON log records, flattened tracebacks
-    origin = [offsets[n - 1] for n in origin] if offsets else origin
-    lines = text.split("\n")
+    origin = [reading.numbers[n - 1] for n in origin] if reading.numbers else origin
+    blocks, left_out = within_budget([fit_block(start, block) for start, block in cut_blocks(text.split("\n"))], origin)
+    note = "; ".join(filter(None, (reading.note, left_out)))
     found = []
-    for start, block in _blocks(lines)[:_MAX_BLOCKS]:
-        diagnosis = _classify(block, start + 1)
+    texts = ["\n".join(block) for block, _ in blocks]
+    for (block, numbers), block_text, rules in zip(blocks, texts, _RULES.candidates(texts)):
+        diagnosis = _classify(block, numbers, block_text, rules)
         if diagnosis is not None:
             found.append(replace(diagnosis, line=origin[diagnosis.line - 1]))
     found = _merge(found) or [replace(d, line=origin[d.line - 1]) for d in whole_input_diagnoses(text, _make)]
     if not found:
-        return [_unknown(text, note)]
-    return _root_cause_first(found)
+        return [_unknown(text, replace(reading, note=note))]
+    return [replace(d, input_note=note) for d in _root_cause_first(found)] if note else _root_cause_first(found)
 
 
 def _root_cause_first(found: list[Diagnosis]) -> list[Diagnosis]:
@@ -190,7 +207,7 @@ def _root_cause_first(found: list[Diagnosis]) -> list[Diagnosis]:
 
 def _quiet(evidence: str) -> bool:
     """A line of code (an assignment or a call) that says nothing of an error: the user's source, not the failure."""
-    return bool(re.search(r"=|\w\(", evidence)) and not _ERRORISH.search(evidence) and not _EXC_LINE.match(evidence)
+    return bool(re.search(r"=|\w\(", evidence)) and not _ERRORISH.search(evidence) and not exception_name(evidence)
 
 
 def make_diagnosis(failure_class: str, evidence: str = "") -> Diagnosis:
@@ -208,82 +225,11 @@ def make_diagnosis(failure_class: str, evidence: str = "") -> Diagnosis:
     return _make(failure_class, evidence, evidence, 0.0, 0, "")
 
 
-# ---- reading ------------------------------------------------------------------------------
-def _http_status_line(exc: BaseException) -> str:
-    """``HTTP status 504 Gateway Timeout`` for an exception that carries an HTTP status (a client's
-    error answer), so the status decides the class, not the words of the explanation."""
-    import http
-
-    status = getattr(exc, "status", None)
-    if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status < 600:
-        return ""
-    try:
-        phrase = http.HTTPStatus(status).phrase
-    except ValueError:
-        phrase = ""
-    return f"HTTP status {status} {phrase}\n"
-
-
-
-def _read(source: TriageInput) -> tuple[str, list[int] | None, str]:
-    """(text, original line numbers of the kept lines or None, a note on the input)."""
-    if isinstance(source, BaseException):
-        text = "".join(traceback.format_exception(type(source), source, source.__traceback__))
-        return text + _http_status_line(source), None, "exception"
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return _clean(bytes(source).decode("utf-8", "replace")), None, "bytes"
-    if isinstance(source, str):
-        return _clean(source), None, "text"
-    if isinstance(source, os.PathLike):
-        path = Path(source)
-        if not path.is_file():
-            raise OptionsError(f"triage: {path} is not a file; pass the log file's path, text, or an exception")
-        with open(path, "rb") as handle:
-            return _read_stream(handle)
-    if hasattr(source, "read"):
-        return _read_stream(source)
-    raise OptionsError(f"triage takes an exception, text, bytes, a path or a stream, got {type(source).__name__}")
-
-
 # ---- blocks and classification ------------------------------------------------------------
-def _blocks(lines: list[str]) -> list[tuple[int, list[str]]]:
-    """Tracebacks as one block each (to the end of their message); other messages (a log record
-    or an exception line with its continuation lines) as one block each."""
-    blocks: list[tuple[int, list[str]]] = []
-    current: list[str] | None = None
-    in_traceback = seen_exception = False
-    for i, line in enumerate(lines):
-        line = _BARS.sub("", line) if "|" in line[:40] or "+" in line[:8] else line
-        line = strip_prefix(line)
-        stripped = line.strip()
-        if _TB_START.search(stripped):
-            current, in_traceback, seen_exception = [line], True, False
-            blocks.append((i, current))
-            continue
-        if _CHAIN.match(stripped) or not stripped:
-            current = None
-            continue
-        if not in_traceback and is_frame_header(line):  # a traceback pasted without its header
-            current, in_traceback, seen_exception = [line], True, False
-            blocks.append((i, current))
-            continue
-        starts_record = bool(_LOG_PREFIX.match(line) or _EXC_LINE.match(line))
-        if current is not None and in_traceback and not (seen_exception and _LOG_PREFIX.match(line)):
-            current.append(line[:4000])
-            seen_exception = seen_exception or bool(_EXC_LINE.match(line))
-            continue
-        if current is None or in_traceback or starts_record:
-            current, in_traceback = [line[:4000]], False
-            blocks.append((i, current))
-        else:
-            current.append(line[:4000])
-    return blocks
-
-
 def _line_factor(line: str, previous: str, has_message: bool) -> float:
     """How much a match on ``line`` counts: the exception line most, stack frames least (but more
     when the traceback was cut before its message, so the frames are all there is)."""
-    if _EXC_LINE.match(line):
+    if exception_name(line):
         return 1.25
     if is_frame(line):
         return 0.3 if has_message else 0.6
@@ -292,24 +238,25 @@ def _line_factor(line: str, previous: str, has_message: bool) -> float:
     return 1.0
 
 
-def _classify(block: list[str], first_line: int) -> Diagnosis | None:
-    text = "\n".join(block)
+def _classify(block: list[str], numbers: list[int], text: str, rules: list[Rule]) -> Diagnosis | None:
+    """The best-scoring class of one error block, or None. ``numbers`` are its lines' 1-based numbers,
+    ``text`` the lines joined, ``rules`` those that may match it (:meth:`RuleSet.candidates`)."""
     starts = [0]
     for line in block[:-1]:
         starts.append(starts[-1] + len(line) + 1)
     best: dict[str, tuple[float, int, int]] = {}  # class -> (score, line index, hits)
-    in_traceback = any(_TB_START.search(line) or is_frame_header(line) for line in block[:60])
-    has_message = any(_EXC_LINE.match(line) for line in block)
-    for cls, weight, rx, weak in _COMPILED:
-        for n, match in enumerate(rx.finditer(text)):
+    in_traceback = any(TB_START.search(line) or is_frame_header(line) for line in block[:60])
+    has_message = any(exception_name(line) for line in block)
+    for rule in rules:
+        for n, match in enumerate(rule.finditer(text)):
             if n == 4:
                 break
-            idx = _index(starts, match.start())
-            if weak and not in_traceback and not _ERRORISH.search(block[idx]):
+            idx = bisect_right(starts, match.start()) - 1
+            if rule.weak and not in_traceback and not _ERRORISH.search(block[idx]):
                 continue
-            score = weight * _line_factor(block[idx], block[idx - 1] if idx else "", has_message)
-            old = best.get(cls, (0.0, 0, 0))
-            best[cls] = (max(old[0], score), idx if score > old[0] else old[1], old[2] + 1)
+            score = rule.weight * _line_factor(block[idx], block[idx - 1] if idx else "", has_message)
+            old = best.get(rule.failure_class, (0.0, 0, 0))
+            best[rule.failure_class] = (max(old[0], score), idx if score > old[0] else old[1], old[2] + 1)
     exc_type = _exception_type(block)
     for cls, score in context_scores(text, exc_type):
         old = best.get(cls, (0.0, _exc_index(block), 0))
@@ -317,28 +264,20 @@ def _classify(block: list[str], first_line: int) -> Diagnosis | None:
     if not best:
         return None
     cls, (score, idx, hits) = max(best.items(), key=lambda kv: (kv[1][0] + 0.05 * min(kv[1][2], 6), -kv[1][1]))
-    return _make(cls, block[idx].strip()[:400], text, score, first_line + idx, exc_type)
-
-
-def _index(starts: list[int], position: int) -> int:
-    lo, hi = 0, len(starts) - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if starts[mid] <= position else (lo, mid - 1)
-    return lo
+    return _make(cls, block[idx].strip()[:400], text, score, numbers[idx], exc_type)
 
 
 def _exception_type(block: list[str]) -> str:
     for line in reversed(block):
-        match = _EXC_LINE.match(line)
-        if match:
-            return match.group(1).rsplit(".", 1)[-1]
-    header = next((_IPY_HEADER.match(line) for line in block[:3] if _IPY_HEADER.match(line)), None)  # IPython, cut before the message
-    return header.group(1).rsplit(".", 1)[-1] if header else ""
+        name = exception_name(line)
+        if name:
+            return name.rsplit(".", 1)[-1]
+    header = next((name for name in map(ipython_header_name, block[:3]) if name), "")  # IPython, cut before the message
+    return header.rsplit(".", 1)[-1]
 
 
 def _exc_index(block: list[str]) -> int:
-    return next((i for i in range(len(block) - 1, -1, -1) if _EXC_LINE.match(block[i])), len(block) - 1)
+    return next((i for i in range(len(block) - 1, -1, -1) if exception_name(block[i])), len(block) - 1)
 
 
 def _make(cls: str, evidence: str, text: str, score: float, line: int, exc_type: str) -> Diagnosis:
@@ -375,8 +314,9 @@ def _binary(text: str) -> bool:
     return bool(head) and sum(ch == "\ufffd" or (ord(ch) < 32 and ch not in "\n\t") for ch in head) > 0.1 * len(head)
 
 
-def _unknown(text: str, note: str) -> Diagnosis:
+def _unknown(text: str, reading: Reading) -> Diagnosis:
     title, meaning, fix, notebook = CLASS_INFO["unknown"]
+    note = reading.summary
     if not text.strip():
         reason = "the input is empty"
     elif _binary(text):
@@ -384,7 +324,8 @@ def _unknown(text: str, note: str) -> Diagnosis:
     else:
         first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")[:120]
         reason = f"no known error pattern in {len(text.splitlines())} line(s) ({note}); first line: {first!r}"
-    return Diagnosis("unknown", "", f"{meaning}: {reason}", fix, notebook, {"reason": reason}, 0.0, 0, 1, "")
+    return Diagnosis("unknown", "", f"{meaning}: {reason}", fix, notebook, {"reason": reason}, 0.0, 0, 1, "",
+                     input_note=reading.note)
 
 
 # ---- command line -------------------------------------------------------------------------
@@ -399,6 +340,7 @@ def add_triage_command(sub) -> None:
 def _triage_cli(args) -> int:
     import json
     import sys
+    from pathlib import Path
 
     source = sys.stdin.buffer if args.file == "-" else Path(args.file)
     diagnosis = triage(source)

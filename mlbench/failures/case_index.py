@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mlbench.budgets import budgets
 from mlbench.findings import ReportText
 from mlbench.paths import data_dir
 
@@ -54,15 +55,31 @@ def _words(text: str) -> set[str]:
 
 
 def _case_json(path: Path) -> dict[str, Any] | None:
+    """A case's manifest, or None when it is not a readable case (the casebook skips it and
+    ``load_case`` would say why). Cases are untrusted: the manifest is read only from a regular
+    file or zip member no larger than ``Budgets.max_case_manifest_bytes``, and any failure to parse
+    it (deep nesting included) skips the case rather than failing the triage that searches it."""
+    limit = budgets().max_case_manifest_bytes
     try:
-        if path.is_dir() and (path / "case.json").exists():
-            return json.loads((path / "case.json").read_text())
-        if path.suffix == ".zip" and zipfile.is_zipfile(path):
+        if path.is_dir() and not path.is_symlink():
+            manifest = path / "case.json"
+            if manifest.is_symlink() or not manifest.is_file() or manifest.stat().st_size > limit:
+                return None
+            text = manifest.read_bytes()
+        elif path.suffix == ".zip" and path.is_file() and not path.is_symlink() and zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
-                return json.loads(archive.read("case.json"))
-    except (OSError, KeyError, ValueError):
-        return None  # not a readable case: the casebook skips it, load_case would say why
-    return None
+                if archive.getinfo("case.json").file_size > limit:
+                    return None
+                with archive.open("case.json") as member:
+                    text = member.read(limit + 1)
+            if len(text) > limit:
+                return None
+        else:
+            return None
+        meta = json.loads(text)
+    except (OSError, KeyError, ValueError, RecursionError, zipfile.BadZipFile, RuntimeError, NotImplementedError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def _entries(folder: Path) -> list[CaseEntry]:
@@ -75,9 +92,11 @@ def _entries(folder: Path) -> list[CaseEntry]:
             meta = _case_json(path)
             if meta is None:
                 continue
-            diagnosis = meta.get("diagnosis", {})
-            found.append(CaseEntry(meta.get("name", path.stem), str(path), meta.get("failure_class", "unknown"),
-                                   diagnosis.get("evidence", ""), meta.get("fix") or diagnosis.get("fix", ""), meta.get("note", "")))
+            diagnosis = meta.get("diagnosis") if isinstance(meta.get("diagnosis"), dict) else {}
+            text = lambda value, default="": value if isinstance(value, str) else default  # noqa: E731 - untrusted JSON
+            found.append(CaseEntry(text(meta.get("name"), path.stem), str(path), text(meta.get("failure_class"), "unknown"),
+                                   text(diagnosis.get("evidence")), text(meta.get("fix")) or text(diagnosis.get("fix")),
+                                   text(meta.get("note"))))
         _CACHE[key] = found
     return _CACHE[key]
 

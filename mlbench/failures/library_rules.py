@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import re
 
+from mlbench.failures.matching import Rule
+
 __all__ = ["LIBRARY_RULES", "library_context_scores", "whole_input_diagnoses"]
 
 _G = r"[^\n]{0,200}?"
-_HUB = r"(?:(?<![\w-]\.)(?<!api-inference\.)huggingface\.co|hf\.co|cdn-lfs[\w.-]*|download\.pytorch\.org|(?:objects|raw)\.githubusercontent\.com|hf-mirror\.com)"
+_HUB = r"(?:(?<![\w-]\.)(?<!api-inference\.)huggingface\.co|hf\.co|cdn-lfs[\w.-]{0,100}|download\.pytorch\.org|(?:objects|raw)\.githubusercontent\.com|hf-mirror\.com)"
 _NET_FAIL = r"(?:timed out|time ?out|Max retries exceeded|ConnectTimeout|ReadTimeout|Connection (?:refused|reset|aborted)|Name or service not known)"
 
 LIBRARY_RULES: tuple[tuple[str, float, str], ...] = (
@@ -69,7 +71,7 @@ LIBRARY_RULES: tuple[tuple[str, float, str], ...] = (
     ("postprocessing", 6, r"Invalid number of points in LinearRing|Number of points must be 0 or|Points of LinearRing|GEOSException|TopologicalError"),
     ("postprocessing", 6.5, r"(?:Label|Labell?ed) image must be of integer|label_image must be"),
     ("cuda_oom", 6, r"The node (?:was low on resource: memory|had condition: \[MemoryPressure\])"),
-    ("dtype_mismatch", 6, r"Unexpected input data type|PrimitiveDataType\w*<?\w*>?\) , expected"),
+    ("dtype_mismatch", 6, r"Unexpected input data type|PrimitiveDataType\w{0,100}(?:<\w{0,100}>?)?\) , expected"),
     ("device_mismatch", 6, r"Insufficient nvidia\.com/gpu|Insufficient (?:amd\.com|gpu\.intel\.com)/gpu"),
     ("postprocessing", 6, r"\b(?:p|pts|points|contour)\.checkVector\(2"),  # polygon points OpenCV cannot draw
     ("postprocessing", 5, r"\bmasks?\.xy\b|masks2segments|\bsegments?\b[^\n]{0,30}\b(?:is|are|was|were) empty"),
@@ -105,7 +107,7 @@ LIBRARY_RULES: tuple[tuple[str, float, str], ...] = (
 )
 
 # The innermost frames' files name the library that raised: decisive only when the message is not.
-_FRAME_FILE = re.compile(r'^\s*File "([^"\n]{1,500})", line \d+|^\s*(\S{1,300}\.pyx?)(?::\d+)? in \S', re.M)
+_FRAME_FILE = re.compile(r'^[^\S\n]*File "([^"\n]{1,500})", line \d+|^[^\S\n]*(\S{1,300}\.pyx?)(?::\d+)? in \S', re.M)
 _FRAME_LIBRARIES = (
     ("image_format", re.compile(r"PIL[/\\]\w*(?:ImagePlugin|ImageFile)\.py|tifffile[/\\]|imageio[/\\]|rasterio[/\\]|skimage[/\\]io[/\\]"
                                 r"|imagecodecs[/\\]|pydicom[/\\]|dicom[/\\]filereader|aicsimageio[/\\]|bioio\w*[/\\]|nd2[/\\]|czifile|pylibCZIrw"
@@ -144,7 +146,8 @@ _PRINTED_SHAPE = re.compile(r"\(\d{2,6}, \d{2,6}((?:, \d{1,5}){1,2})\)")  # (H, 
 # An HTTP or URL error raised while a model is built or its weights fetched: the download failed.
 _URL_ERROR = re.compile(r"\b(?:HTTPError|URLError|ContentTooShortError|urlopen error)\b")
 _MODEL_CONTEXT = re.compile(r"model_type|pretrained|load_model|model_path|cache_model|checkpoint|weights|torch\.hub|hub\.load|models[/\\]", re.I)
-_DOWNLOAD = re.compile(r"download(?:ing)?\b[^\n]{0,300}?(?:models?[/\\]|weights|checkpoint|pretrained|\.(?:pth|pt|ckpt|safetensors|onnx|bin|h5|npy)\b)", re.I)
+_DOWNLOAD = Rule("weights_missing", 0, r"download(?:ing)?\b[^\n]{0,300}?(?:models?[/\\]|weights|checkpoint|pretrained"
+                 r"|\.(?:pth|pt|ckpt|safetensors|onnx|bin|h5|npy)\b)", re.I)  # a line gap: matched part by part
 _NET_ERROR = re.compile(r"HTTP Error \d{3}|HTTPError|URLError|urlopen error|ContentTooShortError|Max retries exceeded|Connection (?:refused|reset|aborted)"
                         r"|Name or service not known|Temporary failure in name resolution|SSLError|CERTIFICATE_VERIFY_FAILED|timed out", re.I)
 
@@ -176,7 +179,7 @@ def library_context_scores(text: str) -> list[tuple[str, float]]:
 def whole_input_diagnoses(text: str, make) -> list:
     """When no single block is recognised: a model download announced in one line and a network error
     in another is a weights download that failed. ``make(cls, evidence, text, score, line, exc_type)``."""
-    error = _NET_ERROR.search(text) if _DOWNLOAD.search(text) else None
+    error = _NET_ERROR.search(text) if next(_DOWNLOAD.finditer(text), None) else None
     error = error or (_URL_ERROR.search(text) if _MODEL_CONTEXT.search(text) else None)
     if not error:
         return []

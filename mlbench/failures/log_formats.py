@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import re
 
+from mlbench.failures.patterns import names_exception
+
 __all__ = ["normalize", "strip_ansi"]
 
 # ANSI escapes (CSI and OSC), and the visible remains of a colour code whose ESC byte was lost.
@@ -26,12 +28,16 @@ _MESSAGE_KEYS = ("message", "msg", "event", "log", "error", "err", "exception", 
 _ESCAPED_NEWLINE = re.compile(r"(?:\\r)?\\n")
 # A traceback flattened onto one line: cut before each frame, each caret run and the exception.
 _EMBEDDED_FRAME = re.compile(r'(?<=\S)\s+(?=File "[^"\n]{1,400}", line \d+)|(?<=\S)\s+(?=Traceback \(most recent call last\))')
-_CARET_RUN = re.compile(r"\s+[\^~]{3,}(?=\s|$)")
-_EMBEDDED_EXCEPTION = re.compile(r"(?<=[\w)\]'\"])\s+(?=(?:[A-Za-z_][\w]*\.){0,4}[A-Z]\w*(?:Error|Exception|Warning|Exit|Interrupt)\w*: )")
+_CARET_RUN = re.compile(r"(?<!\s)\s+[\^~]{3,}(?=\s|$)")  # from a blank run's start only: linear
+# Where an exception line begins inside a flattened line: blanks after a word, then a dotted name whose
+# last part names an exception type (checked by names_exception, not by backtracking), then ": ".
+_EMBEDDED_NAME = re.compile(r"(?<=[\w)\]'\"])\s+((?:[A-Za-z_]\w*\.){0,4}[A-Z]\w*): ")
+_EMBEDDED_WORDS = ("Error", "Exception", "Warning", "Exit", "Interrupt")
 _FRAME_IN_LINE = re.compile(r'File "[^"\n]{1,400}", line \d+')
 # ``docker logs -t`` / ``kubectl logs --timestamps``: an RFC 3339 stamp before each line of a traceback.
-_STAMPED_TRACEBACK = re.compile(r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:[.,]\d{1,9})?(?:Z|[+-]\d\d:?\d\d)? '
-                                r'(?=\s|\[?Traceback|File "|(?:[A-Za-z_]\w*\.){0,4}[A-Z]\w*(?:Error|Exception)\w*:)')
+_STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:[.,]\d{1,9})?(?:Z|[+-]\d\d:?\d\d)? ")
+_STAMPED_REST = re.compile(r'\s|\[?Traceback|File "')
+_EXCEPTION_START = re.compile(r"(?:[A-Za-z_]\w*\.){0,4}([A-Z]\w*):")
 
 
 def strip_ansi(line: str) -> str:
@@ -46,10 +52,21 @@ def normalize(text: str) -> tuple[str, list[int]]:
     out: list[str] = []
     origin: list[int] = []
     for number, line in enumerate(text.split("\n"), start=1):
-        for piece in _unwrap(_STAMPED_TRACEBACK.sub("", strip_ansi(line), count=1)):
+        for piece in _unwrap(_unstamp(strip_ansi(line))):
             out.append(piece)
             origin.append(number)
     return "\n".join(out), origin
+
+
+def _unstamp(line: str) -> str:
+    """``line`` without a ``docker logs -t`` stamp when what follows is part of a traceback."""
+    stamp = _STAMP.match(line)
+    if not stamp:
+        return line
+    rest = line[stamp.end():]
+    name = _EXCEPTION_START.match(rest)
+    keep = _STAMPED_REST.match(rest) or (name and names_exception(name.group(1), ("Error", "Exception"), capital=True))
+    return rest if keep else line
 
 
 def _unwrap(line: str, depth: int = 0) -> list[str]:
@@ -96,7 +113,17 @@ def _split_flattened(line: str) -> list[str]:
             part = frame.group(2)
             if not part:
                 continue
-        pieces = _EMBEDDED_EXCEPTION.split(part)
+        pieces = _split_exceptions(part)
         out.append(("    " if frame else "") + pieces[0])
         out.extend(pieces[1:])
     return out
+
+
+def _split_exceptions(part: str) -> list[str]:
+    """``part`` cut before each exception line it holds (``... x = f() ValueError: bad`` -> two pieces)."""
+    pieces, start = [], 0
+    for match in _EMBEDDED_NAME.finditer(part):
+        if names_exception(match.group(1), _EMBEDDED_WORDS, capital=True):
+            pieces.append(part[start:match.start()])
+            start = match.start(1)
+    return pieces + [part[start:]]

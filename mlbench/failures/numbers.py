@@ -17,7 +17,8 @@ from mlbench.findings import format_bytes
 __all__ = ["extract", "describe", "specific_fix", "parse_bytes"]
 
 _UNITS = {"b": 1, "bytes": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_SIZE = r"(\d+(?:\.\d*)?)\s?(bytes|[KMGT]i?B|[KMGT](?=\s?\(\d+ bytes\))|B)\b"
+# From a number's first digit only: tried at every digit of a long digit run, the number is quadratic.
+_SIZE = r"(?<!\d)(\d+(?:\.\d*)?)\s?(bytes|[KMGT]i?B|[KMGT](?=\s?\(\d+ bytes\))|B)\b"
 
 
 def parse_bytes(number: str, unit: str) -> int:
@@ -35,7 +36,7 @@ def _first_size(text: str, *patterns: str) -> int | None:
 
 def _exact_bytes(text: str) -> int | None:
     """The byte count TensorFlow prints next to a rounded size: 'allocate 2.12G (2282521344 bytes)'."""
-    match = re.search(r"allocate [\d.]+\s?\w* \((\d+) bytes\)", text, re.I)
+    match = re.search(r"allocate [\d.]+\s?[^\W\d]* \((\d+) bytes\)", text, re.I)  # the unit has no digit: no backtracking
     return int(match.group(1)) if match else None
 
 
@@ -55,9 +56,17 @@ def _memory(text: str) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+_KEYS_END = re.compile(r"\.[^\S\n]*$|\n[^\S\n]*\w+ key\(s\)|\n[^\S\n]*size mismatch", re.I | re.M)
+
+
 def _keys(section: str, text: str) -> list[str]:
-    match = re.search(section + r" key\(s\) in state_dict:(.{0,200000}?)(?:\.\s*$|\n\s*\w+ key\(s\)|\n\s*size mismatch|\Z)", text, re.I | re.S | re.M)
-    return re.findall(r'"([^"]+)"', match.group(1)) if match else []
+    """The keys listed after ``<section> key(s) in state_dict:``, up to the next section (at most 200,000
+    characters): found with one search each, never a lazy scan per header."""
+    match = re.search(section + r" key\(s\) in state_dict:", text, re.I)
+    if not match:
+        return []
+    end = _KEYS_END.search(text, match.end(), match.end() + 200_001)
+    return re.findall(r'"([^"]+)"', text[match.end():end.start() if end else match.end() + 200_000])
 
 
 def _weights(text: str) -> dict[str, Any]:
@@ -104,18 +113,34 @@ def _dependency(text: str) -> dict[str, Any]:
     m = re.search(r"cannot import name ['\"]?(\w+)['\"]? from ['\"]?([\w.]+)", text)
     if m:
         out.update(name=m.group(1), module=m.group(2))
-    m = re.search(r"([\w.+-]+\.so(?:\.[\d.]+)?): cannot open shared object file", text)
+    m = re.search(r"(?<![\w.+-])([\w.+-]+\.so(?:\.[\d.]+)?): cannot open shared object file", text)
     if m:
         out["library"] = m.group(1)
     if re.search(r"NumPy 1\.x cannot be run in|_ARRAY_API not found|numpy\.dtype size changed|multiarray failed to import|compiled against API version", text):
         out["abi"] = "numpy 1.x/2.x"
-    m = re.search(r"(?:site|dist)-packages[/\\]([\w-]+)[/\\][^\s:]*\.(?:so|pyd)[^\n]{0,20}?: undefined symbol", text)
-    if m:
-        out.update(module=m.group(1), pip_package=PIP_NAMES.get(m.group(1), m.group(1)), broken_extension=True)
+    package = _broken_extension(text)
+    if package:
+        out.update(module=package, pip_package=PIP_NAMES.get(package, package), broken_extension=True)
     m = re.search(r"module '([\w.]+)' has no attribute '(\w+)'", text)
     if m and "module" not in out:
         out.update(module=m.group(1), missing_attribute=m.group(2))
     return out
+
+
+_UNDEFINED = re.compile(r"\.(?:so|pyd)[^\n]{0,20}?: undefined symbol")
+_PACKAGE_DIR = re.compile(r"(?:site|dist)-packages[/\\]([\w-]+)[/\\]")
+
+
+def _broken_extension(text: str) -> str | None:
+    """The package folder of the first ``site-packages/<pkg>/...so: undefined symbol`` (the path is read
+    back from each ``.so: undefined symbol``, at most 300 characters, not scanned forward from every folder)."""
+    for match in _UNDEFINED.finditer(text):
+        start = max(0, match.start() - 300)
+        path = re.split(r"[\s:]", text[start:match.start()])[-1]  # the path: no blank or colon in it
+        folder = _PACKAGE_DIR.search(path)
+        if folder:
+            return folder.group(1)
+    return None
 
 
 _LOAD_KEYS = {"v": "a Git LFS pointer (run git lfs pull)", "<": "an HTML page (a failed or redirected download)",
@@ -169,7 +194,7 @@ def _http(text: str) -> dict[str, Any]:
     m = re.search(r"(?:HTTP/[\d.]+\"?\s+|status(?:[ _]?code)?\W{0,3})([1-5]\d\d)\b", text) or re.search(r"\b(4[0-2]\d|50[0-4])\s+[A-Z][a-z]", text)
     if m:
         out["status"] = int(m.group(1))
-    fields = re.findall(r"\"loc\": ?\[([^\]]*)\]", text) or re.findall(r"'loc': ?\(([^)]*)\)", text)
+    fields = re.findall(r"\"loc\": ?\[([^\]]{0,300})\]", text) or re.findall(r"'loc': ?\(([^)]{0,300})\)", text)
     if fields:
         out["fields"] = [f.replace('"', "").replace("'", "").replace(" ", "") for f in fields[:5]]
     m = re.search(r"(?:read timeout|timeout)\s?=\s?(\d+(?:\.\d+)?)", text, re.I) or re.search(r"after (\d+(?:\.\d+)?) ?s(?:econds)?\b", text)

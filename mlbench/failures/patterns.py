@@ -19,7 +19,6 @@ __all__ = ["strip_prefix", "is_frame", "is_frame_header", "context_scores", "typ
 _FLAGS = re.I | re.M | re.ASCII
 # Line prefixes that carry no meaning: quotes, pytest, rich boxes, docker compose, code fences.
 _PREFIX = re.compile(r"^(?:\s*(?:>\s?)+|E {2,}|\s*[│┃|]\s?(?=.*[│┃]\s*$)|[\w.-]{1,40}\s+\|\s(?=\S)|\s*`{1,3}(?=\S))")
-_SUFFIX = re.compile(r"\s*(?:[│┃]|`{1,3})\s*$")
 _FRAME = re.compile(
     r'^\s*File "[^"\n]{0,500}", line \d+'               # CPython
     r"|^\s*File [^\n]{1,500}:\d+,? in \S"                # IPython 8 / rich
@@ -27,7 +26,7 @@ _FRAME = re.compile(
     r"|^\s*<ipython-input-[\w-]+> in "                  # IPython cell frame
     r"|^\s*-*>\s*\d+\s"                                  # IPython arrow line: ----> 5 code
     r"|^\s+\d{1,5} {1,}\S"                               # IPython listing line:     25   code
-    r"|^\s*❱?\s*\d{1,5} │"                               # rich listing line
+    r"|^\s*(?:❱\s*)?\d{1,5} │"                          # rich listing line
     r"|^\s*at [\w.$<>]+\("                               # Java / JS
     r"|^\s*#\d+ |^\s*frame #\d+:"                        # C / c10 backtrace
     r"|^\s*\[<[0-9a-f]+>\]",                             # kernel call trace
@@ -59,7 +58,20 @@ _TYPES = {
 def strip_prefix(line: str) -> str:
     """``line`` without a quote, pytest, rich-box, compose or code-fence prefix."""
     stripped = _PREFIX.sub("", line, count=1)
-    return _SUFFIX.sub("", stripped) if stripped is not line else line
+    return _strip_suffix(stripped) if stripped is not line else line
+
+
+def _strip_suffix(line: str) -> str:
+    """``line`` without a closing box bar or code fence (and the blanks around it), when it ends with one.
+
+    Plain string operations, not a regex: ``\\s*[│┃]\\s*$`` tried at every blank of a long blank run
+    is quadratic in the run's length.
+    """
+    end = line.rstrip()
+    if end.endswith(("│", "┃")):
+        return end[:-1].rstrip()
+    ticks = len(end) - len(end.rstrip("`"))
+    return end[:-min(ticks, 3)].rstrip() if ticks and ticks <= 3 else (end[:-3] if ticks else line)
 
 
 def is_frame(line: str) -> bool:
@@ -70,6 +82,39 @@ def is_frame(line: str) -> bool:
 def is_frame_header(line: str) -> bool:
     """The first line of a stack frame (CPython, IPython, rich): a traceback is under way."""
     return bool(_FRAME_HEADER.match(line))
+
+
+# ---- exception names, found in linear time ---------------------------------------------------
+# ``[\w.]*(?:Error|...)\w*`` backtracks to every "Error" of a long word and rescans the rest of the
+# word from each: quadratic. The name is matched as one run instead and the type word looked for
+# with ``str.find`` (see :func:`names_exception`).
+EXCEPTION_WORDS = ("Error", "Exception", "Exit", "Interrupt", "Warning", "Exceeded", "Timeout", "Full", "Killed")
+_EXC_NAME = re.compile(r"^\s{0,4}([A-Za-z_][\w.]*)(?::|\uff1a|$)")
+_IPY_NAME = re.compile(r"^\s*([A-Za-z_][\w.]*)\s{2,}Traceback \(most recent call last\)")
+
+
+def names_exception(name: str, words: tuple[str, ...] = EXCEPTION_WORDS, capital: bool = False) -> bool:
+    """True when the last dotted part of ``name`` holds one of ``words`` after its first character.
+
+    That is ``[\\w.]*X(?:Error|...)\\w*`` (``capital``: ``[A-Z]\\w*(?:Error|...)\\w*`` for the last
+    part) without the backtracking: ``ValueError``, ``torch.OutOfMemoryError``, not ``Error`` alone.
+    """
+    part = name.rfind(".") + 1
+    if capital and not "A" <= name[part:part + 1] <= "Z":
+        return False
+    return any(name.find(word, max(part + capital, 1)) >= 0 for word in words)
+
+
+def exception_name(line: str) -> str:
+    """The exception type a line starts with (``ValueError`` of ``ValueError: bad``), or ""."""
+    match = _EXC_NAME.match(line)
+    return match.group(1) if match and names_exception(match.group(1)) else ""
+
+
+def ipython_header_name(line: str) -> str:
+    """The exception type of an IPython traceback header (``ValueError   Traceback (most recent call last)``), or ""."""
+    match = _IPY_NAME.match(line)
+    return match.group(1) if match and names_exception(match.group(1), EXCEPTION_WORDS[:7]) else ""
 
 
 def type_class(exc_type: str) -> str | None:
@@ -142,7 +187,7 @@ def _failing_calls(lines: list[str], depth: int = 4) -> list[str]:
 
 
 # ---- an OpenCV assertion: the function names the stage, the condition may name a type ------
-_CV_ASSERT = re.compile(r"(?:Assertion failed|error: \(-\d+(?::[^)]*)?\))[^\n]{0,300}?in function '?(?:cv::)?(\w+)", re.I)
+_CV_ASSERT = re.compile(r"(?:Assertion failed|error: \(-\d+(?::[^)\n]{0,300})?\))[^\n]{0,300}?in function '?(?:cv::)?(\w{1,200})", re.I)
 _CV_FUNCTIONS = (
     ("image_format", re.compile(r"imshow|imread|imwrite|imdecode|imencode|cvtColor|CvtHelper|resize|warpAffine|VideoCapture", re.I)),
     ("postprocessing", re.compile(r"\w*[Cc]ontours?\w*|approxPolyDP|connectedComponents\w*|threshold|fillPoly|polylines", re.I)),

@@ -9,41 +9,53 @@ tifffile's header-only series.
 
 from __future__ import annotations
 
+import os
 import struct
 import warnings
+from typing import BinaryIO
 
 import numpy as np
 
 from mlbench.budgets import Budgets, Deadline
 from mlbench.errors import ImageError
 from mlbench.findings import Problem
-from mlbench.image.formats import ImageHeader, bytes_io, check_header, pil_header, read_header
+from mlbench.image.formats import ImageHeader, bytes_io, check_header, pil_header, read_header, tiff_header
 from mlbench.image.integrity import check_png, gif_frame_problems, jpeg_fill_problems, tiff_damage
 
 __all__ = ["decode", "decode_tiff", "decode_pil"]
 
 
-def decode(data: bytes, fmt: str, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, dict]:
+def decode(source: bytes | BinaryIO, fmt: str, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, dict]:
     """Dispatch on the sniffed format: TIFF to tifffile, everything else to Pillow (16-bit PNG to OpenCV).
 
-    The header is checked against ``limits`` first (pixels, decoded bytes, empty images), and a
-    PNG's chunks and compressed rows against its header, before a decoder sees the bytes.
+    ``source`` is the file's bytes, or for the formats in :data:`~mlbench.image.formats.STREAMED`
+    possibly the open file, at its start. The header is checked against ``limits`` first (pixels,
+    decoded bytes, empty images; a TIFF's in :func:`decode_tiff`, on the one parse of its header),
+    and a PNG's chunks and compressed rows against its header, before a decoder sees the bytes.
     """
-    header = read_header(data, fmt)
-    if header is not None:
-        check_header(name, header, limits)
+    if fmt != "tiff":
+        header = read_header(source if isinstance(source, bytes) else _peek(source, 64), fmt)
+        if header is not None:
+            check_header(name, header, limits)
     if fmt == "png":
-        check_png(data, name, Deadline(limits.max_seconds, ImageError))
+        check_png(source, name, Deadline(limits.max_seconds, ImageError))
     if fmt == "tiff":
-        return decode_tiff(data, name, page, limits)
+        return decode_tiff(source, name, page, limits)
     if page != 0:
         raise ImageError(f"{name}: page {page} requested but a {fmt.upper()} file has one page; pass page=0")
-    array, info = decode_pil(data, name, limits)
+    array, info = decode_pil(source, name, limits)
     if fmt == "jpeg":
-        info["problems"] += jpeg_fill_problems(data, array, info["orientation"])
+        info["problems"] += jpeg_fill_problems(source, array, info["orientation"])
     elif fmt == "gif":
-        info["problems"] += gif_frame_problems(data)
+        info["problems"] += gif_frame_problems(source)
     return array, info
+
+
+def _peek(handle: BinaryIO, size: int) -> bytes:
+    """The first ``size`` bytes of an open file, which is left at its start."""
+    head = handle.read(size)
+    handle.seek(0)
+    return head
 
 
 def _plane_layout(axes: str, shape: tuple[int, ...]) -> tuple[str | None, list[int]]:
@@ -64,6 +76,16 @@ def _check_plane(tif, name: str, plane: list[tuple[str, int]], limits: Budgets) 
     channels = int(np.prod([n for a, n in plane if a not in "YX"]))
     check_header(name, ImageHeader(sizes["Y"], sizes["X"], max(channels, 1), first.dtype.itemsize), limits)
     tiff_damage(tif, name)
+
+
+def _check_first_page(tif, name: str, limits: Budgets) -> None:
+    """The budgets and an empty size, from the first page's header, before any plane is looked at (a
+    header too odd to read is left to :func:`_check_plane`, which names the field)."""
+    try:
+        header = tiff_header(tif)
+    except Exception:
+        return
+    check_header(name, header, limits)
 
 
 def _read_tiff(tif, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, dict, list[Problem]]:
@@ -109,12 +131,15 @@ def _series_plane(series, axes: str, shape: tuple[int, ...], channel: str | None
     return array
 
 
-def decode_tiff(data: bytes, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, dict]:
-    """Decode one plane of a TIFF with tifffile, keeping dtype and reporting pages, axes and compression."""
+def decode_tiff(source: bytes | BinaryIO, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, dict]:
+    """Decode one plane of a TIFF (its bytes or the open file) with tifffile, keeping dtype and
+    reporting pages, axes and compression."""
     import tifffile
 
     try:
-        with tifffile.TiffFile(bytes_io(data)) as tif:
+        opened = bytes_io(source) if isinstance(source, bytes) else source
+        with tifffile.TiffFile(opened, name=os.path.basename(name)) as tif:
+            _check_first_page(tif, name, limits)
             pages = len(tif.series) if len(tif.series) > 1 else None
             array, info, problems = _read_tiff(tif, name, page, limits)
             series = tif.series[0]
@@ -184,15 +209,16 @@ def _keep_first_channel(array: np.ndarray, problems: list[Problem]) -> np.ndarra
 _PIL_ARRAY_MODES = {"I;16": np.uint16, "I;16B": np.uint16, "I;16L": np.uint16, "I": np.int32, "F": np.float32}
 
 
-def _open_pil(data: bytes, name: str, limits: Budgets):
+def _open_pil(source: bytes | BinaryIO, name: str, limits: Budgets, load: bool = True):
     from PIL import Image
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(bytes_io(data))
+            image = Image.open(bytes_io(source) if isinstance(source, bytes) else source)
             check_header(name, pil_header(image), limits)
-            image.load()
+            if load:
+                image.load()
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -219,6 +245,15 @@ def _decode_cv2_16(data: bytes, name: str) -> np.ndarray:
     return array
 
 
+def _png_orientation(data: bytes, image) -> int:
+    """The EXIF orientation of a PNG not decoded by Pillow: asking Pillow for the EXIF of a PNG
+    without an eXIf chunk before its rows decodes the whole image, to look for one after them;
+    here only the bytes after the last ``IDAT`` are searched."""
+    if "exif" not in image.info and data.find(b"eXIf", max(data.rfind(b"IDAT"), 0)) < 0:
+        return 1
+    return int(image.getexif().get(0x0112, 1) or 1)
+
+
 def _apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
     """Turn an (H, W[, C]) array upright from its EXIF orientation (1..8), as ``ImageOps.exif_transpose`` does."""
     transposed = np.swapaxes(array, 0, 1)
@@ -227,18 +262,21 @@ def _apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(upright)
 
 
-def decode_pil(data: bytes, name: str, limits: Budgets) -> tuple[np.ndarray, dict]:
-    """Decode PNG, JPEG, BMP, GIF or WebP with Pillow, detecting truncation (16-bit colour PNG via OpenCV)."""
+def decode_pil(source: bytes | BinaryIO, name: str, limits: Budgets) -> tuple[np.ndarray, dict]:
+    """Decode PNG, JPEG, BMP, GIF or WebP (bytes, or a BMP's open file) with Pillow, detecting
+    truncation (16-bit colour PNG via OpenCV)."""
     from PIL import ImageOps
 
-    image = _open_pil(data, name, limits)  # full decode: raises on truncation
+    colour16 = isinstance(source, bytes) and _png_16bit_colour(source)
+    image = _open_pil(source, name, limits, load=not colour16)  # a full decode raises on truncation
     problems: list[Problem] = []
     frames = getattr(image, "n_frames", 1)
-    orientation = int(image.getexif().get(0x0112, 1) or 1)
     mode = image.mode
-    if _png_16bit_colour(data):
-        array, mode = _apply_orientation(_decode_cv2_16(data, name), orientation), "RGB;16"
+    if colour16:  # Pillow would decode it as 8-bit: OpenCV does, after check_png found its rows complete
+        orientation = _png_orientation(source, image)
+        array, mode = _apply_orientation(_decode_cv2_16(source, name), orientation), "RGB;16"
     else:
+        orientation = int(image.getexif().get(0x0112, 1) or 1)
         if orientation != 1:
             image = ImageOps.exif_transpose(image)
         if mode == "P":

@@ -18,7 +18,7 @@ from mlbench.budgets import Budgets, budget_error, budgets, read_regular
 from mlbench.errors import ImageError
 
 __all__ = ["ImageSource", "ImageHeader", "sniff_format", "load_bytes", "read_header", "header_size", "pil_header",
-           "check_header", "bytes_io", "EXTENSIONS"]
+           "check_header", "bytes_io", "tiff_header", "EXTENSIONS", "STREAMED"]
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
 """A path to an image file, or the file's bytes (as uploaded to the service)."""
@@ -33,6 +33,10 @@ _MAGIC = [
     (b"GIF87a", "gif"),
     (b"GIF89a", "gif"),
 ]
+STREAMED = frozenset({"tiff", "bmp"})
+"""Formats that :func:`mlbench.read_image` decodes straight from the open file: uncompressed, so
+large, and nothing checks their bytes as a whole (a PNG's chunks are, a JPEG's markers are).
+Copying a 4096x4096 16-bit TIFF into memory before decoding it took longer than decoding it."""
 EXTENSIONS = {"png": {".png"}, "jpeg": {".jpg", ".jpeg", ".jpe"}, "tiff": {".tif", ".tiff"},
                "bmp": {".bmp"}, "gif": {".gif"}, "webp": {".webp"}}
 
@@ -144,9 +148,14 @@ def _tiff_header(data: bytes) -> ImageHeader | None:
     import tifffile
 
     with tifffile.TiffFile(bytes_io(data)) as tif:
-        page = tif.pages[0]
-        itemsize = page.dtype.itemsize if page.dtype is not None else max(1, -(-int(page.bitspersample) // 8))
-        return ImageHeader(int(page.imagelength), int(page.imagewidth), int(page.samplesperpixel), itemsize)
+        return tiff_header(tif)
+
+
+def tiff_header(tif) -> ImageHeader:
+    """The :class:`ImageHeader` of an open ``tifffile.TiffFile``'s first page."""
+    page = tif.pages[0]
+    itemsize = page.dtype.itemsize if page.dtype is not None else max(1, -(-int(page.bitspersample) // 8))
+    return ImageHeader(int(page.imagelength), int(page.imagewidth), int(page.samplesperpixel), itemsize)
 
 
 def _pil_header(data: bytes) -> ImageHeader | None:

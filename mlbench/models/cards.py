@@ -10,6 +10,8 @@ and what nobody said is a default, marked as such: ``mb.card(model)`` shows each
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -19,7 +21,7 @@ import torch
 from mlbench.errors import OptionsError
 from mlbench.findings import ReportText
 
-__all__ = ["ModelCard", "card", "attach_card", "IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATIONS", "RESIZES",
+__all__ = ["ModelCard", "card", "attach_card", "card_fields_from_text", "IMAGENET_MEAN", "IMAGENET_STD", "NORMALIZATIONS", "RESIZES",
            "INTERPOLATIONS", "OUTPUTS", "ORIGINS", "SERVICE_INPUT_SIZE"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -158,6 +160,34 @@ class ModelCard(ReportText):
             raise OptionsError(f"a card must be a mapping of field -> value, got {type(values).__name__}; "
                                'e.g. {"normalization": "x/255-0.5", "channels": 1}')
         return cls().changed(origin, **{k: v for k, v in values.items() if k != "origins"})
+
+
+def card_fields_from_text(text: str, where: str = "--card") -> dict[str, Any]:
+    """The card fields a command line gives: a JSON object, or ``@file.json`` naming a file of one.
+
+    The fields are not checked here (:meth:`ModelCard.from_dict` does that); ``where`` names the
+    option in the errors.
+
+    Raises
+    ------
+    OptionsError
+        A missing file, text that is not JSON, or JSON that is not an object.
+    """
+    if text.startswith("@"):
+        path = Path(text[1:])
+        if not path.is_file():
+            raise OptionsError(f"{where} {text}: {path} is not a file (absolute path {path.absolute()}); "
+                               "expected @FILE.json naming a JSON file, or the JSON object itself")
+        text, where = path.read_text(), f"{where} {text}"
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise OptionsError(f"{where} is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno} of {text!r}); "
+                           f"expected an object, e.g. {where.split()[0]} '{{\"input_size\": 512}}'") from None
+    if not isinstance(values, dict):
+        raise OptionsError(f"{where} is {type(values).__name__} JSON; expected an object, "
+                           f"e.g. {where.split()[0]} '{{\"input_size\": 512}}'")
+    return values
 
 
 def card_fields() -> list[str]:

@@ -8,13 +8,14 @@ reproduces a failure by choosing the preset or the single option that caused it.
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from mlbench.errors import OptionsError
 from mlbench.models.cards import INTERPOLATIONS, NORMALIZATIONS, RESIZES, ModelCard
 
-__all__ = ["PipelineOptions", "PRESETS", "PRESET_NAMES", "make_options", "reject_unknown_options", "STAGE_OF_OPTION"]
+__all__ = ["parse_option_pairs", "PipelineOptions", "PRESETS", "PRESET_NAMES", "make_options", "reject_unknown_options", "STAGE_OF_OPTION"]
 
 _CHOICES = {
     "decoder": ("careful", "pil"),
@@ -179,3 +180,23 @@ def reject_unknown_options(options: dict[str, Any]) -> None:
     else:
         head = "unknown options " + ", ".join(f"{n!r}" + (f" (did you mean {close[n][0]!r}?)" if close[n] else "") for n in unknown)
     raise OptionsError(f"{head}{' ' if head.endswith('?') else '; '}valid: {', '.join(valid)}")
+
+
+def parse_option_pairs(pairs: list[str] | None) -> dict[str, Any]:
+    """Command-line ``--option NAME=VALUE`` pairs as pipeline options; a VALUE that is JSON is
+    decoded (``threshold=0.4`` a float, ``resize=none`` the string), the names are checked when
+    the options are made.
+
+    >>> parse_option_pairs(["threshold=0.4", "resize=none"])
+    {'threshold': 0.4, 'resize': 'none'}
+    """
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise OptionsError(f"--option {pair!r} is not NAME=VALUE; expected e.g. --option resize=none")
+        try:
+            options[name] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name] = value
+    return options

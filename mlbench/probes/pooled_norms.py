@@ -1,29 +1,53 @@
-"""Whole-image normalisation statistics for tiled inference, gathered one tile at a time.
+"""Whole-image normalisation statistics for tiled inference, gathered from the tiles.
 
 An ``InstanceNorm`` or ``GroupNorm`` normalises by the mean and variance of what it sees, so
 a tile normalised by its own statistics departs from the whole image. :class:`PooledNorms`
-makes every such norm of a model normalise each tile by statistics pooled over the whole
-image instead: each tile contributes sums over the part of the image it owns (the tiles
-partition the image), and a norm combines the running tile's own sums, computed live, with
-the other tiles' sums from their latest run. Because a norm's input depends on the norms
-before it, the pooled sums are only consistent after several passes over the tiles; the
-caller (``predict_tiled(norm_stats="image")``) runs passes until the output settles. Memory
-stays that of one tile plus two sums per channel, norm call and tile.
+makes every such norm of a model normalise each tile by statistics of the whole image instead:
+the tiles partition the image (each owns the part nearer to it than to its neighbours), and at
+each norm call the mean and variance over the owned parts of the tiles running now (a batch,
+measured live) are combined, weighted by pixel count, with those of the other tiles from their
+latest run.
 
-Only the norms are pooled: other whole-input reductions (the channel attention's global
-mean in CBAM-ResUNet, a self-attention's softmax) still see one tile.
+A norm's input depends on the norms before it, so this is exact in one pass only when every
+tile runs in the same batch: then each norm sees every owned part at once. With fewer tiles
+per batch, the tiles that have not run yet are stood in for by a prior,
+:meth:`PooledNorms.record`: one forward of the whole image downsampled to one tile's size,
+recording each norm call's statistics over every tile's part of it. The statistics of the
+tiles that ran are then extrapolated to the whole image as the prior says the whole differs
+from their part (per channel, the mean shifted and the variance scaled: an affine change of the
+features between the scales). ``predict_tiled`` runs one such pass (``norm_stats="image"``) or
+repeats passes until they settle (``norm_stats="pooled"``). Memory: one batch of tiles, plus a
+mean and a second moment per channel, norm call and tile.
+
+Only the norms are pooled: other whole-input reductions (CBAM-ResUNet's channel attention,
+MA-ResUNet's SimAM, triplet and self-attention) still see one tile.
+
+Tried and measured (three small models, 512 px samples, 256 px tiles in batches of 4; relative
+L2 error of the logits against all tiles in one batch): the prior's whole-image statistics
+standing in for every missing tile, 0.06 to 0.15 on the 8-bit spheroids; its per-part
+statistics, 0.015 to 0.055; extrapolated as above, 0.011 to 0.056 (0.11 and 0.19 for MA-ResUNet
+and HRNet on the cluttered nuclei); without a prior, 0.07 to 0.34. A prior at the whole image's
+size brought the nuclei to 0.006 to 0.035, for one more whole-image forward. Running corner
+tiles first did worse; so did, in the iterative method of an earlier version, freezing every
+statistic from the previous pass (it diverged), alternating the tile order, and
+Anderson mixing (at most one pass saved in ten).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PooledNorms", "pooled_norm_modules"]
+__all__ = ["Box", "NormPrior", "PooledNorms", "pooled_norm_modules"]
+
+_PLAIN_TORCH = getattr(torch._C, "DisableTorchFunction", nullcontext)
+"""Turns ``__torch_function__`` handling (modes and subclasses) off inside; a no-op where torch lacks it."""
 
 Box = tuple[int, int, int, int]
 """``(top, bottom, left, right)`` of the part of a tile it owns, in the tile's pixels."""
@@ -42,26 +66,110 @@ def pooled_norm_modules(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+@dataclass(frozen=True)
+class NormPrior:
+    """Statistics of every norm call in one forward of a downsampled whole image, over each
+    tile's owned part scaled to it: what stands in for the tiles that have not run yet."""
+
+    calls: tuple[tuple[torch.Tensor, list[float]], ...]
+    """Per norm call, in call order: mean and second moment per part, (T, 2, N * G) float64, and
+    each part's pixel count."""
+
+
+class _Call:
+    """One norm call's statistics per tile: mean and second moment, (T, 2, N * G) float64, and
+    pixel count; with a prior, the prior's per tile and over the whole image."""
+
+    def __init__(self, tiles: int, n: int, groups: int, device: torch.device) -> None:
+        self._both = torch.zeros(2, tiles, 2, n * groups, dtype=torch.float64, device=device)
+        self.moments = self._both[0]
+        """Per tile that ran: the latest mean and second moment over its owned part."""
+        self.count = [0.0] * tiles
+        self.seen = [False] * tiles
+        self.prior: tuple[list[float], torch.Tensor] | None = None
+
+    def set_prior(self, moments: torch.Tensor, count: list[float]) -> None:
+        """Per tile (T, 2, N * G) moments and counts of a prior run; its whole-image moments."""
+        if sum(count) > 0:
+            self._both[1] = moments
+            self.prior = (count, (_weights([count], moments) @ moments.flatten(1))[0])
+
+    def pooled(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Count-weighted mean and variance over the tiles that ran, (N * G,); None if none counts.
+
+        With a prior, while some tiles have not run: those statistics extrapolated to the whole
+        image as the prior says the whole differs from the part that ran (per channel, the mean
+        shifted and the variance scaled, as an affine change of the features would)."""
+        if not sum(self.count) > 0:
+            return None
+        if self.prior is None or all(self.seen):
+            return _mean_var((_weights([self.count], self.moments) @ self.moments.flatten(1)).view(2, -1))
+        count, whole = self.prior
+        part = [c if ran else 0.0 for c, ran in zip(count, self.seen)]
+        if not sum(part) > 0:
+            return _mean_var((_weights([self.count], self.moments) @ self.moments.flatten(1)).view(2, -1))
+        weights = _weights([self.count, part], self.moments)  # (2, T): seen tiles, their part of the prior
+        pooled = torch.bmm(weights[:, None], self._both.flatten(2)).view(2, -1)
+        mean, var = _mean_var(torch.cat([pooled, whole[None]]).view(3, 2, -1).transpose(0, 1))
+        ratio = (var[2] / var[1].clamp_min(1e-12)).clamp(0.25, 4.0)
+        return mean[0] + ratio.sqrt() * (mean[2] - mean[1]), var[0] * ratio
+
+
+def _weights(counts: list[list[float]], like: torch.Tensor) -> torch.Tensor:
+    """Counts normalised to sum 1 per row, (rows, T) (one row: (1, T)), in ``like``'s dtype and device."""
+    return torch.tensor([[c / sum(row) for c in row] for row in counts], dtype=like.dtype, device=like.device)
+
+
+def _mean_var(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance from (2, ...) mean and second moment."""
+    mean = moments[0]
+    return mean, (moments[1] - mean.square()).clamp_min(0)
+
+
+def _moments(z: torch.Tensor, groups: int) -> torch.Tensor:
+    """Mean and second moment per (sample, group) of (N, C, ...), (2, N * G) float64; the variance
+    is computed about the mean in z's dtype (two passes: faster than ``var_mean`` on the CPU)."""
+    grouped = z if groups == z.shape[1] else z.reshape(z.shape[0], groups, -1)
+    dims = tuple(range(2, grouped.dim()))
+    mean = grouped.mean(dims, keepdim=True)
+    centred = grouped - mean
+    var = (centred * centred).mean(dims).flatten().double()
+    mean = mean.flatten().double()
+    return torch.stack([mean, var.addcmul_(mean, mean)])
+
+
 class PooledNorms:
     """Pooled statistics of every extent-dependent norm of ``model``, per tile and norm call.
 
-    Use :meth:`tile` around each tile's forward, for every tile, pass after pass. A norm called
-    several times in one forward keeps one record per call.
+    Parameters
+    ----------
+    model : nn.Module
+        Its norms are patched while :meth:`tiles` is entered, and restored after.
+    boxes : sequence of Box
+        Per tile (by index), the part it owns, in its own pixels.
+    size : (int, int)
+        (H, W) of every tile as it enters the model (padded); a map of another resolution scales
+        the boxes by its size over this.
+    prior : NormPrior, optional
+        From :meth:`record` with these tiles' parts: the tiles that ran are extrapolated to the
+        whole image with it while some have not; without one only the tiles that ran count.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, boxes: Sequence[Box] = ((0, 1, 0, 1),), size: tuple[int, int] = (1, 1),
+                 prior: NormPrior | None = None) -> None:
         self.norms = pooled_norm_modules(model)
-        self._sums: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, int]] = {}
-        self._totals: dict[int, list] = {}  # per norm call: sums, squares, count over all tiles
-        self._tile = 0
-        self._box: Box = (0, 0, 0, 0)
-        self._size = (1, 1)
+        self.boxes, self.size, self.prior = list(boxes), size, prior
+        self._calls: list[_Call] = []
+        self._batch: list[int] = []
         self._call = 0
+        self._shared = False  # True: the tiles of a batch are parts of one input, not stacked inputs
+        self._mask_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
 
     @contextmanager
-    def tile(self, index: int, box: Box, size: tuple[int, int]) -> Iterator[None]:
-        """Pool the norms while tile ``index`` (``size`` = its (H, W), owning ``box``) runs."""
-        self._tile, self._box, self._size, self._call = index, box, size, 0
+    def tiles(self, indices: Sequence[int]) -> Iterator[None]:
+        """Pool the norms while the tiles ``indices`` run as one batch, tile-major: the model's
+        input is (len(indices) * N, C, H, W), tile ``indices[j]``'s N images at ``j * N``."""
+        self._batch, self._call = list(indices), 0
         saved = [(norm, norm.__dict__.get("forward")) for norm in self.norms]
         for norm in self.norms:
             norm.forward = partial(self._pooled_forward, norm)
@@ -74,61 +182,124 @@ class PooledNorms:
                 else:
                     norm.forward = forward
 
+    @classmethod
+    def record(cls, model: nn.Module, x: torch.Tensor, boxes: Sequence[tuple[float, float, float, float]],
+               forward: Callable[[torch.Tensor], object] | None = None) -> NormPrior:
+        """Run ``model`` on ``x`` once (through ``forward``, default the model itself; the output is
+        discarded) and keep every norm call's statistics over each of ``boxes`` (parts of ``x`` in
+        its pixels, which should partition it), as the prior of tiles owning those parts of a
+        larger image."""
+        pooled = cls(model, boxes, tuple(x.shape[-2:]))
+        pooled._shared = True
+        with pooled.tiles(range(len(pooled.boxes))):
+            (forward or model)(x)
+        return NormPrior(tuple((call.moments, list(call.count)) for call in pooled._calls))
+
+    def _record(self, index: int, n: int, groups: int, z: torch.Tensor) -> _Call:
+        """The statistics of norm call ``index``, created (with the prior if one fits) at its first call."""
+        if index < len(self._calls):
+            call = self._calls[index]
+            if call.moments.shape[2] != n * groups:
+                raise ValueError(f"norm call {index}: tiles with different batch sizes or channels cannot pool "
+                                 f"statistics ({call.moments.shape[2]} vs {n} x {groups} statistics)")
+            return call
+        call = _Call(len(self.boxes), n, groups, z.device)
+        if self.prior is not None and index < len(self.prior.calls):
+            moments, count = self.prior.calls[index]
+            if moments.shape == call.moments.shape:
+                call.set_prior(moments.to(z.device), count)
+        self._calls.append(call)
+        return call
+
     def _pooled_forward(self, norm: nn.Module, z: torch.Tensor) -> torch.Tensor:
-        call = self._call
-        self._call += 1
+        with _PLAIN_TORCH():  # the statistics' few dozen small ops skip any TorchFunctionMode (tile_grid's)
+            return self._pooled(norm, z)
+
+    def _pooled(self, norm: nn.Module, z: torch.Tensor) -> torch.Tensor:
+        index, self._call = self._call, self._call + 1
+        batch = 1 if self._shared else len(self._batch)
+        if z.shape[0] % batch:
+            raise ValueError(f"{type(norm).__name__}: a batch of {batch} tiles cannot have {z.shape[0]} samples")
+        n = z.shape[0] // batch
         groups = norm.num_groups if isinstance(norm, nn.GroupNorm) else z.shape[1]
-        height, width = self._size
-        top, bottom, left, right = self._box
-        spatial = z.shape[2:]
-        if len(spatial) >= 2:  # 2-D and 3-D maps: the owned box scaled to this map's resolution
-            rows, cols = spatial[-2] / height, spatial[-1] / width
-            owned = z[..., round(top * rows):round(bottom * rows), round(left * cols):round(right * cols)]
-        else:
-            owned = z
-        sums, squares, count = _sums(owned, groups)
-        key = (call, self._tile)
-        total = self._totals.setdefault(call, [torch.zeros_like(sums), torch.zeros_like(squares), 0])
-        if total[0].shape != sums.shape:
-            raise ValueError(f"{type(norm).__name__}: tiles with different batch sizes or channels cannot pool "
-                             f"statistics ({tuple(total[0].shape)} vs {tuple(sums.shape)})")
-        if key in self._sums:  # replace this tile's contribution from its last run
-            old_sums, old_squares, old_count = self._sums[key]
-            total[0], total[1], total[2] = total[0] - old_sums, total[1] - old_squares, total[2] - old_count
-        self._sums[key] = (sums, squares, count)
-        total[0], total[1], total[2] = total[0] + sums, total[1] + squares, total[2] + count
-        mean, var = _moments(*total) if total[2] else _moments(*_sums(z, groups))  # nothing owned yet: the tile's own
-        return _normalise(norm, z, groups, mean, var)
+        call = self._record(index, n, groups, z)
+        self._measure(call, z.float() if z.dtype in (torch.float16, torch.bfloat16) else z, n, groups)
+        stats = call.pooled()
+        if stats is None:  # no tile owns any of this map (and no prior): the batch's own statistics
+            stats = _mean_var(_moments(z.reshape(batch, n, *z.shape[1:]).movedim(0, 2), groups))
+        return _normalise(norm, z, n, groups, *stats)
+
+    def _measure(self, call: _Call, z: torch.Tensor, n: int, groups: int) -> None:
+        """Record the statistics of each running tile's owned part of ``z``: per tile on slices,
+        or for small 2-D maps of an ``InstanceNorm`` all at once with masks (fewer, larger ops:
+        faster where the per-op overhead dominates)."""
+        if z.dim() == 4 and groups == z.shape[1] and z[:n].numel() <= MASKED_ELEMENTS:
+            masks, counts, pixels = self._masks(*z.shape[-2:], z)
+            maps = z[None] if self._shared else z.view(len(self._batch), n, *z.shape[1:])
+            call.moments[self._batch] = _masked_moments(maps, masks, counts)
+            for tile, count in zip(self._batch, pixels):
+                call.count[tile], call.seen[tile] = count, True
+            return
+        for j, tile in enumerate(self._batch):
+            owned = z if self._shared else z[j * n:(j + 1) * n]
+            if z.dim() >= 4:  # 1-D maps: all of it
+                owned = owned[..., slice(*self._rows(tile, z.shape[-2])), slice(*self._cols(tile, z.shape[-1]))]
+            count = owned[0, 0].numel() * (z.shape[1] // groups)
+            call.count[tile], call.seen[tile] = count, True
+            if count:
+                call.moments[tile] = _moments(owned, groups)
+
+    def _rows(self, tile: int, height: int) -> tuple[int, int]:
+        """The rows of a map ``height`` high that tile ``tile`` owns: its box scaled to the map."""
+        scale = height / self.size[0]
+        return round(self.boxes[tile][0] * scale), round(self.boxes[tile][1] * scale)
+
+    def _cols(self, tile: int, width: int) -> tuple[int, int]:
+        scale = width / self.size[1]
+        return round(self.boxes[tile][2] * scale), round(self.boxes[tile][3] * scale)
+
+    def _masks(self, height: int, width: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Owned-part masks (B, 1, 1, height, width) of the running tiles and their pixel counts,
+        (B, 1, 1) in z's dtype and device and as a list (cached)."""
+        key = (tuple(self._batch), height, width, z.dtype, z.device)
+        if key not in self._mask_cache:
+            masks = torch.zeros(len(self._batch), 1, 1, height, width, dtype=z.dtype)
+            for j, tile in enumerate(self._batch):
+                masks[j, ..., slice(*self._rows(tile, height)), slice(*self._cols(tile, width))] = 1
+            counts = masks.sum((-2, -1))
+            self._mask_cache[key] = (masks.to(z.device), counts.to(z.device), [int(c) for c in counts.flatten()])
+        return self._mask_cache[key]
 
 
-def _sums(z: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Sum and sum of squares per (sample, group) in float64, and the count, from one var_mean."""
-    n, channels = z.shape[:2]
-    count = z[0, 0].numel() * (channels // groups) if z.numel() else 0
-    if not count:
-        zeros = torch.zeros(n, groups, dtype=torch.float64, device=z.device)
-        return zeros, zeros, 0
-    grouped = z if groups == channels else z.reshape(n, groups, -1)
-    var, mean = torch.var_mean(grouped, dim=tuple(range(2, grouped.dim())), correction=0)
-    mean = mean.double()
-    return mean * count, (var.double() + mean.square()) * count, count
+MASKED_ELEMENTS = 65536
+"""Largest map (elements per tile: channels x height x width) whose owned-part statistics are
+computed with masks rather than per tile; measured on 2 CPU cores, masks were 1.4 to 4 times
+faster up to 32k elements and 7 times slower at 262k."""
 
 
-def _moments(total: torch.Tensor, total_sq: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = total / count
-    return mean, (total_sq / count - mean.square()).clamp_min(0)
+def _masked_moments(maps: torch.Tensor, masks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean and second moment per (part, sample, channel) of (B or 1, N, C, H, W) maps under
+    (B, 1, 1, H, W) masks, (B, 2, N * C) float64; the variance computed about the mean."""
+    counts = counts.clamp_min(1)  # a part with no pixels: zeros, weighted 0 by its count
+    mean = (maps * masks).sum((-2, -1)) / counts
+    centred = (maps - mean[..., None, None]) * masks
+    var = (centred * centred).sum((-2, -1)) / counts
+    moments = torch.stack([mean, var], 1).double()
+    moments[:, 1].addcmul_(moments[:, 0], moments[:, 0])
+    return moments.flatten(2)
 
 
-def _normalise(norm: nn.Module, z: torch.Tensor, groups: int, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """``(z - mean) / sqrt(var + eps)`` per (sample, group), then the norm's affine, in z's dtype."""
-    n, channels = z.shape[:2]
-    scale = (var + norm.eps).rsqrt()  # (N, groups)
-    shift = -mean * scale
+def _normalise(norm: nn.Module, z: torch.Tensor, n: int, groups: int, mean: torch.Tensor,
+               var: torch.Tensor) -> torch.Tensor:
+    """``(z - mean) / sqrt(var + eps)`` per (sample, group), then the norm's affine, in z's dtype:
+    one ``batch_norm`` over the tiles of (tiles * N, C, ...) with N * C statistics (mean and var
+    are (N * G,))."""
+    channels = z.shape[1]
     if groups != channels:
-        per_group = channels // groups
-        scale, shift = scale.repeat_interleave(per_group, dim=1), shift.repeat_interleave(per_group, dim=1)
-    weight = getattr(norm, "weight", None)
-    if weight is not None:
-        scale, shift = scale * weight.double(), shift * weight.double() + norm.bias.double()
-    view = (n, channels) + (1,) * (z.dim() - 2)
-    return torch.addcmul(shift.to(z.dtype).view(view), z, scale.to(z.dtype).view(view))
+        mean, var = mean.repeat_interleave(channels // groups), var.repeat_interleave(channels // groups)
+    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    if n > 1 and weight is not None:
+        weight, bias = weight.repeat(n), bias.repeat(n)
+    folded = z.reshape(z.shape[0] // n, n * channels, *z.shape[2:])
+    out = F.batch_norm(folded, mean.to(z.dtype), var.to(z.dtype), weight, bias, False, 0.0, norm.eps)
+    return out.reshape(z.shape)

@@ -2,7 +2,8 @@
 
 Forward pre- and post-hooks on every submodule record the module path and type, the shapes
 of its inputs and outputs (nested tuples, lists and dicts too), dtype, device, parameter
-count, time and, with ``stats=True``, min/max/mean and NaN/Inf counts of the outputs. The
+count, time and, by default, the exact min/max of the outputs and where NaN or Inf first
+appeared (``stats="full"`` adds the mean; see :mod:`mlbench.probes._values` for the cost). The
 pre-hook puts each module on record before it runs, so when the forward raises, the trace
 knows which module failed and with which operands; :meth:`ShapeTrace.explain` turns that
 into the cause and the fix. Hooks are removed and ``model.training`` restored in any case.
@@ -10,8 +11,6 @@ into the cause and the fix. Hooks are removed and ``model.training`` restored in
 
 from __future__ import annotations
 
-import math
-import weakref
 from functools import cached_property
 from types import SimpleNamespace
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from torch import nn
 
 from mlbench.findings import ReportText
 from mlbench.probes._hooks import check_module, module_calls, module_paths
+from mlbench.probes._values import CLAMPS, OutputValues, nonfinite, stat_fields, stats_of
 from mlbench.probes.accounting import tensors_in
 from mlbench.probes.explain import Explanation, explain_error, explain_output_size
 from mlbench.models.cards import card
@@ -56,8 +56,9 @@ class ModuleCall:
 
     ``status`` is "ok"; "failed" for the innermost call of the error that ended the forward
     (where it happened) and "raised through" for the calls it passed on its way out; or "raised,
-    caught" for a call whose exception the model caught itself (a fallback path). Statistics are
-    None without ``stats=True``.
+    caught" for a call whose exception the model caught itself (a fallback path). ``min`` and
+    ``max`` (over the finite values) and the ``nan`` and ``inf`` counts are exact; ``mean`` only with
+    ``stats="full"``; all are None with ``stats=False`` or for an output without floating values.
     """
 
     index: int
@@ -79,34 +80,6 @@ class ModuleCall:
     inf: int | None = None
 
 
-MEAN_SAMPLE = 4096
-"""Values per tensor (evenly spaced) from which ``mean`` is estimated; min, max and NaN/Inf are exact."""
-
-
-def _stats(tensors: list[torch.Tensor]) -> dict[str, Any]:
-    """min/max and NaN/Inf from one exact pass per tensor (``aminmax``: a NaN or Inf shows in the extremes),
-    the mean from at most :data:`MEAN_SAMPLE` evenly spaced values; the exact counts only when a
-    non-finite value was found (the rare path)."""
-    floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel() and t.device.type != "meta"]
-    if not floats:
-        return {}
-    extremes = [torch.aminmax(t) for t in floats]
-    low, high = min(float(e.min) for e in extremes), max(float(e.max) for e in extremes)
-    nan = inf = 0
-    if not (math.isfinite(low) and math.isfinite(high)):
-        nan = sum(int(torch.isnan(t).sum()) for t in floats)
-        inf = sum(int(torch.isinf(t).sum()) for t in floats)
-        floats = [f for f in (t[torch.isfinite(t)] for t in floats) if f.numel()]
-        if not floats:
-            return {"nan": nan, "inf": inf}
-        extremes = [torch.aminmax(t) for t in floats]
-        low, high = min(float(e.min) for e in extremes), max(float(e.max) for e in extremes)
-    samples = [t.reshape(-1)[:: max(1, t.numel() // MEAN_SAMPLE)] for t in floats]
-    weights = [t.numel() for t in floats]
-    mean = sum(float(s.double().mean()) * w for s, w in zip(samples, weights)) / sum(weights)
-    return {"min": round(low, 6), "max": round(high, 6), "mean": round(mean, 6), "nan": nan, "inf": inf}
-
-
 # One module call on record, a plain list (the cheapest record to build 1,255 times per small
 # HRNet forward); shapes stay torch.Size and dtype/device objects until the trace is frozen.
 # _FAILURE numbers the exception a call raised (0: none), to tell the one that ended the forward
@@ -116,11 +89,10 @@ def _stats(tensors: list[torch.Tensor]) -> dict[str, Any]:
 
 
 class _Recorder:
-    __slots__ = ("stats", "calls", "finished", "raising", "failures", "seen")
+    __slots__ = ("values", "calls", "finished", "raising", "failures")
 
-    def __init__(self, stats: bool) -> None:
-        self.stats = stats
-        self.seen: dict[int, tuple[Any, int, dict[str, Any]]] = {}  # id -> (weak ref, version, statistics)
+    def __init__(self, values: OutputValues | None) -> None:
+        self.values = values  # None without statistics
         self.calls: list[list[Any]] = []
         self.finished = 0
         self.raising: BaseException | None = None  # the exception propagating now, if any
@@ -131,6 +103,8 @@ class _Recorder:
         record = [module, perf_counter(), first.shape if type(first) is torch.Tensor else shape_of(list(args)),
                   0.0, -1, "", "", "", None, "running", 0]
         self.calls.append(record)
+        values = self.values
+        given = values.before(module, args) if values is not None and type(module) in CLAMPS else None
         try:
             output = call(module, *args, **kwargs)
         except BaseException as exc:  # noted and re-raised: the model may catch it, the trace decides at the end
@@ -144,27 +118,18 @@ class _Recorder:
             raise
         record[_SECONDS], record[_FINISHED], record[_STATUS] = perf_counter() - record[_START], self.finished, "ok"
         self.finished += 1
-        if type(output) is torch.Tensor and not self.stats:
+        if type(output) is torch.Tensor:
             record[_OUTPUTS], record[_DTYPE], record[_DEVICE] = output.shape, output.dtype, output.device
+            if values is not None:
+                record[_STATS] = values.of(module, output, given)
             return output
         tensors = tensors_in(output)
         record[_OUTPUTS] = shape_of(output)
         if tensors:
             record[_DTYPE], record[_DEVICE] = tensors[0].dtype, tensors[0].device
-        if self.stats:
-            record[_STATS] = self._stats_of(output, tensors)
+        if values is not None:
+            record[_STATS] = stats_of(tensors, values.mean)
         return output
-
-    def _stats_of(self, output: Any, tensors: list[torch.Tensor]) -> dict[str, Any]:
-        """A container returns its last child's tensor: its statistics are taken once, not again."""
-        if type(output) is not torch.Tensor:
-            return _stats(tensors)
-        entry = self.seen.get(id(output))
-        if entry is not None and entry[0]() is output and entry[1] == output._version:
-            return entry[2]  # the same tensor, unchanged: a weak reference, so no activation is kept alive
-        found = _stats(tensors)
-        self.seen[id(output)] = (weakref.ref(output), output._version, found)
-        return found
 
     def settle(self, error: BaseException | None) -> list[Any] | None:
         """After the forward: calls whose exception the model caught say so; the innermost call of
@@ -198,10 +163,7 @@ class ShapeTrace(ReportText):
 
     def __init__(self, model: nn.Module, x: torch.Tensor, calls: list[list[Any]],
                  output: Any, error: BaseException | None, operands: tuple[str, ...]) -> None:
-        about = card(model)
-        self.model_name = about.name
-        self._facts = SimpleNamespace(name=about.name, input_multiple=about.input_multiple,
-                                      min_input_size=about.min_input_size)
+        self._model = model  # its card is read on first use: summing the parameters costs ~3% of a small forward
         self._raw = (model, calls)  # frozen into ModuleCall records on first use, not inside the timed trace
         self.input_shape = tuple(x.shape)
         self.input_dtype = str(x.dtype).replace("torch.", "")
@@ -213,6 +175,17 @@ class ShapeTrace(ReportText):
         self.operands = operands
         self.input_nonfinite = 0
         self.nonfinite_parameters: dict[str, int] = {}
+
+    @cached_property
+    def _facts(self) -> SimpleNamespace:
+        about = card(self._model)
+        return SimpleNamespace(name=about.name, input_multiple=about.input_multiple,
+                               min_input_size=about.min_input_size)
+
+    @property
+    def model_name(self) -> str:
+        """The model's name, from its card."""
+        return self._facts.name
 
     @cached_property
     def calls(self) -> tuple[ModuleCall, ...]:
@@ -332,11 +305,11 @@ def _freeze(model: nn.Module, calls: list[list[Any]]) -> tuple[ModuleCall, ...]:
             inputs=shape_text(_plain_inputs(call[_INPUTS])),
             outputs=shape_text(_plain_output(call[_OUTPUTS])), dtype=str(call[_DTYPE]).replace("torch.", ""),
             device=str(call[_DEVICE]), parameters=counts.get(module, 0), seconds=round(call[_SECONDS], 6),
-            status=call[_STATUS], finished=call[_FINISHED], **(call[_STATS] or {})))
+            status=call[_STATUS], finished=call[_FINISHED], **stat_fields(call[_STATS])))
     return tuple(frozen)
 
 
-def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool = True, eval: bool = True) -> ShapeTrace:
+def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool | str = True, eval: bool = True) -> ShapeTrace:
     """Run ``model(x)`` once with hooks on every submodule and return the trace.
 
     Parameters
@@ -345,9 +318,11 @@ def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool = True, eval:
         Any model; it is not changed (hooks removed and ``training`` restored afterwards).
     x : Tensor
         The input, usually (N, C, H, W).
-    stats : bool
-        Also record min/max, NaN/Inf counts (exact, one pass per output) and the mean (estimated
-        from :data:`MEAN_SAMPLE` evenly spaced values) of every output.
+    stats : True, "full" or False
+        True: also record the exact min and max of every output, which tell where a NaN or Inf first
+        appeared (its exact count then too), at about one ``aminmax`` pass per new output tensor.
+        "full": the exact mean as well, one ``sum`` pass more. False: shapes, dtypes, devices and
+        times only, the cheapest.
     eval : bool
         Run in eval mode (dropout off), under ``torch.no_grad()``.
 
@@ -372,7 +347,12 @@ def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool = True, eval:
 
         raise OptionsError(f"x must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}; "
                            "convert an image with torch.from_numpy(image).permute(2, 0, 1)[None].float().")
-    recorder = _Recorder(stats)
+    if stats not in (True, False, "full"):
+        from mlbench.errors import OptionsError
+
+        raise OptionsError(f"stats must be True, False or 'full', got {stats!r}; True records min/max and "
+                           "NaN/Inf, 'full' adds the mean, False records shapes only.")
+    recorder = _Recorder(OutputValues(mean=stats == "full") if stats else None)
     output, error = None, None
     with module_calls(model, recorder.around, eval=eval), torch.no_grad():
         try:
@@ -383,8 +363,8 @@ def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool = True, eval:
     operands = () if innermost is None else tuple(shape_text(s) for s in _plain_inputs(innermost[_INPUTS]))
     trace = ShapeTrace(model, x, recorder.calls, output, error, operands)
     if stats:
-        trace.input_nonfinite = sum(_stats([x]).get(k, 0) for k in ("nan", "inf"))
-        bad = [c[_MODULE] for c in recorder.calls if c[_STATS] and (c[_STATS].get("nan") or c[_STATS].get("inf"))]
+        trace.input_nonfinite = nonfinite(stats_of([x], mean=False))
+        bad = [c[_MODULE] for c in recorder.calls if nonfinite(c[_STATS])]
         if bad:
             paths = module_paths(model)
             trace.nonfinite_parameters = {

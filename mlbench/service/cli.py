@@ -23,6 +23,11 @@ def add_serve_command(sub) -> None:
     p.add_argument("--queue-size", type=int, default=8)
     p.add_argument("--max-wait", type=float, default=10.0, help="seconds a request may wait for a worker (503)")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request inference timeout in seconds (504)")
+    p.add_argument("--body-timeout", type=float, default=10.0,
+                   help="seconds a request body may go without a byte, and the allowance of --min-upload-rate (408)")
+    p.add_argument("--min-upload-rate", type=float, default=50_000.0,
+                   help="bytes/s a request body must average after --body-timeout (408 when slower)")
+    p.add_argument("--max-uploads", type=int, default=32, help="request bodies received at once (503 beyond)")
     p.add_argument("--input-size", type=int, default=None, help="model input side (default: the model's own)")
     p.add_argument("--weights-dir", default=None,
                    help="serve the service's own checkpoints: a folder with hrnet_best_model.pth, "
@@ -43,7 +48,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     options = {"input_size": args.input_size} if args.input_size else {}
     common = dict(freeze_gc=True, executor=args.executor, workers=args.workers, queue_size=args.queue_size,
-                  max_wait_s=args.max_wait, timeout_s=args.timeout, options=options,
+                  max_wait_s=args.max_wait, timeout_s=args.timeout, options=options, body_timeout_s=args.body_timeout,
+                  min_upload_rate=args.min_upload_rate, max_uploads=args.max_uploads,
                   metrics_export_dir=args.metrics_export_dir, weights_dir=args.weights_dir)
     settings = ServiceSettings.as_served(**common) if args.preset == "as_served" else ServiceSettings(**common)
     if settings.weights_dir is not None:

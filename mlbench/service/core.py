@@ -27,6 +27,7 @@ from mlbench.service.monitoring import GpuMonitor
 from mlbench.service.queue import (InferenceTimeout, Job, QueueFull, QueueWaitExpired, WorkerPool, current_worker,
                     install_cancel_hooks)
 from mlbench.service.settings import ServiceSettings, resolve_models
+from mlbench.service.uploads import uploads_full
 from mlbench.service.work import Outcome, WorkerDied, freeze_heap, pickle_models, process_worker_factory, run_pipeline, warm_up
 
 __all__ = ["Service"]
@@ -69,7 +70,7 @@ class Service:
         self.warm: dict[str, str] = {}
         self.parameters: dict[str, int] = {}
         self.loaded = self.warmed = self.draining = self._stopped = False
-        self.admitted = 0
+        self.admitted = self.uploading = 0
         self.load_error: str | None = None
         self._hooks: list = []
         self._start_lock = asyncio.Lock()
@@ -183,16 +184,35 @@ class Service:
         p50 = self.metrics.recent_median() or 1.0
         return max(1.0, (self.pool.depth + 1) * p50 / self.settings.workers)
 
-    def admit(self) -> Refusal | None:
-        """Count a segment request in at arrival, before its upload is parsed; a Refusal when full.
+    @property
+    def capacity(self) -> int:
+        """Most segment requests admitted at once: ``queue_size + workers``."""
+        return self.settings.queue_size + self.settings.workers
 
-        At most ``queue_size + workers`` requests are admitted (uploading, queued or running);
+    def begin_upload(self) -> Refusal | None:
+        """Take an upload slot for a request body about to be read; a 503 Refusal when all
+        ``max_uploads`` are taken. Every granted slot is given back with :meth:`end_upload`."""
+        if self.uploading >= self.settings.max_uploads:
+            return uploads_full(self.settings, self.uploading)
+        self.uploading += 1
+        return None
+
+    def end_upload(self) -> None:
+        """A body has arrived, or was given up."""
+        self.uploading -= 1
+
+    def admit(self) -> Refusal | None:
+        """Count a segment request in once its body has arrived, before it is parsed; a Refusal when full.
+
+        At most ``queue_size + workers`` requests are admitted (parsing, queued or running);
         more are shed with 429 at once, so a burst does not make the event loop parse uploads
-        that could never get a queue slot. Every admitted request calls :meth:`release` at its end.
+        that could never get a queue slot. A body still arriving holds no admission slot (it
+        holds an upload slot, bounded in time by ``body_timeout_s``), so idle or slow clients
+        cannot shut the segment API. Every admitted request calls :meth:`release` at its end.
         """
         if self.draining:
             return Refusal(503, "draining", "the service is shutting down; retry on another instance", retry_after=5)
-        capacity = self.settings.queue_size + self.settings.workers
+        capacity = self.capacity
         if self.admitted >= capacity and not self.settings.blocking_route:  # the historic service had no queue
             return Refusal(429, "queue_full", f"overloaded: {self.admitted} requests are already admitted (queue of "
                            f"{self.settings.queue_size} + {self.settings.workers} worker(s)); retry later",
@@ -258,8 +278,10 @@ class Service:
     def _admit_upload(self, data: bytes, filename: str | None, model: str) -> tuple[tuple | None, str]:
         """The checks before any work, in the service's order: the upload's name (as served) or
         content and size (fixed), PIL's first look (as served), then the model: ``(header, model id)``."""
-        header = check_upload(data, filename, self.settings.allowed_extensions, self.settings.max_pixels)
-        if self.settings.preset == "as_served":
+        settings = self.settings
+        header = check_upload(data, filename, settings.allowed_extensions, settings.max_pixels,
+                              settings.max_decoded_bytes)
+        if settings.preset == "as_served":
             served_open(data)
         return header, self.model_id(model)
 

@@ -1,8 +1,10 @@
 """What the service refuses before any decoding, and the refusal every error becomes.
 
-Type is sniffed from the content (:func:`mlbench.image.read.sniff_format`), never from the
-name, unless the ``as_served`` allow-list is switched on; the pixel count is read from
-the header (Pillow's lazy ``open`` or tifffile's first page) before anything is decoded.
+Type is sniffed from the content (:func:`mlbench.image.formats.sniff_format`), never from the
+name, unless the ``as_served`` allow-list is switched on; the pixel count and the decoded bytes
+(pixels x channels x bytes per sample) are read from the header
+(:func:`mlbench.image.formats.read_header`, the reader's own) before anything is decoded, so a
+small file that announces a huge image never reaches a worker.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import math
 from typing import Any
 
 from mlbench.errors import MlbenchError
-from mlbench.image.formats import header_size, sniff_format
+from mlbench.image.formats import ImageHeader, read_header, sniff_format
 
-__all__ = ["Refusal", "field_error", "check_extension", "image_header", "check_upload", "body_limit", "body_too_large"]
+__all__ = ["Refusal", "field_error", "check_extension", "upload_header", "image_header", "check_upload", "check_size",
+           "body_limit", "body_too_large"]
 
 
 class Refusal(MlbenchError, RuntimeError):
@@ -76,8 +79,9 @@ def check_extension(filename: str | None, allowed: tuple[str, ...], batch: bool 
                       extension=suffix, allowed=list(allowed), filename=filename)
 
 
-def image_header(data: bytes) -> tuple[str, int, int]:
-    """``(format, height, width)`` read from the header only (nothing decoded).
+def upload_header(data: bytes) -> tuple[str, ImageHeader]:
+    """``(format, header)`` of an upload, read from its header only (nothing decoded), with
+    :func:`mlbench.image.formats.read_header`, the reader :func:`mlbench.read_image` checks its budgets with.
 
     Raises
     ------
@@ -89,32 +93,62 @@ def image_header(data: bytes) -> tuple[str, int, int]:
         hint = "it looks like text" if data[:1] in b"<{ \t\r\n" else f"it starts with {data[:8]!r}"
         raise field_error("unsupported_type", "file", f"the upload is not an image (PNG, JPEG, TIFF, BMP, GIF, "
                           f"WebP) by its content; {hint}", f"{len(data)} bytes", status=415)
-    size = header_size(data, fmt)
-    if size is None:
+    header = read_header(data, fmt)
+    if header is None:
         raise field_error("image_error", "file", f"the {fmt.upper()} header cannot be read; the file is damaged or "
                           "truncated, export it again", f"{len(data)} bytes")
-    return fmt, size[0], size[1]
+    return fmt, header
+
+
+def image_header(data: bytes) -> tuple[str, int, int]:
+    """``(format, height, width)`` read from the header only (nothing decoded); raises as :func:`upload_header`."""
+    fmt, header = upload_header(data)
+    return fmt, header.height, header.width
 
 
 def check_upload(data: bytes, filename: str | None, allowed_extensions: tuple[str, ...] | None,
-                 max_pixels: int | None) -> tuple[str, int, int] | None:
-    """Apply the allow-list (400, as served) or sniff the type and check the pixel count (413).
+                 max_pixels: int | None, max_decoded_bytes: int | None = None) -> tuple[str, int, int] | None:
+    """Apply the allow-list (400, as served) or sniff the type, then check the pixel count and the
+    decoded bytes (pixels x channels x bytes per sample) from the header, before decoding (413).
 
-    Returns the header's ``(format, height, width)``, or None under the allow-list
-    (the historic service read nothing before decoding).
+    Returns the header's ``(format, height, width)``, or None under the allow-list without
+    limits (the historic service read nothing before decoding). Under the allow-list with a
+    limit, an upload whose header cannot be read is left to the decoder, as served.
     """
     if allowed_extensions is not None:
         check_extension(filename, allowed_extensions)
-        return None
-    if not data:
-        raise field_error("empty_file", "file", "the uploaded file is empty (0 bytes); send the file again", "0 bytes")
-    fmt, height, width = image_header(data)
+        if max_pixels is None and max_decoded_bytes is None:
+            return None
+        fmt = sniff_format(data[:16])
+        header = read_header(data, fmt) if fmt is not None else None
+        if header is None:
+            return None
+    else:
+        if not data:
+            raise field_error("empty_file", "file", "the uploaded file is empty (0 bytes); send the file again",
+                              "0 bytes")
+        fmt, header = upload_header(data)
+    check_size(fmt, header, max_pixels, max_decoded_bytes)
+    return fmt, header.height, header.width
+
+
+def check_size(fmt: str, header: ImageHeader, max_pixels: int | None, max_decoded_bytes: int | None) -> None:
+    """413 when the header announces more pixels than ``max_pixels`` or more decoded bytes
+    (:attr:`~mlbench.image.formats.ImageHeader.decoded_bytes`) than ``max_decoded_bytes``."""
+    height, width = header.height, header.width
     if max_pixels is not None and height * width > max_pixels:
         raise Refusal(413, "too_many_pixels",
                       f"the image is {width}x{height} = {height * width:,} pixels, above the limit of "
                       f"{max_pixels:,} (read from the {fmt.upper()} header, nothing decoded); downscale or tile it",
                       width=width, height=height, pixels=height * width, limit=max_pixels)
-    return fmt, height, width
+    if max_decoded_bytes is not None and header.decoded_bytes > max_decoded_bytes:
+        raise Refusal(413, "too_many_decoded_bytes",
+                      f"the image would decode to {header.decoded_bytes:,} bytes ({width}x{height} pixels x "
+                      f"{header.channels} channel(s) x {header.sample_bytes} byte(s) per sample, read from the "
+                      f"{fmt.upper()} header, nothing decoded), above the limit of {max_decoded_bytes:,} bytes; "
+                      "send 8- or 16-bit data, fewer channels, or downscale or tile the image",
+                      width=width, height=height, channels=header.channels, sample_bytes=header.sample_bytes,
+                      decoded_bytes=header.decoded_bytes, limit=max_decoded_bytes)
 
 
 def body_limit(settings, path: str) -> int | None:

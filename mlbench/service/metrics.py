@@ -14,8 +14,9 @@ import numpy as np
 
 __all__ = ["Metrics", "REJECTION_REASONS", "percentiles", "to_prometheus"]
 
-REJECTION_REASONS = ("queue_full", "queue_wait", "timeout", "breaker_open", "body_too_large", "too_many_pixels",
-                     "unsupported_type", "extension_not_allowed", "draining", "validation")
+REJECTION_REASONS = ("queue_full", "queue_wait", "timeout", "breaker_open", "body_too_large", "body_timeout",
+                     "uploads_full", "too_many_pixels", "too_many_decoded_bytes", "unsupported_type",
+                     "extension_not_allowed", "draining", "validation")
 
 
 def percentiles(values: Any, qs: tuple[int, ...] = (50, 95, 99)) -> dict[str, float | None]:
@@ -91,6 +92,7 @@ def to_prometheus(snapshot: dict[str, Any]) -> str:
              f"mlbench_inferences_completed_total {snapshot['completed']}",
              f"mlbench_inference_timeouts_total {snapshot['timeouts']}",
              f"mlbench_requests_admitted {snapshot['queue'].get('admitted', 0)}",
+             f"mlbench_uploads_in_progress {snapshot['queue'].get('uploading', 0)}",
              f"mlbench_worker_processes_killed_total {snapshot['queue'].get('killed_after_timeout', 0)}"]
     for reason, count in snapshot["rejections"].items():
         lines.append(f'mlbench_rejections_total{{reason="{reason}"}} {count}')

@@ -1,34 +1,34 @@
-"""The service's one ASGI middleware: request ids, JSON log lines, metrics, explicit 413s and
-load shedding before the upload is parsed.
+"""The service's one ASGI middleware: request ids, JSON log lines, metrics, request bodies read
+under a deadline, and admission once a body has arrived, before it is parsed.
 
 It is plain ASGI on purpose. Starlette's ``@app.middleware("http")`` runs every request
 through an extra task group and memory streams, and a burst paid for that on the event
-loop while ``/health`` waited. Shedding happens at arrival: a segment request that finds
-``queue_size + workers`` requests already admitted is answered 429 after its body is
-read and dropped, never parsed, so 50 requests against a queue of 8 cost the loop nine
-multipart parses, not fifty.
+loop while ``/health`` waited.
+
+Every request body is read here, whole, before the app sees it (:mod:`mlbench.service.uploads`):
+a body that stalls or trickles is answered 408 and its connection closed, one over the body
+limit 413, one that finds ``max_uploads`` bodies already arriving 503. Only then is a segment
+request counted in: a client that sends headers and no body holds no admission slot. A
+request that finds ``queue_size + workers`` requests already admitted is answered 429 with its
+body dropped, never parsed, so 50 requests against a queue of 8 cost the loop nine multipart
+parses, not fifty.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
-from mlbench.service.limits import Refusal, body_too_large
+from mlbench.service.limits import Refusal, body_limit, body_too_large
 from mlbench.service.logs import log_event, next_request_id
+from mlbench.service.uploads import (BodyTimeout, BodyTooLarge, ClientGone, body_timeout_refusal, content_length,
+                                     has_body, read_body, replay)
 
 __all__ = ["ServiceMiddleware", "SEGMENT_PATHS"]
 
 SEGMENT_PATHS = ("/api/v1/segment", "/api/v1/batch-segment")
-
-
-async def _drop_body(receive) -> None:
-    """Read the request body to its end without keeping it (so the connection stays usable)."""
-    while True:
-        message = await receive()
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            return
+CLIENT_CLOSED = 499
+"""The status logged for a request whose client left before its body was complete (nothing is sent)."""
 
 
 async def _send_json(send, status: int, body: dict, headers: dict[str, str]) -> None:
@@ -40,7 +40,7 @@ async def _send_json(send, status: int, body: dict, headers: dict[str, str]) -> 
 
 
 class ServiceMiddleware:
-    """Wrap the app: every request gets an id, a log line and a metrics count.
+    """Wrap the app: every request gets an id, a log line, a metrics count and a bounded body read.
 
     Parameters
     ----------
@@ -60,13 +60,18 @@ class ServiceMiddleware:
         started, path, seen = time.perf_counter(), scope["path"], {"status": 500}
         admitted = False
         try:
+            if has_body(scope):
+                body = await self._read_body(scope, receive, send, request_id, seen)
+                if body is None:  # answered (408, 413, 503) or the client left
+                    return
+                receive = replay(body, receive)
             if scope["method"] == "POST" and path in SEGMENT_PATHS:
                 refusal = self.service.admit()
                 if refusal is not None:
-                    await self._refuse(refusal, request_id, receive, send, seen)
+                    await self._refuse(refusal, request_id, send, seen)
                     return
                 admitted = True
-            await self.app(scope, receive, self._sender(send, scope, request_id, seen))
+            await self.app(scope, receive, self._sender(send, request_id, seen))
         finally:
             if admitted:
                 self.service.release()
@@ -74,35 +79,46 @@ class ServiceMiddleware:
             log_event("request", request_id=request_id, method=scope["method"], path=path, status=seen["status"],
                       ms=round((time.perf_counter() - started) * 1000, 1), queue_depth=self.service.pool.depth)
 
-    async def _refuse(self, refusal: Refusal, request_id: str, receive, send, seen: dict) -> None:
-        await _drop_body(receive)
+    async def _read_body(self, scope, receive, send, request_id: str, seen: dict) -> bytes | None:
+        """The whole body, or None after answering why not (the upload slot is held meanwhile)."""
+        settings, path = self.service.settings, scope["path"]
+        limit, length = body_limit(settings, path), content_length(scope)
+        if limit is not None and length is not None and length > limit:  # refused before a byte is read
+            await self._refuse(body_too_large(settings, path, str(length)), request_id, send, seen)
+            return None
+        refusal = self.service.begin_upload()
+        if refusal is not None:
+            await self._refuse(refusal, request_id, send, seen)
+            return None
+        try:
+            return await read_body(receive, limit=limit, timeout_s=settings.body_timeout_s,
+                                   min_rate=settings.min_upload_rate, expected=length)
+        except BodyTimeout as exc:  # close: the rest of a stalled body would never be read
+            await self._refuse(body_timeout_refusal(exc, settings), request_id, send, seen, close=True)
+        except BodyTooLarge as exc:
+            await self._refuse(body_too_large(settings, path, str(exc.received)), request_id, send, seen, close=True)
+        except ClientGone:
+            seen["status"] = CLIENT_CLOSED
+        finally:
+            self.service.end_upload()
+        return None
+
+    async def _refuse(self, refusal: Refusal, request_id: str, send, seen: dict, close: bool = False) -> None:
+        """Answer ``refusal`` without calling the app (an unread body is discarded by the server)."""
         self.service.metrics.reject(refusal.code)
         log_event("refused", request_id=request_id, status=refusal.status, error=refusal.code, message=refusal.message)
         seen["status"] = refusal.status
-        await _send_json(send, refusal.status, refusal.body(request_id, self.service.settings.preset),
-                         {**refusal.headers(), "X-Request-ID": request_id})
+        headers = {**refusal.headers(), "X-Request-ID": request_id, **({"Connection": "close"} if close else {})}
+        await _send_json(send, refusal.status, refusal.body(request_id, self.service.settings.preset), headers)
 
-    def _sender(self, send, scope: dict[str, Any], request_id: str, seen: dict):
-        """``send`` that adds ``X-Request-ID`` and turns Starlette's plain-text 413 into JSON."""
-        replaced = {"on": False}
+    def _sender(self, send, request_id: str, seen: dict):
+        """``send`` that records the status and adds ``X-Request-ID``."""
 
         async def wrapped(message: dict) -> None:
             if message["type"] == "http.response.start":
-                headers = dict(message.get("headers", []))
-                if message["status"] == 413 and headers.get(b"content-type", b"").startswith(b"text/plain"):
-                    replaced["on"] = True
-                    sent = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
-                    refusal = body_too_large(self.service.settings, scope["path"], sent)
-                    self.service.metrics.reject(refusal.code)
-                    seen["status"] = 413
-                    await _send_json(send, 413, refusal.body(request_id, self.service.settings.preset),
-                                     {"X-Request-ID": request_id})
-                    return
                 seen["status"] = message["status"]
                 message = {**message, "headers": [*message.get("headers", []),
                                                   (b"x-request-id", request_id.encode("latin-1"))]}
-            elif replaced["on"]:
-                return
             await send(message)
 
         return wrapped

@@ -17,9 +17,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from mlbench.service.answers import (ASYNC_NOT_IMPLEMENTED, api_health_body, batch_body, failed_item, health_body, models_body,
                       root_body, status_body)
 from mlbench.service.core import Service
-from mlbench.service.limits import Refusal, body_limit, check_extension
+from mlbench.service.limits import Refusal, check_extension
 from mlbench.service.metrics import to_prometheus
-from mlbench.service.reports import readiness, snapshot
+from mlbench.service.reports import not_ready_reason, readiness, snapshot
 
 __all__ = ["add_info_routes", "add_segment_routes", "rejection_reason", "answering"]
 
@@ -53,8 +53,9 @@ def add_info_routes(app: FastAPI, service: Service) -> None:
     @app.get("/readyz")
     async def readyz():
         ready, checks = readiness(service)
-        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503,
-                            headers={} if ready else {"Retry-After": "1"})
+        body = {"ready": ready, "checks": checks} if ready else {"ready": False, "reason": not_ready_reason(checks),
+                                                                 "checks": checks}
+        return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "1"})
 
     @app.get("/metrics")
     async def metrics(format: str = "prometheus"):
@@ -79,7 +80,7 @@ def add_segment_routes(app: FastAPI, service: Service) -> None:
     """``POST /api/v1/segment`` and ``POST /api/v1/batch-segment``."""
     settings = service.settings
 
-    @app.post("/api/v1/segment", max_body_size=settings.max_body_bytes)
+    @app.post("/api/v1/segment")  # body limit, deadline and admission: ServiceMiddleware
     async def segment(request: Request, file: UploadFile = File(...), model: str = Form(settings.default_model),
                       threshold: float = Form(0.5, ge=0.1, le=0.9), detect_holes: bool = Form(True)):
         data = await file.read()
@@ -87,7 +88,7 @@ def add_segment_routes(app: FastAPI, service: Service) -> None:
                                         _ignored_query(request, service))
         return Response(outcome.body, media_type="application/json")  # encoded by the worker, off the event loop
 
-    @app.post("/api/v1/batch-segment", max_body_size=body_limit(settings, "batch-segment"))
+    @app.post("/api/v1/batch-segment")
     async def batch_segment(files: list[UploadFile] = File(...), model: str = Form(settings.default_model),
                             threshold: float = Form(0.5, ge=0.1, le=0.9), detect_holes: bool = Form(True)):
         started, fixed = time.monotonic(), settings.preset == "fixed"

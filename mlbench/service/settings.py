@@ -73,7 +73,24 @@ class ServiceSettings:
     breaker_failures, breaker_cooldown_s : consecutive failures that open a model's
         breaker (0 disables it) and how long it stays open.
     max_body_bytes : request body limit (413), None for no limit.
-    max_pixels : decoded pixel limit checked from the header (413), None for no limit.
+    max_pixels : decoded pixel limit checked from the header (413), None for no limit. The
+        fixed pipeline's pre-processing peaks at about 36 bytes per pixel whatever the image's
+        type (measured: +600 MB for a 4096x4096 8-bit PNG, grey or RGB), so this bounds a
+        worker's memory per request: the default 4096x4096 about 0.7 GB.
+    max_decoded_bytes : limit on the decoded image, pixels x channels x bytes per sample, read
+        from the header before decoding (413), None for no limit. Decoding peaks at about three
+        times this (float64 and 16-bit data, many channels); the default 64 MiB is an 8-bit RGB
+        image of 22 megapixels, a 16-bit RGB one of 11, a float64 RGB one of 2.8.
+    body_timeout_s : seconds a request body may go without a byte (408, connection closed), and
+        the allowance of the rate rule below; None waits for ever (the historic behaviour).
+    min_upload_rate : bytes per second a body must average: it must be complete within
+        ``body_timeout_s + size / min_upload_rate`` seconds of its headers, else 408. None: no
+        rate rule. The defaults give a 20 MB upload 410 s; a client sending one byte a second
+        is cut after ``body_timeout_s``.
+    max_uploads : most request bodies being received at once; more answer 503 at once. Bodies are
+        read whole before a segment request is admitted (a client that sends headers and no body
+        holds no admission slot), so buffered bodies take at most ``max_uploads`` x the body
+        limit of memory; a body that does not arrive frees its slot after ``body_timeout_s``.
     max_batch : most files in one ``batch-segment`` request.
     allowed_extensions : None sniffs the type from the content; a tuple reproduces the
         historic extension allow-list (400 for anything else).
@@ -107,7 +124,11 @@ class ServiceSettings:
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
     max_body_bytes: int | None = 20 * 1024 * 1024
-    max_pixels: int | None = 36_000_000
+    max_pixels: int | None = 4096 * 4096
+    max_decoded_bytes: int | None = 64 * 1024 * 1024
+    body_timeout_s: float | None = 10.0
+    min_upload_rate: float | None = 50_000.0
+    max_uploads: int = 32
     max_batch: int = 8
     allowed_extensions: tuple[str, ...] | None = None
     blocking_route: bool = False
@@ -122,13 +143,18 @@ class ServiceSettings:
                   "timeout_s": self.timeout_s > 0, "max_batch": self.max_batch >= 1,
                   "max_body_bytes": self.max_body_bytes is None or self.max_body_bytes > 0,
                   "max_pixels": self.max_pixels is None or self.max_pixels > 0,
+                  "max_decoded_bytes": self.max_decoded_bytes is None or self.max_decoded_bytes > 0,
+                  "body_timeout_s": self.body_timeout_s is None or self.body_timeout_s > 0,
+                  "min_upload_rate": self.min_upload_rate is None or self.min_upload_rate > 0,
+                  "max_uploads": self.max_uploads >= 1,
                   "worker_nice": 0 <= self.worker_nice <= 19, "kill_grace_s": self.kill_grace_s > 0,
                   "worker_threads": self.worker_threads is None or self.worker_threads >= 1}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             values = {name: getattr(self, name) for name in bad}
-            raise OptionsError(f"service settings {values} are out of range; workers, queue_size and max_batch "
-                               "must be >= 1, times and limits > 0 (None disables a limit), worker_nice 0..19")
+            raise OptionsError(f"service settings {values} are out of range; workers, queue_size, max_batch and "
+                               "max_uploads must be >= 1, times, rates and limits > 0 (None disables a limit), "
+                               "worker_nice 0..19")
         if self.executor not in ("thread", "process"):
             raise OptionsError(f"executor={self.executor!r} is unknown; expected 'thread' or 'process'")
         if self.preset not in PRESET_NAMES:
@@ -141,9 +167,15 @@ class ServiceSettings:
 
     @classmethod
     def as_served(cls, **overrides: Any) -> "ServiceSettings":
-        """The historic service: preset, allow-list, blocking route, no limits, no breaker."""
+        """The historic service: preset, allow-list, blocking route, no size limits, no breaker.
+
+        The body deadline (``body_timeout_s``, ``min_upload_rate``) and ``max_uploads`` stay
+        on: they change no recorded answer (every recorded request sent its body at once) and
+        keep a replay of the historic service from being shut by idle connections.
+        """
         served = dict(preset="as_served", allowed_extensions=AS_SERVED_EXTENSIONS, blocking_route=True,
-                      breaker_failures=0, max_body_bytes=None, max_pixels=None, queue_size=1_000_000,
+                      breaker_failures=0, max_body_bytes=None, max_pixels=None, max_decoded_bytes=None,
+                      queue_size=1_000_000,
                       max_wait_s=3600.0, warmup=False)
         return cls(**{**served, **overrides})
 

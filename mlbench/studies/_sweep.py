@@ -4,9 +4,12 @@ One row per (image, model, preset) in a pandas DataFrame: status (ok / failed / 
 crashed), the triaged failure class, the image report's problems, seconds per stage, memory,
 polygon count and, where a ground-truth mask exists, pixel and object scores. Rows are
 appended to ``out`` (JSON lines) as they finish, and a re-run skips every row already there,
-keyed by image content hash, model, weights sha256, preset and options. The work runs
-serially, in any :class:`concurrent.futures.Executor` (a process pool), or on Dask
-(:func:`mlbench.sweep_executor`); see :mod:`mlbench.studies.executors` for the worker side.
+keyed by image content hash, model, weights sha256, preset and options; a damaged rows file
+(torn last line, lines that are not rows) is repaired first, the bad lines kept aside in
+``<out>.rejected`` (:mod:`mlbench.studies._sweep_rows`). The work runs serially, in any
+:class:`concurrent.futures.Executor` (a process pool; :func:`~mlbench.studies.executors.process_pool`
+gives one whose workers die with the sweep), or on Dask (:func:`mlbench.sweep_executor`); see
+:mod:`mlbench.studies.executors` for the worker side.
 """
 
 from __future__ import annotations
@@ -23,16 +26,17 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mlbench.errors import OptionsError
-from mlbench.pipeline.options import PRESET_NAMES, make_options
+from mlbench.pipeline.options import PRESET_NAMES, make_options, parse_option_pairs
 from mlbench.pipeline.stages import STAGE_NAMES
 from mlbench.paths import sha256_file
+from mlbench.studies._sweep_rows import read_rows as _read_rows
+from mlbench.studies._sweep_rows import repair_rows
 from mlbench.studies.executors import CrashIf, SweepTask, run_tasks, sweep_executor
 
 __all__ = ["sweep", "sweep_executor", "sweep_tasks", "sweep_run", "read_rows", "CrashIf", "add_sweep_command"]
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 TRUTH_SUFFIX = "_mask"
-STATUSES = ("ok", "failed", "timeout", "crashed")
 COLUMNS = ("image", "model", "preset", "status", "stage", "failure_class", "error_type", "error", "problems",
            "shape", "bit_depth", "n_polygons", *(f"t_{s}" for s in STAGE_NAMES), "t_total", "rss_delta_mb",
            "worker_peak_rss_mb", "iou", "dice", "precision", "recall", "f1", "pq", "n_true", "n_pred",
@@ -116,17 +120,9 @@ def sweep_tasks(images, models: Sequence[Any], presets: Sequence[str] = ("fixed"
 
 
 def read_rows(out: str | Path) -> dict[str, dict]:
-    """Rows already written to a sweep's JSON-lines file, by key (a torn last line is ignored)."""
-    rows = {}
-    path = _jsonl(out)
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            rows[row["key"]] = row
-    return rows
+    """Rows already written to a sweep's JSON-lines file (for a ``.parquet`` name, the ``.jsonl`` beside
+    it), by key; lines that are not rows and a torn last line are left out (read only)."""
+    return _read_rows(_jsonl(out))
 
 
 def _jsonl(out: str | Path) -> Path:
@@ -173,7 +169,9 @@ def sweep(images, models: Sequence[str], presets: Sequence[str] = ("fixed",), ex
         process pools), not in Dask's worker threads.
     progress : show a ``tqdm.auto`` progress bar with count and ETA (a widget in a notebook, text on
         stderr elsewhere); False for none.
-    resume : skip tasks whose key is already in ``out``.
+    resume : skip tasks whose key is already in ``out``. Either way, lines of ``out`` that are not rows
+        and a torn last line are first moved to ``<out>.rejected`` (with a warning), so a new row never
+        lands on a broken line.
     hook : picklable callable run in the worker before each task, e.g. :class:`CrashIf`.
 
     Returns
@@ -183,7 +181,8 @@ def sweep(images, models: Sequence[str], presets: Sequence[str] = ("fixed",), ex
     """
     tasks = sweep_tasks(images, models, presets, options=options, weights=weights, truth=truth,
                         timeout=timeout, hook=hook)
-    done = read_rows(out) if out is not None and resume else {}
+    done = repair_rows(_jsonl(out)).rows if out is not None else {}
+    done = done if resume else {}
     todo = [t for t in tasks if t.key not in done]
     rows = {k: {**r, "resumed": True} for k, r in done.items()}
     bar = _progress(len(todo), progress)
@@ -228,6 +227,8 @@ def _write_parquet(frame: pd.DataFrame, out: str | Path | None) -> None:
         print(f"pyarrow is not installed: rows are in {_jsonl(out)} only", file=sys.stderr)
         return
     frame.to_parquet(out)
+
+
 def _progress(total: int, enabled: bool = True) -> tqdm:
     """A ``tqdm.auto`` bar over ``total`` tasks: count, rate and ETA; a widget in a notebook, text on stderr
     elsewhere; a no-op bar when ``enabled`` is False or there is nothing to do."""
@@ -261,34 +262,17 @@ def add_sweep_command(sub) -> None:
     p.set_defaults(run=run_sweep)
 
 
-def _parse_options(pairs: list[str]) -> dict[str, Any]:
-    options = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            raise OptionsError(f"--option {pair!r} is not NAME=VALUE; e.g. --option resize=none")
-        try:
-            options[name] = json.loads(value)
-        except json.JSONDecodeError:
-            options[name] = value
-    return options
-
-
 def _cli_executor(spec: str | None, workers: int) -> Executor | None:
     if spec is None:
         return None
-    if spec.startswith("processes"):
-        from concurrent.futures import ProcessPoolExecutor
-
-        return ProcessPoolExecutor(max_workers=int(spec.partition(":")[2] or workers))
-    return sweep_executor(spec, n_workers=workers)
+    return sweep_executor(spec, n_workers=workers)  # processes[:N]: a pool whose workers die with this process
 
 
 def run_sweep(args: argparse.Namespace) -> int:
     """The ``mlbench sweep`` command: exit 0 when every row is ok, 1 otherwise."""
     executor = _cli_executor(args.executor, args.workers)
     try:
-        frame = sweep(args.folder, args.models, args.presets, executor, args.out, options=_parse_options(args.option),
+        frame = sweep(args.folder, args.models, args.presets, executor, args.out, options=parse_option_pairs(args.option),
                       weights="untrained" if args.untrained else "trained", timeout=args.timeout,
                       resume=not args.no_resume)
     finally:

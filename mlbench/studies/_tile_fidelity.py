@@ -24,7 +24,7 @@ from mlbench.errors import OptionsError
 from mlbench.findings import ReportText
 from mlbench.metrics import pixel_scores
 from mlbench.probes._hooks import check_module
-from mlbench.probes.tiling import map_output, run_device, run_tiled
+from mlbench.probes.tiling import NORM_STATS, map_output, run_device, run_tiled
 
 __all__ = ["TileFidelity", "tile_fidelity", "logits_to_mask", "mask_iou"]
 
@@ -103,11 +103,11 @@ def tile_fidelity(model: nn.Module, x: torch.Tensor, tiles: list[int] | None = N
     overlap : int
         As for ``predict_tiled``.
     norm_stats : str or tuple of str
-        The ``predict_tiled`` modes to measure, "tile" and/or "image".
+        The ``predict_tiled`` modes to measure: "tile", "image" and/or "pooled".
     target : float
         The mask IoU a tile size must reach to count as faithful.
     **options
-        Passed on to ``predict_tiled`` (``device``, ``max_passes``, ``tolerance``...).
+        Passed on to ``predict_tiled`` (``tile_batch``, ``device``, ``max_passes``, ``tolerance``...).
 
     Returns
     -------
@@ -116,17 +116,17 @@ def tile_fidelity(model: nn.Module, x: torch.Tensor, tiles: list[int] | None = N
 
     Notes
     -----
-    Each size costs one plain tiled run and, for ``"image"``, 6 to 12 pooled passes: on 2 CPU
-    cores and a 512 px image the defaults took about 1 minute for CBAM-ResUNet and 2 to 3 for HRNet.
-    Pass fewer ``tiles`` or one mode to check a single choice.
+    Each size and mode costs one tiled run: about 2 to 4.5 whole-image forwards for ``"tile"`` and
+    ``"image"`` (``bench/tiling.py``), 2 to 20 for ``"pooled"``. Pass fewer ``tiles`` or one mode
+    to check a single choice.
     """
     model = check_module(model)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise OptionsError(f"x must be a (N, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}; "
                            "add the batch axis with x[None].")
     modes = (norm_stats,) if isinstance(norm_stats, str) else tuple(norm_stats)
-    if not modes or any(mode not in ("tile", "image") for mode in modes):
-        raise OptionsError(f"norm_stats must be 'tile', 'image' or both, got {norm_stats!r}.")
+    if not modes or any(mode not in NORM_STATS for mode in modes):
+        raise OptionsError(f"norm_stats must be one or more of {', '.join(map(repr, NORM_STATS))}, got {norm_stats!r}.")
     if not 0 < target <= 1:
         raise OptionsError(f"target is a mask IoU in (0, 1], got {target!r}; e.g. target=0.99.")
     multiple = int(getattr(model, "input_multiple", 1))
@@ -147,7 +147,7 @@ def tile_fidelity(model: nn.Module, x: torch.Tensor, tiles: list[int] | None = N
         for mode in modes:
             start = time.perf_counter()
             with warnings.catch_warnings():  # an unsettled run is reported in the table instead
-                warnings.filterwarnings("ignore", message=r"predict_tiled\(norm_stats='image'\): the last of",
+                warnings.filterwarnings("ignore", message=r"predict_tiled\(norm_stats='pooled'\): the last of",
                                         category=RuntimeWarning)
                 run = run_tiled(model, x, tile, overlap, norm_stats=mode, **options)
             seconds = time.perf_counter() - start
@@ -167,8 +167,8 @@ def add_tiles_command(sub) -> None:
     p.add_argument("--input-size", type=int, default=512, help="side the image is preprocessed to (default 512)")
     p.add_argument("--tiles", type=int, nargs="+", default=None, help="tile sides (default: 1/2 to 7/8 of the side)")
     p.add_argument("--overlap", type=int, default=64)
-    p.add_argument("--mode", nargs="+", default=["tile", "image"], choices=["tile", "image"],
-                   help="norm_stats modes to measure (default both)")
+    p.add_argument("--mode", nargs="+", default=["tile", "image"], choices=list(NORM_STATS),
+                   help="norm_stats modes to measure (default tile and image)")
     p.add_argument("--target", type=float, default=0.99, help="mask IoU a tile must reach (default 0.99)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_tiles)

@@ -6,6 +6,18 @@ its models in :data:`_MODELS`, so a worker loads a model once, not once per imag
 A process pool whose worker dies (a native decoder segfault) is recreated and the tasks that
 were in flight are re-run one at a time in a fresh single process, so the crash is recorded
 against the image that caused it and only that one.
+
+Workers die with the sweep. A ``ProcessPoolExecutor``'s workers outlive a parent killed with
+``kill -9`` (each waits on a queue whose other end it holds itself), about 300 MB each once torch
+is loaded. :func:`process_pool` (used by ``mlbench sweep --executor processes[:N]`` and for the
+re-runs of crashed tasks) starts its workers with :func:`die_with_parent`: on Linux,
+``prctl(PR_SET_PDEATHSIG, SIGKILL)`` through ctypes, so the kernel kills the worker the moment the
+parent goes; and everywhere a daemon thread that checks every half second whether the worker's
+parent changed (it was re-parented: its parent died) and then ends the worker with ``os._exit``.
+The kernel's signal fires when the *thread* that started the worker ends: mlbench starts pools
+from the thread that runs the sweep and shuts them down before it returns; a pool kept and used
+from another thread has the watchdog only. Pass ``initializer=die_with_parent`` to a pool of
+your own for the same.
 """
 
 from __future__ import annotations
@@ -20,9 +32,10 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from mlbench.errors import MlbenchError
+from mlbench.errors import MlbenchError, OptionsError
 
-__all__ = ["SweepTask", "SweepTimeout", "run_task", "run_image", "run_tasks", "sweep_executor", "CrashIf"]
+__all__ = ["SweepTask", "SweepTimeout", "run_task", "run_image", "run_tasks", "sweep_executor", "CrashIf", "process_pool",
+           "die_with_parent"]
 
 _MODELS: dict[tuple[str, str, str], Any] = {}
 
@@ -214,11 +227,68 @@ def _crashed_row(task: SweepTask, exc: BaseException) -> dict[str, Any]:
 
 def _isolated(task: SweepTask) -> dict[str, Any]:
     """Re-run a suspect alone in a fresh process: its own row, or 'crashed' if it kills that one too."""
-    with ProcessPoolExecutor(max_workers=1) as single:
+    with process_pool(1) as single:
         try:
             return single.submit(run_task, task).result()
         except BrokenProcessPool as exc:
             return _crashed_row(task, exc)
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+WATCHDOG_SECONDS = 0.5
+"""How often a worker's watchdog thread checks that its parent is alive."""
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Process-pool initializer: end this worker when the process that started it dies.
+
+    On Linux, asks the kernel to send SIGKILL when the parent (the thread that forked this worker)
+    dies (``prctl(PR_SET_PDEATHSIG)`` through ctypes; nothing happens where ``prctl`` is missing), and
+    everywhere starts a daemon thread that ends the worker with ``os._exit`` once its parent
+    changed (see the module's notes). ``parent`` is the pid the worker must have as parent (the pool's
+    creator, for the fork and spawn start methods); when it is already gone, the worker ends at once.
+    """
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no libc prctl: the watchdog alone
+            pass
+    expected = os.getppid()
+    if parent is not None and expected != parent:  # the parent died before the signal was asked for
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(WATCHDOG_SECONDS)
+            if os.getppid() != expected:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="mlbench-parent-watchdog", daemon=True).start()
+
+
+def process_pool(workers: int = 2, mp_context=None) -> ProcessPoolExecutor:
+    """A ``ProcessPoolExecutor`` of ``workers`` processes that die with this one (:func:`die_with_parent`),
+    even when it is killed with ``kill -9``.
+
+    Raises
+    ------
+    OptionsError
+        When ``workers`` is not a positive integer.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise OptionsError(f"process_pool(workers={workers!r}): the number of worker processes is a positive integer, "
+                           "e.g. 2 (processes:2 on the command line)")
+    import multiprocessing
+
+    context = mp_context or multiprocessing.get_context()
+    direct = context.get_start_method() in ("fork", "spawn")  # else the workers' parent is a fork server
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=die_with_parent,
+                               initargs=(os.getpid() if direct else None,))
 
 
 def _renew(executor: ProcessPoolExecutor) -> ProcessPoolExecutor:
@@ -317,25 +387,35 @@ WORKER_ALLOCATOR_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THR
 
 
 def sweep_executor(where: str = "local", *, n_workers: int = 2, threads_per_worker: int = 1) -> Executor:
-    """A Dask ``distributed`` executor for :func:`mlbench.sweep` (extra ``mlbench[dask]``).
+    """A Dask ``distributed`` executor for :func:`mlbench.sweep` (extra ``mlbench[dask]``), or a process pool.
 
     Parameters
     ----------
-    where : "local" starts a ``LocalCluster`` of ``n_workers`` processes on this machine; any
-        other value is a scheduler address (``tcp://host:8786``) of a running cluster, e.g. one
-        started by ``dask_jobqueue.SLURMCluster`` (pass ``cluster.scheduler_address``).
+    where : "local" starts a ``LocalCluster`` of ``n_workers`` processes on this machine;
+        "processes" or "processes:N" gives :func:`process_pool` (``n_workers`` or N processes, no
+        Dask needed); any other value is a scheduler address (``tcp://host:8786``) of a running
+        cluster, e.g. one started by ``dask_jobqueue.SLURMCluster`` (pass ``cluster.scheduler_address``).
     n_workers, threads_per_worker : size of the local cluster (ignored for an address).
 
     Returns
     -------
     Executor
-        ``client.get_executor()``; ``executor.client`` is the Dask client (close it when done).
+        ``client.get_executor()``; ``executor.client`` is the Dask client (close it when done). For
+        "processes": a ``ProcessPoolExecutor`` (shut it down when done).
 
     Raises
     ------
     MlbenchError
         When ``distributed`` is not installed.
+    OptionsError
+        For "processes:N" whose N is not a positive integer.
     """
+    if where.startswith("processes"):
+        count = where.partition(":")[2]
+        if count and not count.isdigit():
+            raise OptionsError(f"executor {where!r}: expected 'processes' or 'processes:N' with N a positive number of "
+                               "worker processes, e.g. 'processes:2'")
+        return process_pool(int(count or n_workers))
     try:
         from distributed import Client, LocalCluster
     except ImportError as exc:

@@ -17,7 +17,7 @@ import torch
 
 from mlbench.models import list_models
 from mlbench.models.cards import ModelCard, card
-from mlbench.models.loading import load_model
+from mlbench.models.loading import shared_model
 from mlbench.pipeline.run import Pipeline, Run
 from mlbench.pipeline.stages import STAGE_NAMES
 from mlbench.samples.bundled import list_samples
@@ -46,7 +46,8 @@ class Stepper(StepperPanel):
     threshold : float
         Foreground threshold, 0.1..0.9 like the service's API.
     model_loader : callable, optional
-        ``name or path -> nn.Module``; default :func:`mlbench.load_model` (bundled weights, checkpoints).
+        ``name or path -> nn.Module``; default :func:`~mlbench.models.loading.shared_model` (bundled weights,
+        checkpoints; loaded once, shared with ``mb.segment`` and ``mb.Pipeline``; inference only).
     models : str, Path, nn.Module, list or mapping, optional
         The model dropdown (default: every bundled model), e.g.
         ``{"production": "weights/hrnet_best_model.pth", "candidate": net}``. A module is listed
@@ -78,7 +79,7 @@ class Stepper(StepperPanel):
                  preset: str = "fixed", threshold: float = 0.5, model_loader: Callable[[Any], torch.nn.Module] | None = None,
                  models: ModelSource | Mapping[str, ModelSource] | list | None = None, samples: list[str] | None = None,
                  **options: Any) -> None:
-        self.choices = ModelChoices(model_loader or load_model)
+        self.choices = ModelChoices(model_loader or shared_model)
         selected = self._first_model(model, models)
         self.image_choices = ImageChoices(samples if samples is not None else list_samples())
         if isinstance(image, str) and image in self.image_choices.samples:

@@ -9,8 +9,9 @@ wrong and what to do. Every decision it takes is written into the :class:`ImageR
 
 What it costs beyond the decoder (``bench/read_image.py`` measures it per format): TIFF and BMP
 files are decoded straight from the open file, never copied whole into memory first; the value
-range, bit depth and NaN/Inf count are exact, from one pass over the pixels (torch's ``aminmax``,
-OpenCV's ``minMaxLoc`` for 16-bit); the percentiles come from every value up to :data:`EXACT_PERCENTILES` values,
+range, bit depth and NaN/Inf count are exact, from one pass over integer pixels (OpenCV's
+``minMaxLoc``) or a min and a max pass over float ones (a NaN shows in both, so only then are they
+counted); the percentiles come from every value up to :data:`EXACT_PERCENTILES` values,
 else from a strided grid of at least :data:`PERCENTILE_SAMPLE` (the report says so); a PNG's
 rows are inflated once more to hold them against its header (ISA-L when installed), and a colour
 JPEG's luma is decoded again only when its last pixel could be libjpeg's grey fill.
@@ -19,11 +20,9 @@ JPEG's luma is decoded again only when its last pixel could be libjpeg's grey fi
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from mlbench.budgets import Budgets, open_regular
 from mlbench.budgets import budgets as budgets_in_force
@@ -227,8 +226,8 @@ def _checked(decoded: tuple[np.ndarray, dict], fmt: str, name: str) -> tuple[np.
 
 
 def _report(image: np.ndarray, fmt: str, name: str, info: dict) -> tuple[np.ndarray, ImageReport]:
-    """The image as returned and its report: value range, NaN/Inf and bit depth from one pass over
-    the pixels, the percentiles from a strided sample of large images."""
+    """The image as returned and its report: value range, NaN/Inf and bit depth exact (one or two passes
+    over the pixels), the percentiles from a strided sample of large images."""
     problems: list[Problem] = []
     suffix = os.path.splitext(name)[1].lower() if name != "<bytes>" else ""
     if suffix and suffix not in EXTENSIONS.get(fmt, set()):
@@ -268,25 +267,13 @@ def _value_problems(image: np.ndarray, values: tuple[float, float], nonfinite: i
     return problems
 
 
-_TORCH_EXTREMES = frozenset(np.dtype(t) for t in (np.uint8, np.int8, np.int16, np.int32, np.float16, np.float32,
-                                                    np.float64))  # torch has no aminmax for uint16: OpenCV's
-
-
-def _as_tensor(image: np.ndarray) -> torch.Tensor:
-    """A tensor over the array's memory, only read (torch warns about read-only arrays, which
-    Pillow's are, because it cannot stop writes; nothing writes here)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(image)
-
-
-_CV2_EXTREMES = frozenset({np.dtype(np.uint16)})  # integers: no NaN for OpenCV to skip
+_CV2_EXTREMES = frozenset(np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16, np.int32))  # no NaN to skip
 
 
 def _extremes(image: np.ndarray) -> tuple[tuple[float, float], int]:
-    """The finite (min, max) and the number of NaN/Inf values, exact, in one pass (numpy's min and max
-    as two for other dtypes): a NaN anywhere makes both NaN and an Inf is an extreme, so only then
-    are the values looked at again."""
+    """The finite (min, max) and the number of NaN/Inf values, exact: one pass for integers (OpenCV),
+    numpy's min and max for the rest, where a NaN anywhere makes both NaN and an Inf is an extreme,
+    so only then are the values looked at again."""
     if not image.size:
         return (0.0, 0.0), 0
     if image.dtype in _CV2_EXTREMES and image.flags.c_contiguous:  # one pass instead of two
@@ -294,10 +281,7 @@ def _extremes(image: np.ndarray) -> tuple[tuple[float, float], int]:
 
         low, high = cv2.minMaxLoc(image.reshape(image.shape[0], -1))[:2]
         return (float(low), float(high)), 0
-    if image.dtype in _TORCH_EXTREMES:  # one pass (numpy takes two), NaN-propagating like numpy's
-        low, high = (float(v) for v in torch.aminmax(_as_tensor(image)))
-    else:
-        low, high = float(image.min()), float(image.max())
+    low, high = float(image.min()), float(image.max())  # torch's one-pass aminmax was slower here, cold
     if not np.issubdtype(image.dtype, np.floating) or (np.isfinite(low) and np.isfinite(high)):
         return (low, high), 0
     finite = image[np.isfinite(image)]

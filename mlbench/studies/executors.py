@@ -94,7 +94,13 @@ class CrashIf:
 
 
 def _model(task: SweepTask):
-    """The task's model from this process's cache, loaded on first use."""
+    """The task's model: a trained model without card fields from the shared cache (reloaded when its
+    weights file changes, :func:`mlbench.models.loading.shared_model`); any other from this process's
+    cache, loaded on first use."""
+    if task.weights == "trained" and not task.card:
+        from mlbench.models.loading import shared_model
+
+        return shared_model(task.source or task.model)
     key = (task.source or task.model, task.weights, repr(sorted(task.card.items())))
     if key not in _MODELS:
         from mlbench.models import build_model

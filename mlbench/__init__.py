@@ -4,8 +4,8 @@ One pipeline (decode -> preprocess -> forward -> postprocess -> polygons) is the
 the inspectors look inside it, the widgets show it, the service serves it. The package's
 folders are its layers, each importing only from the layers below it:
 
-- L0 ``errors``, ``paths``, ``findings``, ``budgets``: exceptions, data paths and hashing, findings and reports,
-  the limits on what a file may cost to read
+- L0 ``errors``, ``paths``, ``findings``, ``budgets``, ``isolation``: exceptions, data paths and hashing, findings
+  and reports, the limits on what a file may cost to read, native decoders in a child process
 - L1 ``metrics``, ``models``, ``image``, ``samples``, ``failures``
 - L2 ``pipeline``, ``probes`` (neither imports the other)
 - L3 ``checks``

@@ -63,7 +63,12 @@ class Budgets:
     max_tensors : int
         Tensors (and storages, and zip members) in one checkpoint; default 100,000.
     max_seconds : float
-        Seconds the checks of one file may take (scans, CRCs, image integrity); default 30.
+        Seconds the checks of one file may take (scans, CRCs, image integrity), and an isolated
+        decode (:mod:`mlbench.isolation`) with them; default 30.
+    max_decoder_memory : int
+        Address space an isolated decode (``read_image(isolate=True)``, :func:`mlbench.check_image`)
+        may add to its child process; default 2 GiB (a decode takes about three times
+        ``max_decoded_bytes`` at its peak).
     max_case_bytes : int
         Bytes of one case file (:func:`mlbench.load_case`): the zip itself, and all its members
         (or a case folder's files) together as read, counted while they inflate; default 512 MiB.
@@ -95,6 +100,7 @@ class Budgets:
     max_pickle_memo: int = 1_000_000
     max_tensors: int = 100_000
     max_seconds: float = 30.0
+    max_decoder_memory: int = 2 * _GIB
     max_case_bytes: int = 512 * _MIB
     max_case_member_bytes: int = 256 * _MIB
     max_case_members: int = 64

@@ -19,7 +19,7 @@ import mlbench
 PACKAGE = Path(mlbench.__file__).resolve().parent
 
 LAYERS = {
-    0: ("mlbench.errors", "mlbench.paths", "mlbench.findings", "mlbench.budgets"),
+    0: ("mlbench.errors", "mlbench.paths", "mlbench.findings", "mlbench.budgets", "mlbench.isolation"),
     1: ("mlbench.metrics", "mlbench.models", "mlbench.image", "mlbench.samples", "mlbench.failures"),
     2: ("mlbench.pipeline", "mlbench.probes"),
     3: ("mlbench.checks",),

@@ -23,7 +23,7 @@ import torch
 import mlbench as mb
 from hostile_images import _png_zeros, _tiled_zeros
 from mlbench.client.explain import explain_error
-from mlbench.service import ServiceSettings, add_serve_command, create_app, serve_in_thread
+from mlbench.service import RunningServer, ServiceSettings, add_serve_command, create_app, serve_in_thread
 from mlbench.service.fakes import BrightModel, SlowModel, make_png
 from mlbench.service.limits import Refusal, check_upload
 from mlbench.service.uploads import BodyTimeout, BodyTooLarge, ClientGone, read_body
@@ -61,6 +61,18 @@ def _idle_uploads(port: int, n: int):
     finally:
         for sock in socks:
             sock.close()
+
+
+@contextmanager
+def _held_uploads(server: RunningServer, n: int):
+    """``n`` connections from :func:`_idle_uploads` to ``server``, each answer read from the moment they
+    open (:func:`_watch`), entered once the service counts all ``n`` as uploading; yields the function
+    that collects the answers. The sockets are closed at the end whatever happens."""
+    t0 = time.monotonic()
+    with _idle_uploads(server.port, n) as idle:
+        collect = _watch(idle, t0)
+        _until(lambda: server.service.uploading == n)
+        yield collect
 
 
 def _trickle(sock: socket.socket, stop: threading.Event, every_s: float = 0.2) -> None:
@@ -162,10 +174,7 @@ def test_upload_slots_bound_bodies_in_flight_and_readyz_says_so():
     settings = _settings(max_uploads=3)
     with serve_in_thread(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=10) as client:
         _until(lambda: _ready(client).status_code == 200)
-        t0 = time.monotonic()
-        with _idle_uploads(server.port, 3) as idle:
-            collect = _watch(idle, t0)
-            _until(lambda: server.service.uploading == 3)
+        with _held_uploads(server, 3) as collect:
             ready = _ready(client)
             assert ready.status_code == 503 and ready.headers["retry-after"] == "1"
             assert ready.json()["checks"]["upload_slots_free"] is False
@@ -222,10 +231,7 @@ def test_a_flood_with_idle_connections_is_refused_clearly_and_the_service_recove
                          max_uploads=24, max_wait_s=5, timeout_s=5)
     with serve_in_thread(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=10) as client:
         _until(lambda: _ready(client).status_code == 200)
-        t0 = time.monotonic()
-        with _idle_uploads(server.port, 10) as idle:
-            collect = _watch(idle, t0)
-            _until(lambda: server.service.uploading == 10)
+        with _held_uploads(server, 10) as collect:
             responses = asyncio.run(_flood(server.url, 40))
             statuses = [r.status_code for r in responses]
             assert len(statuses) == 40 and set(statuses) <= {200, 429, 503}, statuses

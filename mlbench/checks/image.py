@@ -29,7 +29,8 @@ _ERROR_CODES = (("codec is missing", "codec_missing"), ("not a regular file", "n
                 ("does not exist", "missing"), ("is empty", "empty"), ("not a recognised image", "not_an_image"),
                 ("exceeds the limit", "too_large"), ("exceeds the budget", "too_large"),
                 ("decompression bomb", "too_large"), ("invent or drop rows", "corrupt_header"),
-                ("empty image", "corrupt_header"), ("fails its CRC", "corrupt"), ("truncated", "truncated"))
+                ("empty image", "corrupt_header"), ("fails its CRC", "corrupt"), ("truncated", "truncated"),
+                ("crashed the child process", "decoder_crashed"))
 
 
 def served_decode(data: bytes) -> np.ndarray:
@@ -91,13 +92,15 @@ def _head(source: ImageSource) -> bytes:
         return b""
 
 
-def check_image(source: ImageSource, *, max_pixels: int | None = None, budgets: Budgets | None = None) -> ImageReport:
+def check_image(source: ImageSource, *, max_pixels: int | None = None, budgets: Budgets | None = None,
+                isolate: bool = True) -> ImageReport:
     """Inspect an image file (or its bytes): the careful reading plus what ``as_served`` would do.
 
     Never raises for a bad file: missing, empty, truncated, non-image or oversized files come
     back as a report with ``ok`` False and a problem code (``missing``, ``not_a_file`` (a FIFO,
     a device ...), ``empty``, ``truncated``, ``not_an_image``, ``too_large`` (over a budget),
-    ``corrupt_header`` (rows the data does not hold), ``corrupt``, ``unreadable``).
+    ``corrupt_header`` (rows the data does not hold), ``corrupt``, ``decoder_crashed`` (the decoder
+    killed its child process), ``unreadable``).
 
     Parameters
     ----------
@@ -107,6 +110,11 @@ def check_image(source: ImageSource, *, max_pixels: int | None = None, budgets: 
         Pixel budget, checked from the header before decoding (default the ``max_pixels`` budget).
     budgets : Budgets, optional
         Every bound on the read (:class:`mlbench.budgets.Budgets`), as in :func:`mlbench.read_image`.
+    isolate : bool
+        Run the careful decode in a child process with the ``max_decoder_memory`` and ``max_seconds``
+        budgets as limits (default True: files handed to an inspector are untrusted, and a decoder
+        crash becomes the problem ``decoder_crashed``, not a dead kernel). The ``as_served`` decode
+        runs here, after the careful one has read the same bytes without harm.
 
     Returns
     -------
@@ -124,7 +132,7 @@ def check_image(source: ImageSource, *, max_pixels: int | None = None, budgets: 
                            "for an array in memory use mb.read_image's report or save it first")
     name = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
     try:
-        image, report = read_image(source, max_pixels=max_pixels, budgets=budgets)
+        image, report = read_image(source, max_pixels=max_pixels, budgets=budgets, isolate=isolate)
         data, _ = load_bytes(source, budgets_in_force(budgets).max_file_bytes)
     except ImageError as exc:
         return _error_report(name, sniff_format(_head(source)) or "unknown", exc)
@@ -145,6 +153,9 @@ def add_check_image_command(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object per file (one per line)")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="pixel budget checked from the header (default 64,000,000; see mlbench.budgets)")
+    p.add_argument("--in-process", action="store_true",
+                   help="decode in this process (faster for many small files) instead of a child process with "
+                        "memory and time limits (the default: a decoder crash is reported, the check goes on)")
     p.set_defaults(run=run_check_image)
 
 
@@ -153,7 +164,7 @@ def run_check_image(args: argparse.Namespace) -> int:
     status = 0
     for path in args.paths:
         try:
-            report = check_image(path, max_pixels=args.max_pixels)
+            report = check_image(path, max_pixels=args.max_pixels, isolate=not getattr(args, "in_process", False))
         except Exception as exc:  # one file must not stop the others; check_image should never get here
             report = _error_report(path, "unknown", ImageError(f"{path}: the check failed ({type(exc).__name__}: "
                                                                 f"{exc}); the file was skipped, please report it"))

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from mlbench.errors import MlbenchError, OptionsError
+from mlbench.isolation import die_with_parent
 
 __all__ = ["SweepTask", "SweepTimeout", "run_task", "run_image", "run_tasks", "sweep_executor", "CrashIf", "process_pool",
            "die_with_parent"]
@@ -238,43 +239,6 @@ def _isolated(task: SweepTask) -> dict[str, Any]:
             return single.submit(run_task, task).result()
         except BrokenProcessPool as exc:
             return _crashed_row(task, exc)
-
-
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-WATCHDOG_SECONDS = 0.5
-"""How often a worker's watchdog thread checks that its parent is alive."""
-
-
-def die_with_parent(parent: int | None = None) -> None:
-    """Process-pool initializer: end this worker when the process that started it dies.
-
-    On Linux, asks the kernel to send SIGKILL when the parent (the thread that forked this worker)
-    dies (``prctl(PR_SET_PDEATHSIG)`` through ctypes; nothing happens where ``prctl`` is missing), and
-    everywhere starts a daemon thread that ends the worker with ``os._exit`` once its parent
-    changed (see the module's notes). ``parent`` is the pid the worker must have as parent (the pool's
-    creator, for the fork and spawn start methods); when it is already gone, the worker ends at once.
-    """
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):  # no libc prctl: the watchdog alone
-            pass
-    expected = os.getppid()
-    if parent is not None and expected != parent:  # the parent died before the signal was asked for
-        os._exit(1)
-
-    def watch() -> None:
-        while True:
-            time.sleep(WATCHDOG_SECONDS)
-            if os.getppid() != expected:
-                os._exit(1)
-
-    threading.Thread(target=watch, name="mlbench-parent-watchdog", daemon=True).start()
 
 
 def process_pool(workers: int = 2, mp_context=None) -> ProcessPoolExecutor:

@@ -192,25 +192,17 @@ def compare_modules(model: nn.Module, x: Any, record: ModuleRecord, *,
         a figure (the reference's as recorded: whole with ``stride=1``); costs one host sync per call.
     """
     walk, found, last = Walk(model), [], [None, -1, None, None]
-    index, tensors, stride, paths, modules = record.index, record.tensors, record.stride, walk.paths, walk.modules
+    index, tensors, stride, paths = record.index, record.tensors, record.stride, walk.paths
     counts: dict[nn.Module, int] = {}
     captured: list[Any] = []
     scales = record.scales if capture is not None else None
 
-    def around(module, call, args, kwargs):
-        if type(module) is nn.Identity:  # left out of the record too
-            return call(module, *args, **kwargs)
-        try:
-            out = call(module, *args, **kwargs)
-        except BaseException as exc:
-            walk.raised(module, exc)
-            raise
-        modules.append(module)
+    def compare(module, out):
         n = counts[module] = counts.get(module, -1) + 1
         i = index.get((paths.get(module, "?"), n))
         if i is None:
             found.append((None, None))
-            return out
+            return
         reference = tensors[i]
         pair = _compare_output(out, reference, stride, last)
         found.append((i, pair))
@@ -219,9 +211,8 @@ def compare_modules(model: nn.Module, x: Any, record: ModuleRecord, *,
             if not math.isfinite(largest) or not capture.allows(largest, scales[i]):
                 first = out if type(out) is torch.Tensor else tensors_in(out)[0]
                 captured.append((i, first.detach().clone(), reference[0]))
-        return out
 
-    output, error = walk_forward(model, x, around, context, eval)
+    output, error = walk_forward(model, x, walk.around(compare), context, eval)
     pairs = [p for _, p in found if p is not None]
     if pairs:  # max |a - b| = max(max(a - b), -min(a - b)), for every call at once
         lows, highs = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mlbench.errors import OptionsError
-from mlbench.probes._hooks import module_calls, module_paths
+from mlbench.probes._hooks import CallAround, module_calls, module_paths
 from mlbench.probes.accounting import tensors_in
 from mlbench.probes.shapes import shape_text
 
@@ -81,6 +81,31 @@ class Walk:
     def raised(self, module: nn.Module, exc: BaseException) -> None:
         if exc is not self.raising:  # the innermost call of a new exception
             self.raising, self.failed = exc, module
+
+    def around(self, visit: Callable[[nn.Module, Any], None]) -> CallAround:
+        """The ``around`` for :func:`walk_forward` that both passes use: every module call is made,
+        an exception it raises is noted (:meth:`raised`, for :meth:`failure`) and raised on, and a
+        call that returns is appended to :attr:`modules` and then handed to ``visit(module, output)``.
+
+        ``nn.Identity`` calls are left out, neither appended nor visited: their output is their
+        input, recorded where it was made. One helper, so that the record and the comparison see
+        exactly the same calls and align call for call.
+        """
+        modules, raised = self.modules, self.raised
+
+        def around(module, call, args, kwargs):
+            if type(module) is nn.Identity:
+                return call(module, *args, **kwargs)
+            try:
+                out = call(module, *args, **kwargs)
+            except BaseException as exc:
+                raised(module, exc)
+                raise
+            modules.append(module)
+            visit(module, out)
+            return out
+
+        return around
 
     def keys(self) -> list[Key]:
         counts: dict[nn.Module, int] = {}
@@ -184,37 +209,27 @@ def record_modules(model: nn.Module, x: Any, *, context: AbstractContextManager 
 
     def run(copy: frozenset[int]) -> tuple[Walk, list, list, list, Any, BaseException | None]:
         walk, tensors, shapes, versions, last = Walk(model), [], [], [], [None, -1, None, None]
-        modules = walk.modules
 
-        def around(module, call, args, kwargs):
-            if type(module) is nn.Identity:  # its output is its input, recorded where it was made
-                return call(module, *args, **kwargs)
-            try:
-                out = call(module, *args, **kwargs)
-            except BaseException as exc:
-                walk.raised(module, exc)
-                raise
-            modules.append(module)
+        def record(module, out):
             if type(out) is not torch.Tensor:
                 found = tuple(tensors_in(out))
                 shapes.append(tuple(t.shape for t in found))
                 kept = tuple(_kept(t, stride, len(tensors) in copy) for t in found)
                 tensors.append(kept)
                 versions.append(tuple(t._version for t in kept))
-                return out
+                return
             shapes.append((out.shape,))
             if out is last[0] and out._version == last[1]:  # a container returning its last child's output
                 tensors.append(last[2])
                 versions.append(last[3])
-                return out
+                return
             kept = (_kept(out, stride, len(tensors) in copy),)
             version = (out._version,) if kept[0] is out else None  # a copy cannot change
             last[:] = out, out._version, kept, version
             tensors.append(kept)
             versions.append(version)
-            return out
 
-        output, error = walk_forward(model, x, around, context, eval)
+        output, error = walk_forward(model, x, walk.around(record), context, eval)
         return walk, tensors, shapes, versions, output, error
 
     walk, tensors, shapes, versions, output, error = run(frozenset())

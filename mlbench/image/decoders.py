@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import struct
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 import numpy as np
@@ -31,14 +32,14 @@ def decode(source: bytes | BinaryIO, fmt: str, name: str, page: int, limits: Bud
     ``source`` is the file's bytes, or for the formats in :data:`~mlbench.image.formats.STREAMED`
     possibly the open file, at its start. The header is checked against ``limits`` first (pixels,
     decoded bytes, empty images; a TIFF's in :func:`decode_tiff`, on the one parse of its header),
-    and a PNG's chunks and compressed rows against its header, before a decoder sees the bytes.
+    and a PNG's chunks and compressed rows against its header, in a second thread while the decoder runs.
     """
     if fmt != "tiff":
         header = read_header(source if isinstance(source, bytes) else _peek(source, 64), fmt)
         if header is not None:
             check_header(name, header, limits)
     if fmt == "png":
-        check_png(source, name, Deadline(limits.max_seconds, ImageError))
+        return _decode_png(source, name, page, limits)
     if fmt == "tiff":
         return decode_tiff(source, name, page, limits)
     if page != 0:
@@ -49,6 +50,34 @@ def decode(source: bytes | BinaryIO, fmt: str, name: str, page: int, limits: Bud
     elif fmt == "gif":
         info["problems"] += gif_frame_problems(source)
     return array, info
+
+
+def _decode_png(data: bytes, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, dict]:
+    """A PNG's row check (:func:`check_png`, a second inflate) in a worker thread while the decoder
+    runs: both release the GIL, so on two cores the check costs nothing (``bench/read_image.py``).
+    The header's budgets were checked before, so the decoder's work is bounded even on a file the
+    check then refuses; the check's error wins, as it names the damage the decoder may paper over."""
+    if page != 0:
+        raise ImageError(f"{name}: page {page} requested but a PNG file has one page; pass page=0")
+    checking = _background().submit(check_png, data, name, Deadline(limits.max_seconds, ImageError))
+    try:
+        decoded = decode_pil(data, name, limits)
+    except BaseException:
+        checking.result()
+        raise
+    checking.result()
+    return decoded
+
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _background() -> ThreadPoolExecutor:
+    """The thread pool of this process (a forked child makes its own: its parent's threads did not come along)."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="mlbench-png-rows"))
+    return _POOL[1]
 
 
 def _peek(handle: BinaryIO, size: int) -> bytes:
@@ -272,7 +301,7 @@ def decode_pil(source: bytes | BinaryIO, name: str, limits: Budgets) -> tuple[np
     problems: list[Problem] = []
     frames = getattr(image, "n_frames", 1)
     mode = image.mode
-    if colour16:  # Pillow would decode it as 8-bit: OpenCV does, after check_png found its rows complete
+    if colour16:  # Pillow would decode it as 8-bit: OpenCV does (libpng refuses rows the data lacks)
         orientation = _png_orientation(source, image)
         array, mode = _apply_orientation(_decode_cv2_16(source, name), orientation), "RGB;16"
     else:

@@ -27,6 +27,9 @@ def add_serve_command(sub) -> None:
                    help="seconds a request body may go without a byte, and the allowance of --min-upload-rate (408)")
     p.add_argument("--min-upload-rate", type=float, default=50_000.0,
                    help="bytes/s a request body must average after --body-timeout (408 when slower)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a whole request head, from its opening and after each "
+                        "response (then closed; 408 when part of a head came)")
     p.add_argument("--max-uploads", type=int, default=32, help="request bodies received at once (503 beyond)")
     p.add_argument("--input-size", type=int, default=None, help="model input side (default: the model's own)")
     p.add_argument("--weights-dir", default=None,
@@ -42,6 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from mlbench.service.app import create_app
+    from mlbench.service.connections import http_protocol
     from mlbench.service.logs import configure_logging
     from mlbench.service.runner import DrainingServer
     from mlbench.service.settings import ServiceSettings, weights_files
@@ -49,7 +53,8 @@ def _serve(args: argparse.Namespace) -> int:
     options = {"input_size": args.input_size} if args.input_size else {}
     common = dict(freeze_gc=True, executor=args.executor, workers=args.workers, queue_size=args.queue_size,
                   max_wait_s=args.max_wait, timeout_s=args.timeout, options=options, body_timeout_s=args.body_timeout,
-                  min_upload_rate=args.min_upload_rate, max_uploads=args.max_uploads,
+                  min_upload_rate=args.min_upload_rate, header_timeout_s=args.header_timeout,
+                  max_uploads=args.max_uploads,
                   metrics_export_dir=args.metrics_export_dir, weights_dir=args.weights_dir)
     settings = ServiceSettings.as_served(**common) if args.preset == "as_served" else ServiceSettings(**common)
     if settings.weights_dir is not None:
@@ -57,6 +62,6 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging()
     app = create_app(settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=settings.drain_timeout_s)
+                            http=http_protocol(app), timeout_graceful_shutdown=settings.drain_timeout_s)
     DrainingServer(config).run()
     return 0

@@ -15,7 +15,7 @@ import numpy as np
 __all__ = ["Metrics", "REJECTION_REASONS", "percentiles", "to_prometheus"]
 
 REJECTION_REASONS = ("queue_full", "queue_wait", "timeout", "breaker_open", "body_too_large", "body_timeout",
-                     "uploads_full", "too_many_pixels", "too_many_decoded_bytes", "unsupported_type",
+                     "header_timeout", "uploads_full", "too_many_pixels", "too_many_decoded_bytes", "unsupported_type",
                      "extension_not_allowed", "draining", "validation")
 
 

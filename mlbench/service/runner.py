@@ -4,6 +4,10 @@ benchmarks, notebooks) or in the foreground (``mlbench serve``), with graceful s
 Graceful shutdown turns ``/readyz`` off first (the service starts draining and refuses
 new work with 503), then uvicorn finishes in-flight requests, then the lifespan stops
 the workers after the queue drained (bounded by ``drain_timeout_s``).
+
+Both run uvicorn's h11 protocol with a deadline for each request head
+(:mod:`mlbench.service.connections`, ``header_timeout_s``): idle and slowloris connections are
+closed instead of holding sockets for ever.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from mlbench.errors import OptionsError
+from mlbench.service.connections import http_protocol
 
 __all__ = ["RunningServer", "serve_in_thread", "DrainingServer"]
 
@@ -55,7 +60,7 @@ class RunningServer:
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((host, port))
         self.host, self.port = host, self._socket.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", http=http_protocol(app),
                                 timeout_graceful_shutdown=10, backlog=256)
         self.server = DrainingServer(config)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]},

@@ -87,6 +87,9 @@ class ServiceSettings:
         ``body_timeout_s + size / min_upload_rate`` seconds of its headers, else 408. None: no
         rate rule. The defaults give a 20 MB upload 410 s; a client sending one byte a second
         is cut after ``body_timeout_s``.
+    header_timeout_s : seconds a connection has to send a complete request head (request line and
+        headers), from its accept and again from the end of each response; then it is closed
+        (:mod:`mlbench.service.connections`). None waits for ever (uvicorn's own behaviour).
     max_uploads : most request bodies being received at once; more answer 503 at once. Bodies are
         read whole before a segment request is admitted (a client that sends headers and no body
         holds no admission slot), so buffered bodies take at most ``max_uploads`` x the body
@@ -128,6 +131,7 @@ class ServiceSettings:
     max_decoded_bytes: int | None = 64 * 1024 * 1024
     body_timeout_s: float | None = 10.0
     min_upload_rate: float | None = 50_000.0
+    header_timeout_s: float | None = 10.0
     max_uploads: int = 32
     max_batch: int = 8
     allowed_extensions: tuple[str, ...] | None = None
@@ -146,6 +150,7 @@ class ServiceSettings:
                   "max_decoded_bytes": self.max_decoded_bytes is None or self.max_decoded_bytes > 0,
                   "body_timeout_s": self.body_timeout_s is None or self.body_timeout_s > 0,
                   "min_upload_rate": self.min_upload_rate is None or self.min_upload_rate > 0,
+                  "header_timeout_s": self.header_timeout_s is None or self.header_timeout_s > 0,
                   "max_uploads": self.max_uploads >= 1,
                   "worker_nice": 0 <= self.worker_nice <= 19, "kill_grace_s": self.kill_grace_s > 0,
                   "worker_threads": self.worker_threads is None or self.worker_threads >= 1}

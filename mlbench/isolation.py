@@ -38,7 +38,8 @@ from typing import Any
 
 from mlbench.errors import MlbenchError, OptionsError
 
-__all__ = ["call_isolated", "isolate_default", "die_with_parent", "WATCHDOG_SECONDS", "ChildProcess"]
+__all__ = ["call_isolated", "isolate_default", "die_with_parent", "WATCHDOG_SECONDS", "ChildProcess", "address_space",
+           "limit_address_space"]
 
 WATCHDOG_SECONDS = 0.5
 """How often a child's watchdog thread checks that its parent is alive."""
@@ -308,8 +309,7 @@ def _child_main() -> None:
             return
         target, args, kwargs, memory_bytes, cwd = pickle.loads(jobs.read(_FRAME.unpack(head)[0]))
         os.chdir(cwd)
-        resource.setrlimit(resource.RLIMIT_AS, (_address_space() + memory_bytes if hard == resource.RLIM_INFINITY
-                                                else min(hard, _address_space() + memory_bytes), hard))
+        limit_address_space(memory_bytes)
         try:
             status, payload, arrays = _run_job(target, args, kwargs)
         finally:
@@ -317,10 +317,24 @@ def _child_main() -> None:
         _send(answers, (status, payload), arrays)
 
 
-def _address_space() -> int:
-    """This process's virtual size in bytes (what RLIMIT_AS counts)."""
+def address_space() -> int:
+    """This process's virtual size in bytes (what RLIMIT_AS counts), from ``/proc/self/statm``."""
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def limit_address_space(extra_bytes: int) -> int:
+    """Let this process grow by at most ``extra_bytes`` of address space from now on (``RLIMIT_AS``,
+    soft limit; never above the hard one): an allocation past it fails with ``MemoryError`` (a
+    ``RuntimeError`` from torch's allocator) instead of taking the machine's memory. Returns the
+    limit set, in bytes. Used by the isolation child per call and by the service's worker processes."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    limit = address_space() + int(extra_bytes)
+    limit = limit if hard == resource.RLIM_INFINITY else min(hard, limit)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    return limit
 
 
 def _run_job(target: str, args: tuple, kwargs: dict) -> tuple[str, dict, list]:

@@ -451,12 +451,13 @@ def test_in_process_apps_work_with_testclient_and_asgi_transport():
 
 # ---- executor="process": inference in worker processes that can be killed ------------------------
 def test_process_workers_serve_cancel_kill_and_survive_a_crash():
-    from mlbench.service.fakes import DyingModel
+    from mlbench.service.fakes import DyingModel, HungryModel
 
     models = {"hrnet": BrightModel(), "slow": SlowModel(5.0, steps=100), "hang": SlowModel(30.0, steps=1),
-              "dying": DyingModel()}
+              "dying": DyingModel(), "hungry": HungryModel(8.0)}
     settings = ServiceSettings(executor="process", models=models, options={"input_size": 64}, timeout_s=1.0,
-                               kill_grace_s=0.2, max_wait_s=60, breaker_failures=0, warmup=False, worker_threads=1)
+                               kill_grace_s=0.2, max_wait_s=60, breaker_failures=0, warmup=False, worker_threads=1,
+                               worker_memory_bytes=1 << 30)
     with serve_in_thread(create_app(settings)) as server, httpx.Client(base_url=server.url, timeout=90) as client:
         _wait_ready(client, 90)  # a worker process imports torch and mlbench: 5-15 s on this machine
         assert _post(client).json()["polygons"] and server.service.pipelines["hrnet"].model._forward_pre_hooks == {}
@@ -473,6 +474,11 @@ def test_process_workers_serve_cancel_kill_and_survive_a_crash():
         died = _post(client, model="dying")
         assert died.status_code == 500 and died.json()["error"] == "worker_died" and "exit code 3" in died.json()["message"]
         assert _post(client).status_code == 200 and queue()["worker_processes"][0]["died"] == 1
+        pid = queue()["worker_processes"][0]["pid"]
+        hungry = _post(client, model="hungry")  # 8 GiB past a 1 GiB limit: refused in the worker, which goes on
+        assert hungry.status_code == 500 and hungry.json()["error"] == "out_of_memory", hungry.text
+        assert "ran out of memory in stage 'forward'" in hungry.json()["message"]
+        assert _post(client).status_code == 200 and queue()["worker_processes"][0]["pid"] == pid
 
 
 def test_process_workers_refuse_models_that_cannot_be_pickled():

@@ -31,6 +31,9 @@ def add_serve_command(sub) -> None:
                    help="seconds a connection has to send a whole request head, from its opening and after each "
                         "response (then closed; 408 when part of a head came)")
     p.add_argument("--max-uploads", type=int, default=32, help="request bodies received at once (503 beyond)")
+    p.add_argument("--worker-memory-gib", type=float, default=4.0,
+                   help="GiB of address space each worker process may add after loading its models (process "
+                        "executor; a request past it answers 500 out_of_memory, the worker goes on); 0: no limit")
     p.add_argument("--input-size", type=int, default=None, help="model input side (default: the model's own)")
     p.add_argument("--weights-dir", default=None,
                    help="serve the service's own checkpoints: a folder with hrnet_best_model.pth, "
@@ -54,6 +57,7 @@ def _serve(args: argparse.Namespace) -> int:
     common = dict(freeze_gc=True, executor=args.executor, workers=args.workers, queue_size=args.queue_size,
                   max_wait_s=args.max_wait, timeout_s=args.timeout, options=options, body_timeout_s=args.body_timeout,
                   min_upload_rate=args.min_upload_rate, header_timeout_s=args.header_timeout,
+                  worker_memory_bytes=int(args.worker_memory_gib * 1024 ** 3) or None,
                   max_uploads=args.max_uploads,
                   metrics_export_dir=args.metrics_export_dir, weights_dir=args.weights_dir)
     settings = ServiceSettings.as_served(**common) if args.preset == "as_served" else ServiceSettings(**common)

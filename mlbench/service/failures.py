@@ -15,7 +15,7 @@ from mlbench.image.formats import bytes_io
 from mlbench.service.limits import Refusal, field_error
 from mlbench.service.queue import InferenceCancelled
 
-__all__ = ["served_failure", "served_open", "unknown_model", "stage_refusal", "timeout_refusal"]
+__all__ = ["served_failure", "served_open", "unknown_model", "stage_refusal", "timeout_refusal", "out_of_memory"]
 
 
 def served_failure(exc: BaseException | str) -> Refusal:
@@ -58,10 +58,22 @@ def stage_refusal(exc: BaseException, stage: str, model_id: str, preset: str, se
         return Refusal(500, "inference_failed", message, served_detail=detail, item_error="Inference failed")
     if isinstance(exc, InferenceCancelled):
         return Refusal(504, "inference_timeout", str(exc), model=model_id)
+    if out_of_memory(exc):
+        return Refusal(500, "out_of_memory", f"Segmentation failed: model {model_id!r} ran out of memory in stage "
+                       f"{stage!r} ({type(exc).__name__}: {str(exc)[:200]}): the request needs more than the worker "
+                       "may allocate (worker_memory_bytes, `mlbench serve --worker-memory-gib`, with the process "
+                       "executor) or the machine has; send a smaller image, or raise the limit", model=model_id,
+                       stage=stage)
     if stage == "decode":
         return field_error("image_error", "file", f"the image cannot be decoded: {exc}", "upload")
     return Refusal(500, "inference_failed", f"Segmentation failed: stage {stage!r} failed for model {model_id!r}: "
                    f"{type(exc).__name__}: {exc}", model=model_id, stage=stage)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation: Python's MemoryError, or torch's allocator refusing (a RuntimeError)."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in str(exc) or "not enough memory" in str(exc)))
 
 
 def timeout_refusal(settings, model_id: str, input_size: int, header: tuple[str, int, int] | None) -> Refusal:

@@ -15,7 +15,7 @@ import time
 import torch
 from torch import nn
 
-__all__ = ["BrightModel", "SlowModel", "FlakyModel", "DyingModel", "make_png"]
+__all__ = ["BrightModel", "SlowModel", "FlakyModel", "DyingModel", "HungryModel", "make_png"]
 
 
 class BrightModel(nn.Module):
@@ -109,6 +109,22 @@ class DyingModel(nn.Module):
         import os
 
         os._exit(3)
+
+
+class HungryModel(nn.Module):
+    """Asks for ``gib`` GiB on every forward (filled, so the pages are touched): a request that needs
+    more memory than a worker may allocate (``worker_memory_bytes``)."""
+
+    mlbench_name = "hungry"
+
+    def __init__(self, gib: float = 8.0) -> None:
+        super().__init__()
+        self.gib = gib
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Allocates, then answers like :class:`BrightModel`."""
+        torch.ones(int(self.gib * (1 << 30)), dtype=torch.uint8)
+        return x.mean(dim=1, keepdim=True) * 8 - 4
 
 
 def make_png(side: int = 96, n: int = 3, seed: int = 0) -> bytes:

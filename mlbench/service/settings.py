@@ -59,6 +59,10 @@ class ServiceSettings:
         (Linux nice increment per thread; 0 keeps it equal). On a shared machine a
         niced worker also loses the CPU to every other process: bursts took 4x longer.
     worker_threads : torch threads in each worker process (default cores // workers).
+    worker_memory_bytes : with ``executor="process"``, the address space a worker process may add
+        after loading and warming its models (``RLIMIT_AS``, :func:`mlbench.isolation.limit_address_space`);
+        a request past it fails with 500 ``out_of_memory`` and the worker goes on. Default 4 GiB
+        (``max_decoded_bytes`` bounds a request's pre-processing at about 0.7 GB); None: no limit.
     kill_grace_s : with ``executor="process"``, seconds a cancelled run may take to stop
         before its worker process is killed and re-started.
     freeze_gc : at start-up, collect garbage once and ``gc.freeze()`` the heap so no full
@@ -119,6 +123,7 @@ class ServiceSettings:
     worker_nice: int = 0
     freeze_gc: bool = False
     worker_threads: int | None = None
+    worker_memory_bytes: int | None = 4 * 1024 ** 3
     kill_grace_s: float = 1.0
     queue_size: int = 8
     max_wait_s: float = 10.0
@@ -153,7 +158,8 @@ class ServiceSettings:
                   "header_timeout_s": self.header_timeout_s is None or self.header_timeout_s > 0,
                   "max_uploads": self.max_uploads >= 1,
                   "worker_nice": 0 <= self.worker_nice <= 19, "kill_grace_s": self.kill_grace_s > 0,
-                  "worker_threads": self.worker_threads is None or self.worker_threads >= 1}
+                  "worker_threads": self.worker_threads is None or self.worker_threads >= 1,
+                  "worker_memory_bytes": self.worker_memory_bytes is None or self.worker_memory_bytes > 0}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             values = {name: getattr(self, name) for name in bad}

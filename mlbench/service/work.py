@@ -116,6 +116,10 @@ def _child_main(conn, cancel, spec: dict) -> None:
     token = CancelToken(cancel)
     set_current_token(token)
     freeze_heap()
+    if spec["memory"]:
+        from mlbench.isolation import limit_address_space
+
+        limit_address_space(spec["memory"])
     conn.send(("ready", os.getpid(), warm))
     while True:
         job = conn.recv()
@@ -146,13 +150,15 @@ class ProcessWorker:
     threads : torch threads in the child (workers x threads should not exceed the cores).
     nice : how much lower the child's CPU priority is.
     warmup : run one small image through every model before reporting ready.
+    memory_bytes : address space the child may add once ready (None: no limit).
     grace_s : after a cancel, how long the child may take to stop before it is killed.
     """
 
     def __init__(self, payload: bytes, preset: str, options: dict, threads: int = 1, nice: int = 0,
-                 warmup: bool = True, grace_s: float = 1.0, start_timeout_s: float = 120.0) -> None:
+                 warmup: bool = True, grace_s: float = 1.0, start_timeout_s: float = 120.0,
+                 memory_bytes: int | None = None) -> None:
         self.spec = {"models": payload, "preset": preset, "options": dict(options), "threads": threads,
-                     "nice": nice, "warmup": warmup}
+                     "nice": nice, "warmup": warmup, "memory": memory_bytes}
         self.grace_s, self.start_timeout_s = grace_s, start_timeout_s
         self.kills = self.deaths = 0
         self.respawn_s: list[float] = []
@@ -247,7 +253,7 @@ def process_worker_factory(settings, payload: bytes):
 
     def make() -> ProcessWorker:
         return ProcessWorker(payload, settings.preset, dict(settings.options), threads, settings.worker_nice,
-                             settings.warmup, settings.kill_grace_s)
+                             settings.warmup, settings.kill_grace_s, memory_bytes=settings.worker_memory_bytes)
 
     return make
 

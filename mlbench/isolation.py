@@ -105,6 +105,11 @@ class ChildProcess:
     def __init__(self) -> None:
         self._process: subprocess.Popen | None = None
         self._lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        """In a forked process: the parent's child and lock are the parent's; start afresh."""
+        self._process, self._lock = None, threading.Lock()
 
     @property
     def pid(self) -> int | None:
@@ -179,6 +184,8 @@ class ChildProcess:
         self._stop()
         how = (f"signal {signal.Signals(-code).name}" if code < 0 and -code in signal.Signals._value2member_map_
                else f"exit status {code}")
+        if code == -signal.SIGKILL:
+            how += ": the kernel's out-of-memory killer, a user, or the end of the thread that started it"
         exc = error(f"{what} crashed the child process it ran in ({how}); this process is unaffected. "
                     f"A decoder that crashes on a file is a damaged file or one crafted against it: do not open "
                     f"it with other readers in this process; export it again from its source (if the child ran "

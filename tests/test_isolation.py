@@ -139,3 +139,21 @@ def _bomb() -> bytes:
 
 def test_call_isolated_is_the_shared_child():
     assert call_isolated("math:hypot", (6, 8), memory_bytes=1 << 28, seconds=30, error=ImageError, what="h") == 10.0
+
+
+def test_a_forked_process_starts_its_own_child():
+    """A process forked after the shared child started (a sweep's worker) must not talk to its parent's child."""
+    parent_child = call_isolated("os:getpid", memory_bytes=1 << 28, seconds=30, error=ImageError, what="pid")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the forked process: its own child, then report it
+        try:
+            found = call_isolated("os:getpid", memory_bytes=1 << 28, seconds=30, error=ImageError, what="pid")
+            os.write(write, str(found).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    forked_child = int(os.read(read, 64) or b"0")
+    os.waitpid(pid, 0)
+    assert forked_child not in (0, parent_child)
+    assert call_isolated("os:getpid", memory_bytes=1 << 28, seconds=30, error=ImageError, what="pid") == parent_child

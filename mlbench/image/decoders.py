@@ -38,12 +38,12 @@ def decode(source: bytes | BinaryIO, fmt: str, name: str, page: int, limits: Bud
         header = read_header(source if isinstance(source, bytes) else _peek(source, 64), fmt)
         if header is not None:
             check_header(name, header, limits)
+        if page != 0:
+            raise ImageError(f"{name}: page {page} requested but a {fmt.upper()} file has one page; pass page=0")
     if fmt == "png":
-        return _decode_png(source, name, page, limits)
+        return _decode_png(source, name, limits)
     if fmt == "tiff":
         return decode_tiff(source, name, page, limits)
-    if page != 0:
-        raise ImageError(f"{name}: page {page} requested but a {fmt.upper()} file has one page; pass page=0")
     array, info = decode_pil(source, name, limits)
     if fmt == "jpeg":
         info["problems"] += jpeg_fill_problems(source, array, info["orientation"])
@@ -52,13 +52,11 @@ def decode(source: bytes | BinaryIO, fmt: str, name: str, page: int, limits: Bud
     return array, info
 
 
-def _decode_png(data: bytes, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, dict]:
+def _decode_png(data: bytes, name: str, limits: Budgets) -> tuple[np.ndarray, dict]:
     """A PNG's row check (:func:`check_png`, a second inflate) in a worker thread while the decoder
     runs: both release the GIL, so on two cores the check costs nothing (``bench/read_image.py``).
     The header's budgets were checked before, so the decoder's work is bounded even on a file the
     check then refuses; the check's error wins, as it names the damage the decoder may paper over."""
-    if page != 0:
-        raise ImageError(f"{name}: page {page} requested but a PNG file has one page; pass page=0")
     checking = _background().submit(check_png, data, name, Deadline(limits.max_seconds, ImageError))
     try:
         decoded = decode_pil(data, name, limits)

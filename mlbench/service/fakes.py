@@ -111,9 +111,10 @@ class DyingModel(nn.Module):
         os._exit(3)
 
 
-class HungryModel(nn.Module):
-    """Asks for ``gib`` GiB on every forward (filled, so the pages are touched): a request that needs
-    more memory than a worker may allocate (``worker_memory_bytes``)."""
+class HungryModel(BrightModel):
+    """Asks for ``gib`` GiB on every forward (filled, so the pages are touched), then answers as
+    :class:`BrightModel`: a request that needs more memory than a worker may allocate
+    (``worker_memory_bytes``)."""
 
     mlbench_name = "hungry"
 
@@ -122,9 +123,9 @@ class HungryModel(nn.Module):
         self.gib = gib
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Allocates, then answers like :class:`BrightModel`."""
+        """Allocates, then (N, 3, H, W) -> (N, 1, H, W) as BrightModel."""
         torch.ones(int(self.gib * (1 << 30)), dtype=torch.uint8)
-        return x.mean(dim=1, keepdim=True) * 8 - 4
+        return super().forward(x)
 
 
 def make_png(side: int = 96, n: int = 3, seed: int = 0) -> bytes:

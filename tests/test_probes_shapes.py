@@ -28,6 +28,8 @@ def test_ma_resunet_1000_is_explained_on_meta():
     why = trace.explain()
     assert why.failure_class == "shape_mismatch" and why.valid_sizes == (992, 1008)
     assert "992 or 1008" in why.fix and "125" in why.cause and "att4" in why.summary
+    fixed = trace_shapes(model, torch.empty(1, 3, 1008, 1008, device="meta"))
+    assert fixed.statistics == "none" and "values not measured" in fixed.explain().summary  # shapes, no values
 
 
 def test_real_message_is_explained():
@@ -133,7 +135,7 @@ def test_hooks_removed_and_mode_restored_after_failure():
 
 
 def test_table_and_nested_outputs():
-    trace = trace_shapes(TupleNet(), torch.ones(2, 3, 4, 5), stats=True)
+    trace = trace_shapes(TupleNet(), torch.ones(2, 3, 4, 5), stats="every")
     table = trace.table
     assert list(table["path"]) == ["(model)", "conv"]
     assert table.loc[0, "outputs"] == "(2, 2, 4, 5), {half: (2, 1, 4, 5)}"
@@ -144,6 +146,7 @@ def test_table_and_nested_outputs():
 def test_without_stats_has_no_statistics():
     trace = trace_shapes(ToyNet(), torch.ones(1, 3, 4, 4), stats=False)
     assert trace.calls[1].min is None and trace.calls[1].outputs == "(1, 4, 4, 4)"
+    assert "values not measured" in trace.explain().summary and trace.statistics == "none"
 
 
 def test_bad_arguments():
@@ -172,7 +175,7 @@ class _DictSegmenter(torch.nn.Module):
 def test_dict_outputs_are_compared_by_their_first_map():
     fine = trace_shapes(_DictSegmenter(), torch.rand(1, 3, 16, 16))
     assert fine.output_shape == (1, 2, 16, 16) and fine.output_shapes == {"out": (1, 2, 16, 16), "aux": (1, 1, 16, 16)}
-    assert fine.explain().summary.endswith("{out: (1, 2, 16, 16), aux: (1, 1, 16, 16)}, all outputs finite, "
+    assert fine.explain().summary.endswith("{out: (1, 2, 16, 16), aux: (1, 1, 16, 16)}, all block outputs finite, "
                                            "output size matches the input")
     shrunk = trace_shapes(_DictSegmenter(shrink=True), torch.rand(1, 3, 16, 16)).explain()
     assert shrunk.failure_class == "shape_mismatch" and "output 14x14 differs from input 16x16" in shrunk.summary
@@ -257,7 +260,7 @@ def test_an_inf_that_vanishes_before_the_output_is_still_found():
     assert trace.explain().failure_class == "nan_output"
 
 
-def test_default_statistics_are_exact_extremes_and_full_adds_the_mean():
+def test_every_statistics_are_exact_extremes_and_full_adds_the_mean():
     """min/max equal torch's on every output, also where one extreme value would escape a sample;
     the in-place ReLU's row shows the clamped values, the conv's row the values before it."""
     with torch.random.fork_rng(devices=[]):
@@ -272,7 +275,7 @@ def test_default_statistics_are_exact_extremes_and_full_adds_the_mean():
         outputs[2] = model[2](outputs[1])
         outputs[3] = model[3](outputs[2])
         outputs[4] = model[4](outputs[3])
-    default, full = trace_shapes(model, x), trace_shapes(model, x, stats="full")
+    default, full = trace_shapes(model, x, stats="every"), trace_shapes(model, x, stats="full")
     for call, expected in zip(default.calls[1:], outputs):
         assert (call.min, call.max) == (round(float(expected.min()), 6), round(float(expected.max()), 6)), call.path
         assert call.mean is None and call.nan == 0 and call.inf == 0
@@ -296,6 +299,136 @@ def test_sums_that_overflow_their_dtype_still_give_the_mean():
     assert big.mean == pytest.approx(3e38, rel=1e-6) and big.inf == 0 and big.nan == 0
 
 
-def test_stats_must_be_true_false_or_full():
-    with pytest.raises(OptionsError, match="stats must be True, False or 'full', got 'mean'"):
+def test_stats_must_be_true_false_every_or_full():
+    with pytest.raises(OptionsError, match="stats must be True, False, 'every' or 'full', got 'mean'"):
         trace_shapes(ToyNet(), torch.ones(1, 3, 4, 4), stats="mean")
+
+
+class _Block(torch.nn.Module):
+    """conv -> norm -> ReLU inside one block, so the default statistics measure the block's output only."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm = torch.nn.InstanceNorm2d(channels)
+        self.relu = torch.nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.norm(self.conv(x)))
+
+
+def _blocks(poison: str | None = None) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(_Block(3), _Block(3), torch.nn.Conv2d(3, 1, 1))
+    if poison:
+        with torch.no_grad():
+            model.get_submodule(poison).weight[0, 0, 0, 0] = float("nan")
+    return model
+
+
+def test_default_statistics_measure_block_outputs_exactly_and_leave_leaves_out():
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    model = _blocks()
+    default, every = trace_shapes(model, x), trace_shapes(model, x, stats="every")
+    assert default.statistics == "blocks" and default.passes == 1 and every.statistics == "every module"
+    measured = {c.path: (c.min, c.max, c.nan, c.inf) for c in default.calls if c.min is not None}
+    assert set(measured) == {"(model)", "0", "1"}  # the blocks and the model (its output is leaf "2"'s)
+    exact = {c.path: (c.min, c.max, c.nan, c.inf) for c in every.calls}
+    assert all(measured[path] == exact[path] for path in measured)
+    assert default.calls[2].path == "0.conv" and default.calls[2].min is None and exact["0.conv"][0] is not None
+    assert [c.outputs for c in default.calls] == [c.outputs for c in every.calls]
+    assert default.explain().failure_class == "ok"
+
+
+def test_a_nan_inside_a_block_is_named_exactly_by_the_second_pass():
+    """The NaN is made by a conv whose row the default does not measure; the block's output shows
+    it, and the second pass names the conv, its counts and the weight that caused it."""
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    trace = trace_shapes(_blocks(poison="1.conv"), x)
+    assert trace.passes == 2 and trace.statistics == "every module"
+    first = trace.first_nonfinite
+    assert first.path == "1.conv" and first.nan == 16 * 16  # the channel of the NaN weight, every pixel
+    assert trace.nonfinite_parameters["1.conv"] == 1 and "parameters hold 1" in trace.explain().cause
+
+
+def test_the_second_pass_draws_the_same_random_numbers():
+    """A model that draws noise in its forward: the second pass starts from the same random state,
+    so its values are the first pass's, and the caller's generator ends where one forward leaves it."""
+
+    class Noisy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1))
+
+        def forward(self, x):
+            noise = torch.rand_like(x)
+            return self.body(x + noise) / noise.min()  # Inf when a zero is drawn: not here
+
+    model = Noisy()
+    x = torch.rand(1, 3, 8, 8)
+    x[0, 0, 0, 0] = float("inf")  # makes the second pass run
+    torch.manual_seed(5)
+    trace = trace_shapes(model, x)
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    torch.rand_like(x)
+    assert trace.passes == 2 and torch.equal(after, torch.rand(1))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        expected = model.body(x + torch.rand_like(x))
+    body = next(c for c in trace.calls if c.path == "body")
+    assert body.inf == int(torch.isinf(expected).sum()) and body.max == round(float(expected[torch.isfinite(expected)].max()), 6)
+
+
+def test_eval_false_measures_every_module_in_one_pass():
+    model = _blocks(poison="1.conv").train()
+    trace = trace_shapes(model, torch.rand(1, 3, 16, 16), eval=False)
+    assert trace.statistics == "every module" and trace.passes == 1 and trace.first_nonfinite.path == "1.conv"
+
+
+def test_a_trace_calls_what_pytorch_would_call():
+    """The dispatcher calls ``forward`` directly only where PyTorch's own call would do nothing
+    else: a forward replaced on the instance, a global hook, a scripted submodule and a class
+    with its own ``__call__`` all behave as without the trace."""
+    from torch.nn.modules import module as torch_module
+
+    class OwnCall(torch.nn.Identity):
+        def __call__(self, x):
+            return super().__call__(x) + 1
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated; users still have them
+        scripted = torch.jit.script(torch.nn.Conv2d(3, 3, 1))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), scripted, OwnCall(), torch.nn.Identity())
+    model[3].forward = lambda x: x * 2  # patched on the instance, as some libraries do
+    x = torch.rand(1, 3, 4, 4)
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(expected, (model[1](model[0](x)) + 1) * 2)
+    trace = trace_shapes(model, x)
+    assert trace.ok and [c.path for c in trace.calls][:3] == ["(model)", "0", "1"] and "2" in [c.path for c in trace.calls]
+    assert next(c for c in trace.calls if c.path == "(model)").max == round(float(expected.max()), 6)
+    seen = []
+    handle = torch_module.register_module_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+    try:
+        with torch.no_grad():
+            model(x)
+        trace_shapes(model, x)
+    finally:
+        handle.remove()
+    assert seen and seen[:len(seen) // 2] == seen[len(seen) // 2:]  # the user's global hook fires as without the trace
+
+
+def test_a_forward_patched_on_the_class_between_traces_is_the_one_traced():
+    class Doubler(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    model = torch.nn.Sequential(Doubler())
+    x = torch.ones(1, 1, 2, 2)
+    assert trace_shapes(model, x).calls[0].max == 2.0
+    Doubler.forward = lambda self, x: x * 3  # as one does in a notebook while debugging
+    assert trace_shapes(model, x).calls[0].max == 3.0

@@ -1,14 +1,26 @@
-"""Value statistics of the outputs a shape trace sees, at the cost of about one pass per output.
+"""Value statistics of the outputs a shape trace sees, at the cost of about one pass per measured output.
 
-A trace calls :meth:`OutputValues.of` for every module output. The common path costs one
-``torch.aminmax`` per new tensor: the exact min and max, and the NaN/Inf check with them (a NaN
-anywhere makes both extremes NaN, an Inf shows as an extreme). Only when a value is not finite (the
-rare path) are the NaN and Inf counts taken, exactly. Two things make it cheaper than a pass per
-call: a tensor seen before, unchanged (a container returns its last child's output; ``Identity``
-returns its input), reuses its statistics; and a clamping activation (``ReLU``, ``ReLU6``,
-``Hardtanh``) of a tensor whose extremes are on record and finite gets its own extremes by clamping
-those, exactly, without reading the output. The mean costs one ``sum`` more per output and is
-taken only with ``stats="full"`` (no clamp shortcut then).
+A trace calls :meth:`OutputValues.of` for every module output. Which outputs it measures is the
+``scope``:
+
+- ``"blocks"`` (the default ``stats=True``): the outputs of modules that hold other modules, the
+  model's output, and the inputs of leaf modules that may hide a NaN or Inf (every type outside
+  :data:`PASS_NONFINITE`: a Sigmoid maps Inf to 1, a clamp cuts it, a custom module may do
+  anything). A NaN or Inf made inside a block reaches the block's output through the layers of
+  :data:`PASS_NONFINITE`, so it is seen there; the trace then runs the forward again with scope
+  ``"every"`` to name the module that made it (see :func:`mlbench.probes.trace_shapes`). What this
+  scope misses: a -Inf that a ReLU inside a block turns into 0, or a value a block's own code
+  (not a module) drops or clamps before the block's output.
+- ``"every"``: every module's output.
+
+The common path costs one ``torch.aminmax`` per new tensor: the exact min and max, and the NaN/Inf
+check with them (a NaN anywhere makes both extremes NaN, an Inf shows as an extreme). Only when a
+value is not finite (the rare path) are the NaN and Inf counts taken, exactly. Two things make it
+cheaper than a pass per call: a tensor seen before, unchanged (a container returns its last child's
+output; ``Identity`` returns its input), reuses its statistics; and a clamping activation (``ReLU``,
+``ReLU6``, ``Hardtanh``) of a tensor whose extremes are on record and finite gets its own extremes
+by clamping those, exactly, without reading the output. The mean costs one ``sum`` more per output
+and is taken only with ``stats="full"`` (no clamp shortcut then).
 
 Statistics travel as a plain tuple, indexed by the constants below; :func:`stat_fields` turns it
 into the trace's fields.
@@ -23,7 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CLAMPS", "OutputValues", "stat_fields", "nonfinite", "stats_of"]
+from mlbench.probes.accounting import tensors_in
+
+__all__ = ["CLAMPS", "PASS_NONFINITE", "OutputValues", "stat_fields", "nonfinite", "stats_of"]
 
 # min and max over the finite values (None when none is finite), the sum of the finite values (None
 # when the mean was not asked for), how many values are finite, the NaN and Inf counts.
@@ -33,6 +47,14 @@ _WIDE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}  # half-fl
 _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _isfinite, _ref = math.isfinite, weakref.ref
 CLAMPS = frozenset({nn.ReLU, nn.ReLU6, nn.Hardtanh})  # output extremes = the input's, clamped: exact, no pass needed
+# Leaf types whose output holds a NaN or +Inf wherever an input value they read held one (a -Inf
+# too, except through ReLU, which makes it 0): with scope "blocks" their inputs need no pass.
+PASS_NONFINITE = frozenset({
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    nn.GroupNorm, nn.LayerNorm, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Flatten,
+    nn.ReLU, nn.LeakyReLU, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.ZeroPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d})
 
 
 def measurable(t: torch.Tensor) -> bool:
@@ -99,11 +121,22 @@ class OutputValues:
     It keeps weak references only, so no activation lives longer because it was measured.
     """
 
-    __slots__ = ("mean", "seen")
+    __slots__ = ("mean", "seen", "every", "root", "alarm")
 
-    def __init__(self, mean: bool) -> None:
+    def __init__(self, mean: bool, scope: str = "every", root: nn.Module | None = None) -> None:
         self.mean = mean
+        self.every = scope == "every"
+        self.root = root  # with scope "blocks", the model: its output is measured even when it is a leaf
+        self.alarm = False  # with scope "blocks": a watched input held NaN or Inf
         self.seen: dict[int, tuple[Any, int, Any]] = {}  # id -> (weak ref, version, statistics)
+
+    def watch(self, args: tuple[Any, ...]) -> None:
+        """Scope "blocks", before a leaf outside :data:`PASS_NONFINITE` runs: measure its tensor
+        inputs (it may hide a NaN or Inf in them) and raise :attr:`alarm` when one holds any."""
+        for arg in args:
+            found = self.of(None, arg, None) if type(arg) is torch.Tensor else stats_of(tensors_in(arg), False)
+            if nonfinite(found):
+                self.alarm = True
 
     def known(self, t: Any) -> tuple[Any, ...] | None:
         """The statistics on record for ``t`` as it is now (same tensor, not changed in place since)."""
@@ -121,8 +154,9 @@ class OutputValues:
                 return found
         return None
 
-    def of(self, module: nn.Module, output: torch.Tensor, given: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
-        """Statistics of ``output`` of ``module``; ``given`` is what :meth:`before` returned.
+    def of(self, module: nn.Module | None, output: torch.Tensor, given: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+        """Statistics of ``output`` of ``module`` (None: a watched input); ``given`` is what
+        :meth:`before` returned.
 
         The common case, a new float tensor, is written out here: it runs 1,352 times per small
         HRNet forward, where each attribute read counts.

@@ -1,10 +1,12 @@
 """Shape traces of a forward pass: ``trace_shapes(model, x) -> ShapeTrace``.
 
-Forward pre- and post-hooks on every submodule record the module path and type, the shapes
-of its inputs and outputs (nested tuples, lists and dicts too), dtype, device, parameter
-count, time and, by default, the exact min/max of the outputs and where NaN or Inf first
-appeared (``stats="full"`` adds the mean; see :mod:`mlbench.probes._values` for the cost). The
-pre-hook puts each module on record before it runs, so when the forward raises, the trace
+A call around every submodule (:mod:`mlbench.probes._hooks`) records the module path and type,
+the shapes of its inputs and outputs (nested tuples, lists and dicts too), dtype, device,
+parameter count, time and statistics of the values: by default the exact min/max of the blocks'
+outputs, and where NaN or Inf first appeared (a second pass finds the module when there is one);
+``stats="every"`` measures every module's output, ``"full"`` adds the mean (see
+:mod:`mlbench.probes._values` for what each costs). Each module is on record before it runs,
+so when the forward raises, the trace
 knows which module failed and with which operands; :meth:`ShapeTrace.explain` turns that
 into the cause and the fix. Hooks are removed and ``model.training`` restored in any case.
 """
@@ -22,7 +24,7 @@ from torch import nn
 
 from mlbench.findings import ReportText
 from mlbench.probes._hooks import check_module, module_calls, module_paths
-from mlbench.probes._values import CLAMPS, OutputValues, nonfinite, stat_fields, stats_of
+from mlbench.probes._values import CLAMPS, PASS_NONFINITE, OutputValues, nonfinite, stat_fields, stats_of
 from mlbench.probes.accounting import tensors_in
 from mlbench.probes.explain import Explanation, explain_error, explain_output_size
 from mlbench.models.cards import card
@@ -58,7 +60,8 @@ class ModuleCall:
     (where it happened) and "raised through" for the calls it passed on its way out; or "raised,
     caught" for a call whose exception the model caught itself (a fallback path). ``min`` and
     ``max`` (over the finite values) and the ``nan`` and ``inf`` counts are exact; ``mean`` only with
-    ``stats="full"``; all are None with ``stats=False`` or for an output without floating values.
+    ``stats="full"``; all are None with ``stats=False``, for an output without floating values, and
+    with the default statistics for a leaf module's output (``stats="every"`` measures those too).
     """
 
     index: int
@@ -103,8 +106,14 @@ class _Recorder:
         record = [module, perf_counter(), first.shape if type(first) is torch.Tensor else shape_of(list(args)),
                   0.0, -1, "", "", "", None, "running", 0]
         self.calls.append(record)
-        values = self.values
-        given = values.before(module, args) if values is not None and type(module) in CLAMPS else None
+        values, given = self.values, None
+        if values is not None:
+            measured = values.every or module._modules or module is values.root
+            if values.every:
+                if type(module) in CLAMPS:
+                    given = values.before(module, args)
+            elif not measured and type(module) not in PASS_NONFINITE:  # a leaf that may hide NaN/Inf
+                values.watch(args)
         try:
             output = call(module, *args, **kwargs)
         except BaseException as exc:  # noted and re-raised: the model may catch it, the trace decides at the end
@@ -120,14 +129,14 @@ class _Recorder:
         self.finished += 1
         if type(output) is torch.Tensor:
             record[_OUTPUTS], record[_DTYPE], record[_DEVICE] = output.shape, output.dtype, output.device
-            if values is not None:
+            if values is not None and measured:
                 record[_STATS] = values.of(module, output, given)
             return output
         tensors = tensors_in(output)
         record[_OUTPUTS] = shape_of(output)
         if tensors:
             record[_DTYPE], record[_DEVICE] = tensors[0].dtype, tensors[0].device
-        if values is not None:
+        if values is not None and measured:
             record[_STATS] = stats_of(tensors, values.mean)
         return output
 
@@ -159,6 +168,11 @@ class ShapeTrace(ReportText):
         The exception the forward raised (the trace keeps it instead of raising).
     failed : ModuleCall or None
         The innermost module that was running when the error was raised.
+    statistics : str
+        Which outputs have statistics: "blocks" (the default's outputs of modules that hold others,
+        and the model's), "every module", "every module, with the mean" or "none".
+    passes : int
+        2 when the default statistics saw a NaN or Inf and a second forward measured every module.
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, calls: list[list[Any]],
@@ -175,6 +189,9 @@ class ShapeTrace(ReportText):
         self.operands = operands
         self.input_nonfinite = 0
         self.nonfinite_parameters: dict[str, int] = {}
+        self.statistics = "none"  # which outputs have min/max/NaN/Inf: "blocks", "every module", ...
+        self.passes = 1  # 2 when the default statistics saw NaN/Inf and a second pass measured every module
+        self._alarm = False
 
     @cached_property
     def _facts(self) -> SimpleNamespace:
@@ -232,8 +249,10 @@ class ShapeTrace(ReportText):
         if resized is not None:
             return resized
         compared = (len(self.input_shape) == 4 and self.output_shape is not None and len(self.output_shape) == 4)
+        values = {"none": "values not measured", "blocks": "all block outputs finite"}.get(self.statistics,
+                                                                                           "all outputs finite")
         return Explanation("ok", f"{self.model_name}: {self.input_shape} -> {shape_text(self.output_shapes)}, "
-                           "all outputs finite, " + ("output size matches the input" if compared else
+                           f"{values}, " + ("output size matches the input" if compared else
                                                      "no (N, C, H, W) output to compare with the input's size"))
 
     def text(self) -> str:
@@ -318,11 +337,19 @@ def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool | str = True,
         Any model; it is not changed (hooks removed and ``training`` restored afterwards).
     x : Tensor
         The input, usually (N, C, H, W).
-    stats : True, "full" or False
-        True: also record the exact min and max of every output, which tell where a NaN or Inf first
-        appeared (its exact count then too), at about one ``aminmax`` pass per new output tensor.
-        "full": the exact mean as well, one ``sum`` pass more. False: shapes, dtypes, devices and
-        times only, the cheapest.
+    stats : True, "every", "full" or False
+        True (the default): the exact min and max of what NaN or Inf would pass through on its way
+        out: the outputs of modules that hold other modules, the model's output, and the inputs of
+        leaf modules that could hide a NaN or Inf (a Sigmoid, a clamp, a custom module; see
+        :data:`mlbench.probes._values.PASS_NONFINITE`). Other leaves' rows have no statistics. When
+        any of these values, or the input, is NaN or Inf, the forward runs a second time with
+        ``"every"`` (same random state) and that trace is returned: it names the module that made
+        the first NaN or Inf, with exact counts (``.passes`` is then 2). It misses only a value that a
+        block hides before its own output (a -Inf that a ReLU turns into 0, a NaN its code drops).
+        With ``eval=False`` (the forward may change the model or draw random numbers) True means
+        ``"every"``. "every": the same for every module's output, about one ``aminmax`` pass per
+        new output tensor. "full": "every" plus the exact mean, one ``sum`` pass more. False:
+        shapes, dtypes, devices and times only, the cheapest.
     eval : bool
         Run in eval mode (dropout off), under ``torch.no_grad()``.
 
@@ -330,7 +357,7 @@ def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool | str = True,
     -------
     ShapeTrace
         Never raises for a failing forward: the error is kept in ``.error`` and explained by
-        ``.explain()``.
+        ``.explain()``. ``.statistics`` says which outputs were measured.
 
     Examples
     --------
@@ -347,12 +374,41 @@ def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool | str = True,
 
         raise OptionsError(f"x must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}; "
                            "convert an image with torch.from_numpy(image).permute(2, 0, 1)[None].float().")
-    if stats not in (True, False, "full"):
+    if stats not in (True, False, "every", "full"):
         from mlbench.errors import OptionsError
 
-        raise OptionsError(f"stats must be True, False or 'full', got {stats!r}; True records min/max and "
-                           "NaN/Inf, 'full' adds the mean, False records shapes only.")
-    recorder = _Recorder(OutputValues(mean=stats == "full") if stats else None)
+        raise OptionsError(f"stats must be True, False, 'every' or 'full', got {stats!r}; True records min/max "
+                           "of block outputs and finds NaN/Inf, 'every' of every module's output, 'full' adds "
+                           "the mean, False records shapes only.")
+    if stats is not True or not eval:
+        return _trace(model, x, stats and ("full" if stats == "full" else "every"), eval)
+    rng = _random_state(x)
+    trace = _trace(model, x, "blocks", eval)
+    if trace.error is None and trace._alarm:
+        _restore_random_state(rng)
+        trace = _trace(model, x, "every", eval)
+        trace.passes = 2
+    return trace
+
+
+def _random_state(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The CPU generator's state, and that of ``x``'s CUDA device when it is on one."""
+    cuda = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _restore_random_state(state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
+
+
+def _trace(model: nn.Module, x: torch.Tensor, scope: str | bool, eval: bool) -> ShapeTrace:
+    """One traced forward; ``scope``: False, "blocks", "every" or "full" (every output, and the mean)."""
+    values = None
+    if scope:
+        values = OutputValues(mean=scope == "full", scope="blocks" if scope == "blocks" else "every", root=model)
+    recorder = _Recorder(values)
     output, error = None, None
     with module_calls(model, recorder.around, eval=eval), torch.no_grad():
         try:
@@ -362,11 +418,16 @@ def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool | str = True,
     innermost = recorder.settle(error)
     operands = () if innermost is None else tuple(shape_text(s) for s in _plain_inputs(innermost[_INPUTS]))
     trace = ShapeTrace(model, x, recorder.calls, output, error, operands)
-    if stats:
+    trace.statistics = _SCOPES[scope] if not x.is_meta else "none"  # a meta tensor has shapes, no values
+    if values is not None:
         trace.input_nonfinite = nonfinite(stats_of([x], mean=False))
         bad = [c[_MODULE] for c in recorder.calls if nonfinite(c[_STATS])]
-        if bad:
+        trace._alarm = bool(values.alarm or bad or trace.input_nonfinite)
+        if bad and values.every:
             paths = module_paths(model)
             trace.nonfinite_parameters = {
                 paths[m]: sum(int((~torch.isfinite(p)).sum()) for p in m.parameters()) for m in bad}
     return trace
+
+
+_SCOPES = {False: "none", "blocks": "blocks", "every": "every module", "full": "every module, with the mean"}

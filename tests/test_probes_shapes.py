@@ -432,3 +432,24 @@ def test_a_forward_patched_on_the_class_between_traces_is_the_one_traced():
     assert trace_shapes(model, x).calls[0].max == 2.0
     Doubler.forward = lambda self, x: x * 3  # as one does in a notebook while debugging
     assert trace_shapes(model, x).calls[0].max == 3.0
+
+
+def test_a_leaf_that_hides_an_inf_passed_by_keyword_is_still_watched():
+    class Squash(torch.nn.Module):  # a custom leaf: maps +-Inf to +-1, so nothing after it shows one
+        def forward(self, x, *, scale=1.0):
+            return torch.tanh(x * scale)
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.squash = Squash()
+
+        def forward(self, x):
+            return self.squash(x=x * 1e39)  # float32 overflow: Inf, made in the model's own code
+
+    trace = trace_shapes(Net(), torch.rand(1, 1, 4, 4) + 0.5)
+    assert trace.passes == 2 and trace.first_nonfinite is None  # no module made it: the model's own code did
+    assert trace.hidden_nonfinite == ("squash",)
+    why = trace.explain()
+    assert why.failure_class == "nan_output" and why.module == "squash" and "own code" in why.cause
+    assert trace_shapes(Net(), torch.rand(1, 1, 4, 4), stats="every").hidden_nonfinite == ("squash",)

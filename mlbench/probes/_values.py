@@ -11,7 +11,7 @@ A trace calls :meth:`OutputValues.of` for every module output. Which outputs it 
   ``"every"`` to name the module that made it (see :func:`mlbench.probes.trace_shapes`). What this
   scope misses: a -Inf that a ReLU inside a block turns into 0, or a value a block's own code
   (not a module) drops or clamps before the block's output.
-- ``"every"``: every module's output.
+- ``"every"``: every module's output, and the same inputs.
 
 The common path costs one ``torch.aminmax`` per new tensor: the exact min and max, and the NaN/Inf
 check with them (a NaN anywhere makes both extremes NaN, an Inf shows as an extreme). Only when a
@@ -121,22 +121,23 @@ class OutputValues:
     It keeps weak references only, so no activation lives longer because it was measured.
     """
 
-    __slots__ = ("mean", "seen", "every", "root", "alarm")
+    __slots__ = ("mean", "seen", "every", "root", "hidden")
 
     def __init__(self, mean: bool, scope: str = "every", root: nn.Module | None = None) -> None:
         self.mean = mean
         self.every = scope == "every"
         self.root = root  # with scope "blocks", the model: its output is measured even when it is a leaf
-        self.alarm = False  # with scope "blocks": a watched input held NaN or Inf
+        self.hidden: list[nn.Module] = []  # leaves whose watched input held NaN or Inf, in call order
         self.seen: dict[int, tuple[Any, int, Any]] = {}  # id -> (weak ref, version, statistics)
 
-    def watch(self, args: tuple[Any, ...]) -> None:
-        """Scope "blocks", before a leaf outside :data:`PASS_NONFINITE` runs: measure its tensor
-        inputs (it may hide a NaN or Inf in them) and raise :attr:`alarm` when one holds any."""
+    def watch(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """Before a leaf outside :data:`PASS_NONFINITE` runs: measure its tensor inputs (it may
+        hide a NaN or Inf in them) and note it in :attr:`hidden` when one holds any."""
         for arg in args:
             found = self.of(None, arg, None) if type(arg) is torch.Tensor else stats_of(tensors_in(arg), False)
             if nonfinite(found):
-                self.alarm = True
+                self.hidden.append(module)
+                return
 
     def known(self, t: Any) -> tuple[Any, ...] | None:
         """The statistics on record for ``t`` as it is now (same tensor, not changed in place since)."""

@@ -27,7 +27,7 @@ from torch import nn
 from mlbench.errors import OptionsError
 from mlbench.probes._hooks import CallAround, module_calls, module_paths
 from mlbench.probes.accounting import tensors_in
-from mlbench.probes.shapes import shape_text
+from mlbench.probes.shape_trace import shape_text
 
 __all__ = ["STRIDE", "Key", "ModuleRecord", "record_modules", "rows_of", "walk_forward", "Walk"]
 

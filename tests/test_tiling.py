@@ -15,7 +15,8 @@ from mlbench.metrics import pixel_scores
 from mlbench.paths import data_dir
 from mlbench.probes import record_memory
 from mlbench.probes.tile_grid import WholeImageGrid
-from mlbench.probes.tiling import (TilingOutOfMemory, _ramp, owned_spans, pad_to_multiple, predict_tiled, run_tiled,
+from mlbench.probes.tile_geometry import blend_ramp
+from mlbench.probes.tiling import (TilingOutOfMemory, owned_spans, pad_to_multiple, predict_tiled, run_tiled,
                                    tile_starts)
 from probe_toys import FlakyNet, FlakyNormNet, LocalNet, NormNet, StridedNet
 
@@ -45,7 +46,7 @@ def test_blend_weights_follow_the_owners_also_for_a_shifted_last_tile():
     weights = []
     for i, (start, span) in enumerate(zip(starts, spans)):
         w = torch.zeros(length)
-        w[start:start + tile] = _ramp(tile, overlap, span, i > 0, i < len(starts) - 1)
+        w[start:start + tile] = blend_ramp(tile, overlap, span, i > 0, i < len(starts) - 1)
         weights.append(w)
         total += w
     assert torch.allclose(total, torch.ones(length))  # a partition of unity

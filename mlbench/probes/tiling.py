@@ -1,24 +1,21 @@
 """Tiled inference with overlap and blending: ``predict_tiled(model, x, tile, overlap)``.
 
-The image is cut into ``tile`` x ``tile`` windows that overlap by at least ``overlap`` pixels
-(the last one along an axis is shifted back to end at the border); the windows run through the
-model ``tile_batch`` at a time (padded to the model's ``input_multiple`` when needed). Each tile
-owns the pixels nearer to it than to its neighbours, and the outputs are blended with weights
-that cross over linearly around the boundaries between owners, over half the overlap: the
-quarter of the overlap next to a tile's inner edge (where zero padding distorts the output) gets
-no weight, so seams vanish and a model with a receptive field under ``overlap / 4`` is
-reproduced exactly. Bilinear resizes with ``align_corners=True`` (HRNet's) are computed on the
-whole image's grid (:mod:`mlbench.probes.tile_grid`).
-Norms that average over their input (``InstanceNorm``, ``GroupNorm``) use statistics of the whole
-image by default (``norm_stats="image"``, :mod:`mlbench.probes.pooled_norms`).
-Out of memory (``torch.OutOfMemoryError``, or the CPU allocator's "can't allocate memory"),
-the policy is: free, halve the batch, then the tile, retry; below ``min_tile`` fall back to the
-CPU once; every retry is a mark on the memory timeline being recorded (``mb.record_memory``).
+The image is cut into ``tile`` x ``tile`` windows that overlap by at least ``overlap`` pixels;
+the windows run through the model ``tile_batch`` at a time (padded to the model's
+``input_multiple`` when needed) and their outputs are blended so that seams vanish and a model
+with a receptive field under ``overlap / 4`` is reproduced exactly. This module runs the passes;
+where the tiles lie and how they blend is :mod:`mlbench.probes.tile_geometry`, and what happens
+when a pass runs out of memory is :mod:`mlbench.probes.tile_oom` (free, halve the batch, then
+the tile, retry; below ``min_tile`` fall back to the CPU once; every retry a mark on the memory
+timeline being recorded, ``mb.record_memory``). Their public names are importable from here too.
+Bilinear resizes with ``align_corners=True`` (HRNet's) are computed on the whole image's grid
+(:mod:`mlbench.probes.tile_grid`). Norms that average over their input (``InstanceNorm``,
+``GroupNorm``) use statistics of the whole image by default (``norm_stats="image"``,
+:mod:`mlbench.probes.pooled_norms`).
 """
 
 from __future__ import annotations
 
-import gc
 import inspect
 import warnings
 from contextlib import nullcontext
@@ -29,97 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlbench.errors import MlbenchError, OptionsError
-from mlbench.probes.pooled_norms import Box, PooledNorms, pooled_norm_modules
+from mlbench.errors import OptionsError
+from mlbench.probes.pooled_norms import PooledNorms, pooled_norm_modules
 from mlbench.probes._hooks import check_module
 from mlbench.probes.memory import note
-from mlbench.probes.shapes import shape_text, shape_of
+from mlbench.probes.shape_trace import shape_of, shape_text
+from mlbench.probes.tile_geometry import (TileLayout, blend_ramp, lay_out_tiles, owned_spans, pad_to_multiple,
+                                          tile_starts)
 from mlbench.probes.tile_grid import WholeImageGrid
+from mlbench.probes.tile_oom import Attempt, TilingOutOfMemory, after_oom, free_memory, is_oom
 
 __all__ = ["predict_tiled", "run_tiled", "TiledRun", "NORM_STATS", "POOLED_TOLERANCE", "pad_to_multiple", "tile_starts",
-           "owned_spans", "TilingOutOfMemory"]
-
-
-class TilingOutOfMemory(MlbenchError, MemoryError):
-    """Every tile size down to ``min_tile`` (and the CPU fallback) ran out of memory."""
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "reflect") -> tuple[torch.Tensor, tuple[int, int]]:
-    """Pad (N, C, H, W) at the bottom/right so H and W are multiples of ``multiple``.
-
-    Returns the padded tensor and the original (H, W): crop the output with ``out[..., :H, :W]``.
-    Reflection needs the pad to be smaller than the side; otherwise edge replication is used.
-    """
-    height, width = x.shape[-2:]
-    pad_h, pad_w = (-height) % multiple, (-width) % multiple
-    if pad_h == 0 and pad_w == 0:
-        return x, (height, width)
-    if mode == "reflect" and (pad_h >= height or pad_w >= width):
-        mode = "replicate"
-    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode), (height, width)
-
-
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of ``tile`` covering ``length`` with at least ``overlap`` overlap."""
-    if length <= tile:
-        return [0]
-    step = tile - overlap
-    starts = list(range(0, length - tile, step))
-    return starts + [length - tile]
-
-
-def owned_spans(starts: list[int], length: int, tile: int) -> list[tuple[int, int]]:
-    """The part of each tile nearest to it, in the tile's own pixels: the tiles partition the image.
-
-    Neighbours split their overlap in the middle; the first tile starts at 0 and the last ends
-    at ``length``.
-    """
-    spans = []
-    for i, start in enumerate(starts):
-        first = 0 if i == 0 else (starts[i - 1] + tile + start) // 2
-        last = length if i == len(starts) - 1 else (start + tile + starts[i + 1]) // 2
-        spans.append((first - start, min(last, start + tile) - start))
-    return spans
-
-
-def _ramp(length: int, overlap: int, span: tuple[int, int], start: bool, end: bool) -> torch.Tensor:
-    """Blend weights along one axis of a tile that owns ``span`` (tile pixels) of the image.
-
-    At a boundary shared with a neighbouring tile (the middle of their overlap) the weight falls
-    linearly from 1 to 0 over ``overlap - 2 * (overlap // 4)`` pixels centred on the boundary, and
-    the neighbour's rises over the same pixels, so the two sum to 1. The quarter of the overlap next
-    to a tile's inner edge (which sees the tile's zero padding) gets no weight, also where a tile
-    was shifted back to end at the image border and overlaps its neighbour by more than ``overlap``.
-    """
-    width = overlap - 2 * (overlap // 4)
-    position = torch.arange(length, dtype=torch.float32) + 0.5
-    weight = torch.ones(length)
-
-    def rising(boundary: int) -> torch.Tensor:
-        if width <= 0:
-            return (position >= boundary).float()
-        return ((position - (boundary - width / 2)) / width).clamp(0, 1)
-
-    if start:
-        weight = weight * rising(span[0])
-    if end:
-        weight = weight * (1 - rising(span[1]))
-    return weight
-
-
-def _is_oom(exc: BaseException) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(exc, oom)) or (
-        isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc)))
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        try:
-            torch.cuda.empty_cache()
-        except (RuntimeError, AssertionError):  # CPU build of torch
-            pass
+           "owned_spans", "TilingOutOfMemory", "run_device", "map_output"]
 
 
 def map_output(model: nn.Module, out: object) -> torch.Tensor:
@@ -139,26 +57,11 @@ def _call(model: nn.Module, x: torch.Tensor, state: dict | None) -> object:
     return model(x) if state is None else torch.func.functional_call(model, state, (x,))
 
 
-class _Tiling(NamedTuple):
-    """Where the tiles of one pass lie: per tile (top, left) in the image and the owned box in its
-    pixels; the common (h, w) of every tile (all tiles have one size, so they can run as a batch)."""
-
-    places: list[tuple[int, int, Box]]
-    size: tuple[int, int]
-
-
-def _tiling(height: int, width: int, tile: int, overlap: int) -> _Tiling:
-    rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
-    row_spans, col_spans = owned_spans(rows, height, tile), owned_spans(cols, width, tile)
-    places = [(top, left, rs + cs) for top, rs in zip(rows, row_spans) for left, cs in zip(cols, col_spans)]
-    return _Tiling(places, (min(tile, height), min(tile, width)))
-
-
 class _Pass(NamedTuple):
     """What one tiled pass needs besides the image: where and how the tiles run."""
 
     model: nn.Module
-    tiling: _Tiling
+    tiling: TileLayout
     overlap: int
     device: torch.device
     state: dict | None
@@ -186,8 +89,8 @@ def _blend(run: _Pass, x: torch.Tensor, pooled: PooledNorms | None = None) -> to
         if out is None:
             out = torch.zeros(n, y.shape[1], height, width)
         for j, (top, left, box) in enumerate(places[i] for i in batch):
-            w = (_ramp(th, run.overlap, box[:2], top > 0, top + th < height)[:, None]
-                 * _ramp(tw, run.overlap, box[2:], left > 0, left + tw < width))
+            w = (blend_ramp(th, run.overlap, box[:2], top > 0, top + th < height)[:, None]
+                 * blend_ramp(tw, run.overlap, box[2:], left > 0, left + tw < width))
             out[..., top:top + th, left:left + tw] += y[j * n:(j + 1) * n] * w
             weight[..., top:top + th, left:left + tw] += w
     return out / weight
@@ -407,10 +310,10 @@ def run_tiled(
                            f"tile_batch={tile_batch!r}, max_passes={max_passes!r}, tolerance={tolerance!r}; "
                            "e.g. norm_stats='image', tile_batch=4, max_passes=20, tolerance=0.01.")
     min_tile = min_tile or max(64, multiple)
-    asked = attempt = _Attempt(tile, tile_batch, run_device(model, device), None)
+    asked = attempt = Attempt(tile, tile_batch, run_device(model, device), None)
     while True:
         overlap_now = overlap if overlap < attempt.tile // 2 else attempt.tile // 4  # only a halved tile changes it
-        tiling = _tiling(*x.shape[-2:], attempt.tile, overlap_now)
+        tiling = lay_out_tiles(*x.shape[-2:], attempt.tile, overlap_now)
         batch = min(attempt.batch, len(tiling.places))
         grid = WholeImageGrid(tuple(x.shape[-2:]), tiling.size) if len(tiling.places) > 1 else None
         run = _Pass(model, tiling, overlap_now, attempt.device, attempt.state, batch, grid)
@@ -422,47 +325,10 @@ def run_tiled(
                     out, passes, settled = _image_stats(run, x, attempt.tile, norm_stats, max_passes, tolerance)
             return TiledRun(out, attempt.tile, overlap_now, attempt.device, passes, settled, batch)
         except Exception as exc:  # only out-of-memory is handled; anything else propagates
-            if not _is_oom(exc):
+            if not is_oom(exc):
                 raise
-            _free(attempt.device)
-            attempt = _after_oom(model, exc, asked, attempt, batch, multiple, min_tile, overlap, fallback)
-
-
-class _Attempt(NamedTuple):
-    """One try of the out-of-memory policy: tile side, most tiles per forward, device, and the
-    parameters copied to the fallback device (None: the model's own)."""
-
-    tile: int
-    batch: int
-    device: torch.device
-    state: dict | None
-
-
-def _after_oom(model: nn.Module, exc: BaseException, asked: _Attempt, failed: _Attempt, batch: int, multiple: int,
-               min_tile: int, overlap: int, fallback: str | None) -> _Attempt:
-    """The out-of-memory policy's next try after ``failed`` ran ``batch`` tiles per forward: half the
-    batch, else half the tile, else the fallback device (parameters copied there) at the tile and
-    batch asked for; raise when nothing is left."""
-    current, device = failed.tile, failed.device
-    smaller = current // 2 // multiple * multiple
-    if batch > 1:
-        note(f"out of memory at tile {current}, {batch} per batch, on {device}: retry with {batch // 2} per batch")
-        return failed._replace(batch=batch // 2)
-    if smaller >= min_tile:
-        shrunk = "" if overlap < smaller // 2 else f", overlap {smaller // 4} (was {overlap})"
-        note(f"out of memory at tile {current} on {device}: retry at tile {smaller}{shrunk}")
-        return failed._replace(tile=smaller)
-    if fallback is not None and failed.state is None:
-        note(f"out of memory at tile {current} on {device}: fall back to {fallback} at tile {asked.tile}")
-        device = torch.device(fallback)
-        state = {k: v.detach().to(device, copy=True) for k, v in [*model.named_parameters(), *model.named_buffers()]}
-        return asked._replace(device=device, state=state)
-    raise TilingOutOfMemory(
-        f"out of memory at every tile size from {asked.tile} down to {current} on {device}"
-        f"{' and after falling back to ' + fallback if failed.state is not None else ''}; "
-        "estimate the need with mb.estimate_memory(model, (1, C, tile, tile)) and free memory, "
-        "or use a smaller min_tile."
-    ) from exc
+            free_memory(attempt.device)
+            attempt = after_oom(model, exc, asked, attempt, batch, multiple, min_tile, overlap, fallback)
 
 
 predict_tiled.__signature__ = inspect.signature(run_tiled).replace(return_annotation=torch.Tensor)  # for help()

@@ -91,7 +91,8 @@ class _Recorder:
 
 
 def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool | str = True, eval: bool = True) -> ShapeTrace:
-    """Run ``model(x)`` once with hooks on every submodule and return the trace.
+    """Run ``model(x)`` with a call around every submodule and return the trace (a second run only
+    when the default statistics saw a NaN or Inf, to name the module that made it).
 
     Parameters
     ----------

@@ -339,6 +339,7 @@ def test_default_statistics_measure_block_outputs_exactly_and_leave_leaves_out()
     assert default.calls[2].path == "0.conv" and default.calls[2].min is None and exact["0.conv"][0] is not None
     assert [c.outputs for c in default.calls] == [c.outputs for c in every.calls]
     assert default.explain().failure_class == "ok"
+    assert "values: min/max/NaN/Inf of block outputs; stats='every' for every module" in default.text()
 
 
 def test_a_nan_inside_a_block_is_named_exactly_by_the_second_pass():
@@ -347,6 +348,7 @@ def test_a_nan_inside_a_block_is_named_exactly_by_the_second_pass():
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     trace = trace_shapes(_blocks(poison="1.conv"), x)
     assert trace.passes == 2 and trace.statistics == "every module"
+    assert "values: min/max/NaN/Inf of every module (a second pass: NaN/Inf was found)" in trace.text()
     first = trace.first_nonfinite
     assert first.path == "1.conv" and first.nan == 16 * 16  # the channel of the NaN weight, every pixel
     assert trace.nonfinite_parameters["1.conv"] == 1 and "parameters hold 1" in trace.explain().cause

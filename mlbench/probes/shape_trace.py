@@ -192,7 +192,9 @@ class ShapeTrace(ReportText):
     def text(self) -> str:
         status = "ok" if self.ok else f"FAILED in {self.failed.path if self.failed else '?'}: {type(self.error).__name__}"
         lines = [f"ShapeTrace({self.model_name}, input {self.input_shape} {self.input_dtype}, "
-                 f"{len(self.calls)} module calls, {status})"]
+                 f"{len(self.calls)} module calls, {status})", "  values: " + _VALUES_NOTE.get(
+                     self.statistics, f"min/max/NaN/Inf of {self.statistics}")
+                 + (" (a second pass: NaN/Inf was found)" if self.passes == 2 else "")]
         top = [c for c in self.calls if c.depth <= 1]
         for call in top[:40]:
             flag = "" if call.status == "ok" else f"  <- {call.status}"
@@ -202,6 +204,9 @@ class ShapeTrace(ReportText):
         if self.failed is not None and self.failed.depth > 1:
             lines.append(f"  failed module: {self.failed.path} ({self.failed.type}) with inputs {self.failed.inputs}")
         return "\n".join(lines)
+
+
+_VALUES_NOTE = {"none": "not measured", "blocks": "min/max/NaN/Inf of block outputs; stats='every' for every module"}
 
 
 def _explain_nonfinite(trace: ShapeTrace) -> Explanation | None:

@@ -144,7 +144,7 @@ def trace_shapes(model: nn.Module, x: torch.Tensor, *, stats: bool | str = True,
                            "of block outputs and finds NaN/Inf, 'every' of every module's output, 'full' adds "
                            "the mean, False records shapes only.")
     if stats is not True or not eval:
-        return _trace(model, x, stats and ("full" if stats == "full" else "every"), eval)
+        return _trace(model, x, "full" if stats == "full" else "every" if stats else False, eval)
     rng = _random_state(x)
     trace = _trace(model, x, "blocks", eval)
     if trace.error is None and trace._alarm:
@@ -186,11 +186,10 @@ def _trace(model: nn.Module, x: torch.Tensor, scope: str | bool, eval: bool) -> 
         trace.input_nonfinite = nonfinite(stats_of([x], mean=False))
         bad = [c[_MODULE] for c in recorder.calls if nonfinite(c[_STATS])]
         trace._alarm = bool(values.hidden or bad or trace.input_nonfinite)
+        paths = module_paths(model) if values.hidden or (bad and values.every) else {}
         if values.hidden:
-            paths = module_paths(model)
             trace.hidden_nonfinite = tuple(dict.fromkeys(paths.get(m, "?") for m in values.hidden))
         if bad and values.every:
-            paths = paths if values.hidden else module_paths(model)
             trace.nonfinite_parameters = {
                 paths[m]: sum(int((~torch.isfinite(p)).sum()) for p in m.parameters()) for m in bad}
     return trace

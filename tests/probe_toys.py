@@ -93,3 +93,30 @@ class FlakyNormNet(NormNet):
         if x.shape[-1] > self.limit:
             raise torch.OutOfMemoryError(f"simulated: out of memory at width {x.shape[-1]}")
         return super().forward(x)
+
+
+class ReduceNet(nn.Module):
+    """Whole-map reductions and no norm, as users write them: a squeeze-and-excitation
+    (``nn.AdaptiveAvgPool2d(1)``), CBAM-style channel attention (``x.mean`` and ``x.amax``),
+    SimAM (a sum over H x W divided by the map's size, ``torch.var``) and a gate from ``std``.
+    Receptive-field radius 2 otherwise, so tiles that pool the reductions are exact."""
+
+    input_multiple = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(4)
+            self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.squeeze, self.excite = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 8)
+            self.head = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv1(x))
+        y = y * torch.sigmoid(self.excite(self.squeeze(y).flatten(1)))[..., None, None]
+        y = y * torch.sigmoid(y.mean(dim=(2, 3), keepdim=True) - torch.amax(y, dim=(-2, -1), keepdim=True))
+        y = self.conv2(y)
+        centred = y - y.mean((2, 3), keepdim=True)
+        variance = centred.square().sum(dim=(2, 3), keepdim=True) / (y.shape[2] * y.shape[3])
+        y = y * torch.sigmoid(centred / (variance + 1e-4).sqrt()) + torch.var(y, (2, 3), keepdim=True)
+        return self.head(y / y.std(dim=(2, 3), keepdim=True))

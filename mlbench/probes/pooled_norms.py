@@ -19,8 +19,10 @@ features between the scales). ``predict_tiled`` runs one such pass (``norm_stats
 repeats passes until they settle (``norm_stats="pooled"``). Memory: one batch of tiles, plus a
 mean and a second moment per channel, norm call and tile.
 
-Only the norms are pooled: other whole-input reductions (CBAM-ResUNet's channel attention,
-MA-ResUNet's SimAM, triplet and self-attention) still see one tile.
+Reductions of a whole map (a squeeze-and-excitation's mean, CBAM's channel attention, SimAM's
+mean and variance) are pooled the same way, in the same sequence of calls:
+:mod:`mlbench.probes.pooled_reductions` recognises them in the tile's forward. Reductions over
+one axis (MA-ResUNet's triplet attention) and attention over all positions still see one tile.
 
 Tried and measured (three small models, 512 px samples, 256 px tiles in batches of 4; relative
 L2 error of the logits against all tiles in one batch): the prior's whole-image statistics
@@ -43,6 +45,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mlbench.probes.pooled_reductions import Reduction, SpatialReductions
 
 __all__ = ["Box", "NormPrior", "PooledNorms", "pooled_norm_modules"]
 
@@ -68,17 +72,20 @@ def pooled_norm_modules(model: nn.Module) -> list[nn.Module]:
 
 @dataclass(frozen=True)
 class NormPrior:
-    """Statistics of every norm call in one forward of a downsampled whole image, over each
-    tile's owned part scaled to it: what stands in for the tiles that have not run yet."""
+    """Statistics of every norm and reduction call in one forward of a downsampled whole image,
+    over each tile's owned part scaled to it: what stands in for the tiles that have not run yet."""
 
     calls: tuple[tuple[torch.Tensor, list[float]], ...]
-    """Per norm call, in call order: mean and second moment per part, (T, 2, N * G) float64, and
-    each part's pixel count."""
+    """Per call, in call order: mean and second moment (a maximum's call: the maximum) per part,
+    (T, 2, N * G) float64, and each part's pixel count."""
+    size: tuple[int, int] = (0, 0)
+    """(H, W) of the downsampled image that was run."""
 
 
 class _Call:
-    """One norm call's statistics per tile: mean and second moment, (T, 2, N * G) float64, and
-    pixel count; with a prior, the prior's per tile and over the whole image."""
+    """One norm or reduction call's statistics per tile: mean and second moment (for a maximum:
+    the maximum), (T, 2, N * G) float64, and pixel count; with a prior, the prior's per tile and
+    over the whole image."""
 
     def __init__(self, tiles: int, n: int, groups: int, device: torch.device) -> None:
         self._both = torch.zeros(2, tiles, 2, n * groups, dtype=torch.float64, device=device)
@@ -113,6 +120,16 @@ class _Call:
         mean, var = _mean_var(torch.cat([pooled, whole[None]]).view(3, 2, -1).transpose(0, 1))
         ratio = (var[2] / var[1].clamp_min(1e-12)).clamp(0.25, 4.0)
         return mean[0] + ratio.sqrt() * (mean[2] - mean[1]), var[0] * ratio
+
+
+    def maximum(self) -> torch.Tensor | None:
+        """The largest value over the tiles that ran and, for those that have not, the prior's
+        parts, (N * G,); None if no part has pixels."""
+        parts = [self.moments[tile, 0] for tile, count in enumerate(self.count) if count > 0]
+        if self.prior is not None:
+            parts += [self._both[1][tile, 0] for tile, count in enumerate(self.prior[0])
+                      if count > 0 and not self.seen[tile]]
+        return torch.stack(parts).amax(0) if parts else None
 
 
 def _weights(counts: list[list[float]], like: torch.Tensor) -> torch.Tensor:
@@ -167,14 +184,16 @@ class PooledNorms:
 
     @contextmanager
     def tiles(self, indices: Sequence[int]) -> Iterator[None]:
-        """Pool the norms while the tiles ``indices`` run as one batch, tile-major: the model's
-        input is (len(indices) * N, C, H, W), tile ``indices[j]``'s N images at ``j * N``."""
+        """Pool the norms and whole-map reductions while the tiles ``indices`` run as one batch,
+        tile-major: the model's input is (len(indices) * N, C, H, W), tile ``indices[j]``'s N
+        images at ``j * N``."""
         self._batch, self._call = list(indices), 0
         saved = [(norm, norm.__dict__.get("forward")) for norm in self.norms]
         for norm in self.norms:
             norm.forward = partial(self._pooled_forward, norm)
         try:
-            yield
+            with SpatialReductions(self._reduce):
+                yield
         finally:
             for norm, forward in saved:
                 if forward is None:
@@ -193,7 +212,12 @@ class PooledNorms:
         pooled._shared = True
         with pooled.tiles(range(len(pooled.boxes))):
             (forward or model)(x)
-        return NormPrior(tuple((call.moments, list(call.count)) for call in pooled._calls))
+        return NormPrior(tuple((call.moments, list(call.count)) for call in pooled._calls), tuple(x.shape[-2:]))
+
+    def _samples(self, z: torch.Tensor) -> int | None:
+        """N, the images per tile in ``z`` (the running tiles stacked); None if ``z`` is not such a stack."""
+        batch = 1 if self._shared else len(self._batch)
+        return None if z.shape[0] % batch else z.shape[0] // batch
 
     def _record(self, index: int, n: int, groups: int, z: torch.Tensor) -> _Call:
         """The statistics of norm call ``index``, created (with the prior if one fits) at its first call."""
@@ -218,16 +242,57 @@ class PooledNorms:
     def _pooled(self, norm: nn.Module, z: torch.Tensor) -> torch.Tensor:
         index, self._call = self._call, self._call + 1
         batch = 1 if self._shared else len(self._batch)
-        if z.shape[0] % batch:
+        n = self._samples(z)
+        if n is None:
             raise ValueError(f"{type(norm).__name__}: a batch of {batch} tiles cannot have {z.shape[0]} samples")
-        n = z.shape[0] // batch
         groups = norm.num_groups if isinstance(norm, nn.GroupNorm) else z.shape[1]
         call = self._record(index, n, groups, z)
         self._measure(call, z.float() if z.dtype in (torch.float16, torch.bfloat16) else z, n, groups)
+        if self._shared:  # the parts partition this one map: its own statistics are the pooled ones
+            return _own_statistics(norm, z)
         stats = call.pooled()
         if stats is None:  # no tile owns any of this map (and no prior): the batch's own statistics
             stats = _mean_var(_moments(z.reshape(batch, n, *z.shape[1:]).movedim(0, 2), groups))
         return _normalise(norm, z, n, groups, *stats)
+
+    def _reduce(self, reduction: Reduction) -> torch.Tensor | None:
+        """What a whole-map reduction of the running tiles' maps gives over the whole image, the
+        same for every tile, (tiles * N, C) (keepdim: (tiles * N, C, 1, 1)); None (the call runs
+        on each tile as it is) if the map is not a stack of the tiles or no part has pixels."""
+        z = reduction.input
+        n = self._samples(z)
+        if n is None:
+            return None
+        with _PLAIN_TORCH():
+            index, self._call = self._call, self._call + 1
+            call = self._record(index, n, z.shape[1], z)
+            measured = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+            if reduction.kind == "max":
+                self._measure_max(call, measured, n)
+                value = call.maximum()
+            else:
+                self._measure(call, measured, n, z.shape[1])
+                stats = call.pooled()
+                value = None if stats is None else _reduced(reduction, *stats, z.shape[-2] * z.shape[-1],
+                                                            self._whole_count(*z.shape[-2:]))
+            if value is None:
+                return None
+            value = value.to(reduction.dtype or z.dtype).view(n, z.shape[1]).repeat(z.shape[0] // n, 1)
+            return value[..., None, None] if reduction.keepdim else value
+
+    def _whole_count(self, height: int, width: int) -> int:
+        """Pixels of a map ``height`` x ``width`` of a tile, over all tiles' owned parts: the whole image's map."""
+        return sum((rows[1] - rows[0]) * (cols[1] - cols[0]) for rows, cols in (
+            (self._rows(tile, height), self._cols(tile, width)) for tile in range(len(self.boxes))))
+
+    def _measure_max(self, call: _Call, z: torch.Tensor, n: int) -> None:
+        """Record the maximum of each running tile's owned part of the (tiles * N, C, h, w) ``z``."""
+        for j, tile in enumerate(self._batch):
+            owned = z if self._shared else z[j * n:(j + 1) * n]
+            owned = owned[..., slice(*self._rows(tile, z.shape[-2])), slice(*self._cols(tile, z.shape[-1]))]
+            call.count[tile], call.seen[tile] = owned[0, 0].numel(), True
+            if owned[0, 0].numel():
+                call.moments[tile, 0] = owned.amax((-2, -1)).flatten()
 
     def _measure(self, call: _Call, z: torch.Tensor, n: int, groups: int) -> None:
         """Record the statistics of each running tile's owned part of ``z``: per tile on slices,
@@ -287,6 +352,24 @@ def _masked_moments(maps: torch.Tensor, masks: torch.Tensor, counts: torch.Tenso
     moments = torch.stack([mean, var], 1).double()
     moments[:, 1].addcmul_(moments[:, 0], moments[:, 0])
     return moments.flatten(2)
+
+
+def _reduced(reduction: Reduction, mean: torch.Tensor, var: torch.Tensor, pixels: int, whole: int) -> torch.Tensor:
+    """A tile's ``mean``/``sum``/``var``/``std`` with the whole image's statistics: the sum is the
+    mean times the tile map's ``pixels``, the variance's correction applies to the ``whole`` map's count."""
+    if reduction.kind == "mean":
+        return mean
+    if reduction.kind == "sum":
+        return mean * pixels
+    var = var * whole / max(whole - reduction.correction, 1)
+    return var if reduction.kind == "var" else var.sqrt()
+
+
+def _own_statistics(norm: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """``norm`` applied to ``z`` with ``z``'s own statistics, and no running statistics updated."""
+    if isinstance(norm, nn.GroupNorm):
+        return F.group_norm(z, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    return F.instance_norm(z, weight=norm.weight, bias=norm.bias, use_input_stats=True, eps=norm.eps)
 
 
 def _normalise(norm: nn.Module, z: torch.Tensor, n: int, groups: int, mean: torch.Tensor,

@@ -10,8 +10,9 @@ the tile, retry; below ``min_tile`` fall back to the CPU once; every retry a mar
 timeline being recorded, ``mb.record_memory``). Their public names are importable from here too.
 Bilinear resizes with ``align_corners=True`` (HRNet's) are computed on the whole image's grid
 (:mod:`mlbench.probes.tile_grid`). Norms that average over their input (``InstanceNorm``,
-``GroupNorm``) use statistics of the whole image by default (``norm_stats="image"``,
-:mod:`mlbench.probes.pooled_norms`).
+``GroupNorm``) and reductions of a whole map (a squeeze-and-excitation's mean, SimAM) use
+statistics of the whole image by default (``norm_stats="image"``, :mod:`mlbench.probes.pooled_norms`,
+:mod:`mlbench.probes.pooled_reductions`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlbench.errors import OptionsError
-from mlbench.probes.pooled_norms import PooledNorms, pooled_norm_modules
+from mlbench.probes.pooled_norms import NormPrior, PooledNorms, pooled_norm_modules
 from mlbench.probes._hooks import check_module
 from mlbench.probes.memory import note
 from mlbench.probes.shape_trace import shape_of, shape_text
@@ -131,6 +132,20 @@ def _prior_input(model: nn.Module, x: torch.Tensor, tile: int) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
+DETECTION_SIDE = 64
+"""Side of the copy of the image that a model without norms runs once to show whether it reduces
+whole maps (a squeeze-and-excitation's mean): only then does it need a prior at a tile's size."""
+
+
+def _record_prior(run: _Pass, x: torch.Tensor, side: int) -> NormPrior:
+    """The statistics of one forward of ``x`` downsampled to ``side`` over each tile's part of it."""
+    small = _prior_input(run.model, x, side).to(run.device)
+    rows, cols = small.shape[-2] / x.shape[-2], small.shape[-1] / x.shape[-1]
+    parts = [((top + t) * rows, (top + b) * rows, (left + l) * cols, (left + r) * cols)
+             for top, left, (t, b, l, r) in run.tiling.places]
+    return PooledNorms.record(run.model, small, parts, partial(_call, run.model, state=run.state))
+
+
 def _image_stats(run: _Pass, x: torch.Tensor, tile: int, norm_stats: str, max_passes: int,
                  tolerance: float) -> tuple[torch.Tensor, int, bool]:
     """Tiled passes with whole-image norm statistics: the output, the passes and whether it settled.
@@ -144,12 +159,10 @@ def _image_stats(run: _Pass, x: torch.Tensor, tile: int, norm_stats: str, max_pa
     size = tuple(-(-side // multiple) * multiple for side in run.tiling.size)  # as padded for the model
     prior = None
     if len(boxes) > run.tile_batch:
-        small = _prior_input(run.model, x, tile).to(run.device)
-        rows, cols = small.shape[-2] / x.shape[-2], small.shape[-1] / x.shape[-1]
-        parts = [((top + t) * rows, (top + b) * rows, (left + l) * cols, (left + r) * cols)
-                 for top, left, (t, b, l, r) in run.tiling.places]
-        prior = PooledNorms.record(run.model, small, parts, partial(_call, run.model, state=run.state))
-        note(f"norm statistics prior from a {small.shape[-2]}x{small.shape[-1]} copy of the image")
+        if not pooled_norm_modules(run.model) and not _record_prior(run, x, min(tile, DETECTION_SIDE)).calls:
+            return _blend(run, x), 1, True  # no norm and no whole-map reduction: nothing to pool
+        prior = _record_prior(run, x, tile)
+        note(f"norm statistics prior from a {prior.size[0]}x{prior.size[1]} copy of the image")
     pooled = PooledNorms(run.model, boxes, size, prior)
     previous, change = None, float("inf")
     for done in range(1, max_passes + 1):
@@ -220,7 +233,9 @@ def predict_tiled(model: nn.Module, x: torch.Tensor, tile: int = 512, overlap: i
         tile's memory. When every tile fits in one batch, ``norm_stats="image"`` is exact.
     norm_stats : {"image", "tile", "pooled"}
         How ``InstanceNorm``/``GroupNorm`` layers, which normalise by the statistics of what they
-        see, treat a tile (:mod:`mlbench.probes.pooled_norms`):
+        see, and reductions of a whole map (``x.mean((2, 3))``, ``nn.AdaptiveAvgPool2d(1)``,
+        ``amax``, ``var``, ``std``: squeeze-and-excitation, channel attention, SimAM) treat a tile
+        (:mod:`mlbench.probes.pooled_norms`, :mod:`mlbench.probes.pooled_reductions`):
 
         - ``"image"`` (default): statistics of the whole image, one pass. Each tile contributes
           its owned part's statistics. With every tile in one batch they are exact; otherwise a
@@ -319,7 +334,7 @@ def run_tiled(
         run = _Pass(model, tiling, overlap_now, attempt.device, attempt.state, batch, grid)
         try:
             with torch.no_grad():
-                if norm_stats == "tile" or len(tiling.places) == 1 or not pooled_norm_modules(model):
+                if norm_stats == "tile" or len(tiling.places) == 1:
                     out, passes, settled = _blend(run, x), 1, True  # nothing to pool, or one tile is the image
                 else:
                     out, passes, settled = _image_stats(run, x, attempt.tile, norm_stats, max_passes, tolerance)

@@ -16,7 +16,11 @@ with one thread by default: on a shared machine, wall-clock ratios of the same r
 - ``monai``: MONAI's ``sliding_window_inference`` (Gaussian blending, per-tile statistics),
   when monai is installed (it is not a dependency).
 
+``--size 1024`` runs each sample mirrored 2 x 2 into a 1024 px image (objects keep their size):
+the case tiling is for, with more tiles than one batch holds at ``--tiles 512``.
+
     python bench/tiling.py [--models cbam_resunet hrnet ma_resunet] [--tiles 256 384] [--repeats 3]
+    python bench/tiling.py --size 1024 --tiles 512 --methods tile image image/all
 """
 
 from __future__ import annotations
@@ -59,12 +63,20 @@ def method_runner(name: str, model: torch.nn.Module, x: torch.Tensor, tile: int,
     return run
 
 
-def measure(model_name: str, sample: str, tiles: list[int], overlap: int, methods: list[str], repeats: int,
-            batch: int, clock: Callable[[], float] = time.process_time) -> list[dict]:
-    """Rows of one model and sample: every tile size and method, timed in interleaved pairs."""
-    model = mb.load_model(model_name).eval()
+def model_input(model: torch.nn.Module, sample: str, size: int) -> torch.Tensor:
+    """The sample preprocessed at 512 px; for ``size`` 1024, mirrored 2 x 2 (no seams, objects keep their size)."""
     x = mb.Pipeline(model, input_size=512).start(mb.load_sample(sample).image).run_until("preprocess").output(
         "preprocess")
+    if size == 512:
+        return x
+    return torch.cat([torch.cat([x, x.flip(-1)], -1), torch.cat([x.flip(-2), x.flip(-2, -1)], -1)], -2)
+
+
+def measure(model_name: str, sample: str, tiles: list[int], overlap: int, methods: list[str], repeats: int,
+            batch: int, clock: Callable[[], float] = time.process_time, size: int = 512) -> list[dict]:
+    """Rows of one model and sample: every tile size and method, timed in interleaved pairs."""
+    model = mb.load_model(model_name).eval()
+    x = model_input(model, sample, size)
     with torch.no_grad():
         whole = model(x).float()
     runners = {(tile, m): method_runner(m, model, x, tile, overlap, batch) for tile in tiles for m in methods}
@@ -83,7 +95,7 @@ def measure(model_name: str, sample: str, tiles: list[int], overlap: int, method
                 ratios[key].append((clock() - start) / whole_s)
     rows = []
     for (tile, method), (output, used_batch, passes) in outputs.items():
-        rows.append({"model": model_name, "sample": sample, "tile": tile, "method": method, "tile_batch": used_batch,
+        rows.append({"model": model_name, "sample": sample, "size": size, "tile": tile, "method": method, "tile_batch": used_batch,
                      "passes": passes, "iou": round(mask_iou(logits_to_mask(whole), logits_to_mask(output)), 4),
                      "l2_error": round(float((output - whole).norm() / whole.norm()), 4),
                      "time_ratio": round(statistics.median(ratios[(tile, method)]), 2)})
@@ -96,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", nargs="+", default=list(SAMPLES))
     parser.add_argument("--tiles", nargs="+", type=int, default=[256, 384])
     parser.add_argument("--overlap", type=int, default=64)
+    parser.add_argument("--size", type=int, default=512, choices=[512, 1024],
+                        help="image side: 512 (the samples) or 1024 (each mirrored 2 x 2)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--tile-batch", type=int, default=4, help="tiles per forward (default 4, predict_tiled's)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timing pairs per method (median)")
@@ -115,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         for sample in args.samples:
             measured = measure(name, sample, args.tiles, args.overlap, args.methods, args.repeats, args.tile_batch,
-                               time.process_time if args.clock == "cpu" else time.perf_counter)
+                               time.process_time if args.clock == "cpu" else time.perf_counter, args.size)
             print(pd.DataFrame(measured).to_string(index=False), flush=True)
             rows += measured
     table = pd.DataFrame(rows)
@@ -123,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nall rows ({args.repeats} interleaved pairs per method, {args.threads} thread(s), {args.clock} time, "
               f"{args.overlap} px overlap, time_ratio = median of method / whole-image forward):")
         print(table.to_string(index=False))
-        summary = table.groupby(["model", "tile", "method"], sort=False).agg(
+        summary = table.groupby(["model", "size", "tile", "method"], sort=False).agg(
             lowest_iou=("iou", "min"), median_iou=("iou", "median"), highest_ratio=("time_ratio", "max"),
             median_ratio=("time_ratio", "median"))
         print("\nper model, tile and method, over the samples:")

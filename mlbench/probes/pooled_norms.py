@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlbench.probes.pooled_moments import MASKED_ELEMENTS, CallStatistics, group_moments, masked_moments, mean_var
 from mlbench.probes.pooled_reductions import Reduction, SpatialReductions
 
 __all__ = ["Box", "NormPrior", "PooledNorms", "pooled_norm_modules"]
@@ -82,79 +83,6 @@ class NormPrior:
     """(H, W) of the downsampled image that was run."""
 
 
-class _Call:
-    """One norm or reduction call's statistics per tile: mean and second moment (for a maximum:
-    the maximum), (T, 2, N * G) float64, and pixel count; with a prior, the prior's per tile and
-    over the whole image."""
-
-    def __init__(self, tiles: int, n: int, groups: int, device: torch.device) -> None:
-        self._both = torch.zeros(2, tiles, 2, n * groups, dtype=torch.float64, device=device)
-        self.moments = self._both[0]
-        """Per tile that ran: the latest mean and second moment over its owned part."""
-        self.count = [0.0] * tiles
-        self.seen = [False] * tiles
-        self.prior: tuple[list[float], torch.Tensor] | None = None
-
-    def set_prior(self, moments: torch.Tensor, count: list[float]) -> None:
-        """Per tile (T, 2, N * G) moments and counts of a prior run; its whole-image moments."""
-        if sum(count) > 0:
-            self._both[1] = moments
-            self.prior = (count, (_weights([count], moments) @ moments.flatten(1))[0])
-
-    def pooled(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Count-weighted mean and variance over the tiles that ran, (N * G,); None if none counts.
-
-        With a prior, while some tiles have not run: those statistics extrapolated to the whole
-        image as the prior says the whole differs from the part that ran (per channel, the mean
-        shifted and the variance scaled, as an affine change of the features would)."""
-        if not sum(self.count) > 0:
-            return None
-        if self.prior is None or all(self.seen):
-            return _mean_var((_weights([self.count], self.moments) @ self.moments.flatten(1)).view(2, -1))
-        count, whole = self.prior
-        part = [c if ran else 0.0 for c, ran in zip(count, self.seen)]
-        if not sum(part) > 0:
-            return _mean_var((_weights([self.count], self.moments) @ self.moments.flatten(1)).view(2, -1))
-        weights = _weights([self.count, part], self.moments)  # (2, T): seen tiles, their part of the prior
-        pooled = torch.bmm(weights[:, None], self._both.flatten(2)).view(2, -1)
-        mean, var = _mean_var(torch.cat([pooled, whole[None]]).view(3, 2, -1).transpose(0, 1))
-        ratio = (var[2] / var[1].clamp_min(1e-12)).clamp(0.25, 4.0)
-        return mean[0] + ratio.sqrt() * (mean[2] - mean[1]), var[0] * ratio
-
-
-    def maximum(self) -> torch.Tensor | None:
-        """The largest value over the tiles that ran and, for those that have not, the prior's
-        parts, (N * G,); None if no part has pixels."""
-        parts = [self.moments[tile, 0] for tile, count in enumerate(self.count) if count > 0]
-        if self.prior is not None:
-            parts += [self._both[1][tile, 0] for tile, count in enumerate(self.prior[0])
-                      if count > 0 and not self.seen[tile]]
-        return torch.stack(parts).amax(0) if parts else None
-
-
-def _weights(counts: list[list[float]], like: torch.Tensor) -> torch.Tensor:
-    """Counts normalised to sum 1 per row, (rows, T) (one row: (1, T)), in ``like``'s dtype and device."""
-    return torch.tensor([[c / sum(row) for c in row] for row in counts], dtype=like.dtype, device=like.device)
-
-
-def _mean_var(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance from (2, ...) mean and second moment."""
-    mean = moments[0]
-    return mean, (moments[1] - mean.square()).clamp_min(0)
-
-
-def _moments(z: torch.Tensor, groups: int) -> torch.Tensor:
-    """Mean and second moment per (sample, group) of (N, C, ...), (2, N * G) float64; the variance
-    is computed about the mean in z's dtype (two passes: faster than ``var_mean`` on the CPU)."""
-    grouped = z if groups == z.shape[1] else z.reshape(z.shape[0], groups, -1)
-    dims = tuple(range(2, grouped.dim()))
-    mean = grouped.mean(dims, keepdim=True)
-    centred = grouped - mean
-    var = (centred * centred).mean(dims).flatten().double()
-    mean = mean.flatten().double()
-    return torch.stack([mean, var.addcmul_(mean, mean)])
-
-
 class PooledNorms:
     """Pooled statistics of every extent-dependent norm of ``model``, per tile and norm call.
 
@@ -176,7 +104,7 @@ class PooledNorms:
                  prior: NormPrior | None = None) -> None:
         self.norms = pooled_norm_modules(model)
         self.boxes, self.size, self.prior = list(boxes), size, prior
-        self._calls: list[_Call] = []
+        self._calls: list[CallStatistics] = []
         self._batch: list[int] = []
         self._call = 0
         self._shared = False  # True: the tiles of a batch are parts of one input, not stacked inputs
@@ -219,7 +147,7 @@ class PooledNorms:
         batch = 1 if self._shared else len(self._batch)
         return None if z.shape[0] % batch else z.shape[0] // batch
 
-    def _record(self, index: int, n: int, groups: int, z: torch.Tensor) -> _Call:
+    def _record(self, index: int, n: int, groups: int, z: torch.Tensor) -> CallStatistics:
         """The statistics of norm call ``index``, created (with the prior if one fits) at its first call."""
         if index < len(self._calls):
             call = self._calls[index]
@@ -227,7 +155,7 @@ class PooledNorms:
                 raise ValueError(f"norm call {index}: tiles with different batch sizes or channels cannot pool "
                                  f"statistics ({call.moments.shape[2]} vs {n} x {groups} statistics)")
             return call
-        call = _Call(len(self.boxes), n, groups, z.device)
+        call = CallStatistics(len(self.boxes), n, groups, z.device)
         if self.prior is not None and index < len(self.prior.calls):
             moments, count = self.prior.calls[index]
             if moments.shape == call.moments.shape:
@@ -252,16 +180,17 @@ class PooledNorms:
             return _own_statistics(norm, z)
         stats = call.pooled()
         if stats is None:  # no tile owns any of this map (and no prior): the batch's own statistics
-            stats = _mean_var(_moments(z.reshape(batch, n, *z.shape[1:]).movedim(0, 2), groups))
+            stats = mean_var(group_moments(z.reshape(batch, n, *z.shape[1:]).movedim(0, 2), groups))
         return _normalise(norm, z, n, groups, *stats)
 
     def _reduce(self, reduction: Reduction) -> torch.Tensor | None:
         """What a whole-map reduction of the running tiles' maps gives over the whole image, the
-        same for every tile, (tiles * N, C) (keepdim: (tiles * N, C, 1, 1)); None (the call runs
-        on each tile as it is) if the map is not a stack of the tiles or no part has pixels."""
+        same for every tile, (tiles * N, C) (keepdim: (tiles * N, C, 1, 1)). None (the call runs
+        as it is): while recording a prior (the parts make up this one map), and where the map is
+        not a stack of the tiles' maps (another batch size, larger than a tile) or no part has pixels."""
         z = reduction.input
         n = self._samples(z)
-        if n is None:
+        if n is None or z.shape[-2] > self.size[0] or z.shape[-1] > self.size[1]:
             return None
         with _PLAIN_TORCH():
             index, self._call = self._call, self._call + 1
@@ -269,10 +198,10 @@ class PooledNorms:
             measured = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
             if reduction.kind == "max":
                 self._measure_max(call, measured, n)
-                value = call.maximum()
+                value = None if self._shared else call.maximum()
             else:
                 self._measure(call, measured, n, z.shape[1])
-                stats = call.pooled()
+                stats = None if self._shared else call.pooled()
                 value = None if stats is None else _reduced(reduction, *stats, z.shape[-2] * z.shape[-1],
                                                             self._whole_count(*z.shape[-2:]))
             if value is None:
@@ -285,7 +214,7 @@ class PooledNorms:
         return sum((rows[1] - rows[0]) * (cols[1] - cols[0]) for rows, cols in (
             (self._rows(tile, height), self._cols(tile, width)) for tile in range(len(self.boxes))))
 
-    def _measure_max(self, call: _Call, z: torch.Tensor, n: int) -> None:
+    def _measure_max(self, call: CallStatistics, z: torch.Tensor, n: int) -> None:
         """Record the maximum of each running tile's owned part of the (tiles * N, C, h, w) ``z``."""
         for j, tile in enumerate(self._batch):
             owned = z if self._shared else z[j * n:(j + 1) * n]
@@ -294,14 +223,14 @@ class PooledNorms:
             if owned[0, 0].numel():
                 call.moments[tile, 0] = owned.amax((-2, -1)).flatten()
 
-    def _measure(self, call: _Call, z: torch.Tensor, n: int, groups: int) -> None:
+    def _measure(self, call: CallStatistics, z: torch.Tensor, n: int, groups: int) -> None:
         """Record the statistics of each running tile's owned part of ``z``: per tile on slices,
         or for small 2-D maps of an ``InstanceNorm`` all at once with masks (fewer, larger ops:
         faster where the per-op overhead dominates)."""
         if z.dim() == 4 and groups == z.shape[1] and z[:n].numel() <= MASKED_ELEMENTS:
             masks, counts, pixels = self._masks(*z.shape[-2:], z)
             maps = z[None] if self._shared else z.view(len(self._batch), n, *z.shape[1:])
-            call.moments[self._batch] = _masked_moments(maps, masks, counts)
+            call.moments[self._batch] = masked_moments(maps, masks, counts)
             for tile, count in zip(self._batch, pixels):
                 call.count[tile], call.seen[tile] = count, True
             return
@@ -312,7 +241,7 @@ class PooledNorms:
             count = owned[0, 0].numel() * (z.shape[1] // groups)
             call.count[tile], call.seen[tile] = count, True
             if count:
-                call.moments[tile] = _moments(owned, groups)
+                call.moments[tile] = group_moments(owned, groups)
 
     def _rows(self, tile: int, height: int) -> tuple[int, int]:
         """The rows of a map ``height`` high that tile ``tile`` owns: its box scaled to the map."""
@@ -334,24 +263,6 @@ class PooledNorms:
             counts = masks.sum((-2, -1))
             self._mask_cache[key] = (masks.to(z.device), counts.to(z.device), [int(c) for c in counts.flatten()])
         return self._mask_cache[key]
-
-
-MASKED_ELEMENTS = 65536
-"""Largest map (elements per tile: channels x height x width) whose owned-part statistics are
-computed with masks rather than per tile; measured on 2 CPU cores, masks were 1.4 to 4 times
-faster up to 32k elements and 7 times slower at 262k."""
-
-
-def _masked_moments(maps: torch.Tensor, masks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Mean and second moment per (part, sample, channel) of (B or 1, N, C, H, W) maps under
-    (B, 1, 1, H, W) masks, (B, 2, N * C) float64; the variance computed about the mean."""
-    counts = counts.clamp_min(1)  # a part with no pixels: zeros, weighted 0 by its count
-    mean = (maps * masks).sum((-2, -1)) / counts
-    centred = (maps - mean[..., None, None]) * masks
-    var = (centred * centred).sum((-2, -1)) / counts
-    moments = torch.stack([mean, var], 1).double()
-    moments[:, 1].addcmul_(moments[:, 0], moments[:, 0])
-    return moments.flatten(2)
 
 
 def _reduced(reduction: Reduction, mean: torch.Tensor, var: torch.Tensor, pixels: int, whole: int) -> torch.Tensor:

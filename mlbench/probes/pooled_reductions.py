@@ -89,8 +89,6 @@ class SpatialReductions(TorchFunctionMode):
     def __init__(self, answer) -> None:
         super().__init__()
         self.answer = answer
-        self.seen = 0
-        """Reductions answered: 0 after a forward means the model has none to pool."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -99,6 +97,5 @@ class SpatialReductions(TorchFunctionMode):
             if reduction is not None:
                 out = self.answer(reduction)
                 if out is not None:
-                    self.seen += 1
                     return out
         return func(*args, **kwargs)

@@ -3,23 +3,23 @@
 The image is cut into ``tile`` x ``tile`` windows that overlap by at least ``overlap`` pixels;
 the windows run through the model ``tile_batch`` at a time (padded to the model's
 ``input_multiple`` when needed) and their outputs are blended so that seams vanish and a model
-with a receptive field under ``overlap / 4`` is reproduced exactly. This module runs the passes;
-where the tiles lie and how they blend is :mod:`mlbench.probes.tile_geometry`, and what happens
-when a pass runs out of memory is :mod:`mlbench.probes.tile_oom` (free, halve the batch, then
-the tile, retry; below ``min_tile`` fall back to the CPU once; every retry a mark on the memory
-timeline being recorded, ``mb.record_memory``). Their public names are importable from here too.
-Bilinear resizes with ``align_corners=True`` (HRNet's) are computed on the whole image's grid
+with a receptive field under ``overlap / 4`` is reproduced exactly. This module decides which
+passes run; one pass over the tiles is :mod:`mlbench.probes.tile_pass`, where the tiles lie and
+how they blend :mod:`mlbench.probes.tile_geometry`, and what happens when a pass runs out of
+memory :mod:`mlbench.probes.tile_oom` (free, halve the batch, then the tile, retry; below
+``min_tile`` fall back to the CPU once; every retry a mark on the memory timeline being recorded,
+``mb.record_memory``). Their public names are importable from here too. Bilinear resizes with
+``align_corners=True`` (HRNet's) are computed on the whole image's grid
 (:mod:`mlbench.probes.tile_grid`). Norms that average over their input (``InstanceNorm``,
 ``GroupNorm``) and reductions of a whole map (a squeeze-and-excitation's mean, SimAM) use
-statistics of the whole image by default (``norm_stats="image"``, :mod:`mlbench.probes.pooled_norms`,
-:mod:`mlbench.probes.pooled_reductions`).
+statistics of the whole image by default (``norm_stats="image"``,
+:mod:`mlbench.probes.pooled_norms`, :mod:`mlbench.probes.pooled_reductions`).
 """
 
 from __future__ import annotations
 
 import inspect
 import warnings
-from contextlib import nullcontext
 from functools import partial
 from typing import NamedTuple
 
@@ -31,70 +31,13 @@ from mlbench.errors import OptionsError
 from mlbench.probes.pooled_norms import NormPrior, PooledNorms, pooled_norm_modules
 from mlbench.probes._hooks import check_module
 from mlbench.probes.memory import note
-from mlbench.probes.shape_trace import shape_of, shape_text
-from mlbench.probes.tile_geometry import (TileLayout, blend_ramp, lay_out_tiles, owned_spans, pad_to_multiple,
-                                          tile_starts)
+from mlbench.probes.tile_geometry import lay_out_tiles, owned_spans, pad_to_multiple, tile_starts
 from mlbench.probes.tile_grid import WholeImageGrid
 from mlbench.probes.tile_oom import Attempt, TilingOutOfMemory, after_oom, free_memory, is_oom
+from mlbench.probes.tile_pass import TilePass, blend_pass, call_model, map_output
 
 __all__ = ["predict_tiled", "run_tiled", "TiledRun", "NORM_STATS", "POOLED_TOLERANCE", "pad_to_multiple", "tile_starts",
            "owned_spans", "TilingOutOfMemory", "run_device", "map_output"]
-
-
-def map_output(model: nn.Module, out: object) -> torch.Tensor:
-    """``out`` if it is one (N, C, h, w) tensor; else an :class:`OptionsError` naming what came back
-    (a dict of outputs such as torchvision's ``{"out": ..., "aux": ...}``, a sequence's features)."""
-    if isinstance(out, torch.Tensor) and out.dim() == 4:
-        return out
-    got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else (
-        f"a {type(out).__name__} of {shape_text(shape_of(out))}")
-    raise OptionsError(f"tiling needs a model that returns one (N, C, h, w) map per input, but "
-                       f"{type(model).__name__} returned {got}; wrap it in a module whose forward returns the map, "
-                       "e.g. model(x)['out'] for torchvision's segmentation models.")
-
-
-def _call(model: nn.Module, x: torch.Tensor, state: dict | None) -> object:
-    """``model(x)``, or on the parameters in ``state`` (the CPU fallback: the model itself is not moved)."""
-    return model(x) if state is None else torch.func.functional_call(model, state, (x,))
-
-
-class _Pass(NamedTuple):
-    """What one tiled pass needs besides the image: where and how the tiles run."""
-
-    model: nn.Module
-    tiling: TileLayout
-    overlap: int
-    device: torch.device
-    state: dict | None
-    tile_batch: int
-    grid: WholeImageGrid | None
-
-
-def _blend(run: _Pass, x: torch.Tensor, pooled: PooledNorms | None = None) -> torch.Tensor:
-    """One tiled pass, ``run.tile_batch`` tiles per forward; (N, C, H, W) -> (N, C_out, H, W) float32
-    on the CPU. With ``pooled``, the tiles' norms use statistics pooled over the tiles."""
-    n, _, height, width = x.shape
-    (th, tw), places = run.tiling.size, run.tiling.places
-    multiple = int(getattr(run.model, "input_multiple", 1))
-    out, weight = None, torch.zeros(1, 1, height, width)
-    for first in range(0, len(places), run.tile_batch):
-        batch = list(range(first, min(first + run.tile_batch, len(places))))
-        windows = torch.cat([x[..., top:top + th, left:left + tw] for top, left, _ in (places[i] for i in batch)])
-        padded, _ = pad_to_multiple(windows.to(run.device), multiple)
-        use_grid = run.grid is not None and run.grid.needed is not False
-        with (pooled.tiles(batch) if pooled is not None else nullcontext(),
-              run.grid.batch([places[i][:2] for i in batch], n) if use_grid else nullcontext()):
-            y = map_output(run.model, _call(run.model, padded, run.state))[..., :th, :tw].to("cpu", torch.float32)
-        if tuple(y.shape[-2:]) != (th, tw):
-            y = F.interpolate(y, size=(th, tw), mode="bilinear", align_corners=False)
-        if out is None:
-            out = torch.zeros(n, y.shape[1], height, width)
-        for j, (top, left, box) in enumerate(places[i] for i in batch):
-            w = (blend_ramp(th, run.overlap, box[:2], top > 0, top + th < height)[:, None]
-                 * blend_ramp(tw, run.overlap, box[2:], left > 0, left + tw < width))
-            out[..., top:top + th, left:left + tw] += y[j * n:(j + 1) * n] * w
-            weight[..., top:top + th, left:left + tw] += w
-    return out / weight
 
 
 NORM_STATS = ("image", "pooled", "tile")
@@ -137,16 +80,16 @@ DETECTION_SIDE = 64
 whole maps (a squeeze-and-excitation's mean): only then does it need a prior at a tile's size."""
 
 
-def _record_prior(run: _Pass, x: torch.Tensor, side: int) -> NormPrior:
+def _record_prior(run: TilePass, x: torch.Tensor, side: int) -> NormPrior:
     """The statistics of one forward of ``x`` downsampled to ``side`` over each tile's part of it."""
     small = _prior_input(run.model, x, side).to(run.device)
     rows, cols = small.shape[-2] / x.shape[-2], small.shape[-1] / x.shape[-1]
     parts = [((top + t) * rows, (top + b) * rows, (left + l) * cols, (left + r) * cols)
              for top, left, (t, b, l, r) in run.tiling.places]
-    return PooledNorms.record(run.model, small, parts, partial(_call, run.model, state=run.state))
+    return PooledNorms.record(run.model, small, parts, partial(call_model, run.model, state=run.state))
 
 
-def _image_stats(run: _Pass, x: torch.Tensor, tile: int, norm_stats: str, max_passes: int,
+def _image_stats(run: TilePass, x: torch.Tensor, tile: int, norm_stats: str, max_passes: int,
                  tolerance: float) -> tuple[torch.Tensor, int, bool]:
     """Tiled passes with whole-image norm statistics: the output, the passes and whether it settled.
 
@@ -160,13 +103,13 @@ def _image_stats(run: _Pass, x: torch.Tensor, tile: int, norm_stats: str, max_pa
     prior = None
     if len(boxes) > run.tile_batch:
         if not pooled_norm_modules(run.model) and not _record_prior(run, x, min(tile, DETECTION_SIDE)).calls:
-            return _blend(run, x), 1, True  # no norm and no whole-map reduction: nothing to pool
+            return blend_pass(run, x), 1, True  # no norm and no whole-map reduction: nothing to pool
         prior = _record_prior(run, x, tile)
         note(f"norm statistics prior from a {prior.size[0]}x{prior.size[1]} copy of the image")
     pooled = PooledNorms(run.model, boxes, size, prior)
     previous, change = None, float("inf")
     for done in range(1, max_passes + 1):
-        out = _blend(run, x, pooled)
+        out = blend_pass(run, x, pooled)
         if norm_stats == "image" or prior is None:
             return out, done, True
         if previous is not None:
@@ -331,11 +274,11 @@ def run_tiled(
         tiling = lay_out_tiles(*x.shape[-2:], attempt.tile, overlap_now)
         batch = min(attempt.batch, len(tiling.places))
         grid = WholeImageGrid(tuple(x.shape[-2:]), tiling.size) if len(tiling.places) > 1 else None
-        run = _Pass(model, tiling, overlap_now, attempt.device, attempt.state, batch, grid)
+        run = TilePass(model, tiling, overlap_now, attempt.device, attempt.state, batch, grid)
         try:
             with torch.no_grad():
                 if norm_stats == "tile" or len(tiling.places) == 1:
-                    out, passes, settled = _blend(run, x), 1, True  # nothing to pool, or one tile is the image
+                    out, passes, settled = blend_pass(run, x), 1, True  # nothing to pool, or one tile is the image
                 else:
                     out, passes, settled = _image_stats(run, x, attempt.tile, norm_stats, max_passes, tolerance)
             return TiledRun(out, attempt.tile, overlap_now, attempt.device, passes, settled, batch)

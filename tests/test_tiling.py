@@ -14,6 +14,7 @@ from mlbench.errors import OptionsError
 from mlbench.metrics import pixel_scores
 from mlbench.paths import data_dir
 from mlbench.probes import record_memory
+from mlbench.probes.pooled_norms import PooledNorms
 from mlbench.probes.pooled_reductions import spatial_reduction
 from mlbench.probes.tile_grid import WholeImageGrid
 from mlbench.probes.tile_geometry import blend_ramp
@@ -265,6 +266,8 @@ def test_whole_map_reductions_see_the_whole_image():
     assert (in_batches - whole).norm() < 0.5 * (per_tile - whole).norm()
     pooled = predict_tiled(model, x, tile=32, overlap=12, norm_stats="pooled", tolerance=1e-5)
     assert torch.allclose(pooled, whole, atol=1e-4)
+    parts = [(0, 40, 0, 90), (40, 80, 0, 90)]  # a prior says whether the tiles need the reductions' interception
+    assert PooledNorms.record(model, x, parts).reduces and not PooledNorms.record(NormNet(), x, parts).reduces
     with record_memory() as timeline:  # no norm and no reduction: one plain pass, no prior
         assert torch.allclose(predict_tiled(LocalNet(), x, tile=32, overlap=12), LocalNet()(x).detach(), atol=1e-5)
     assert timeline.marks == []

@@ -81,6 +81,8 @@ class NormPrior:
     (T, 2, N * G) float64, and each part's pixel count."""
     size: tuple[int, int] = (0, 0)
     """(H, W) of the downsampled image that was run."""
+    reduces: bool = True
+    """Whether the model reduced a whole map (if not, the tiles need no :class:`SpatialReductions`)."""
 
 
 class PooledNorms:
@@ -108,6 +110,8 @@ class PooledNorms:
         self._batch: list[int] = []
         self._call = 0
         self._shared = False  # True: the tiles of a batch are parts of one input, not stacked inputs
+        self.reduces: bool | None = None if prior is None else prior.reduces
+        """Whether the model reduces whole maps (None: not known until a batch has run)."""
         self._mask_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
 
     @contextmanager
@@ -119,9 +123,12 @@ class PooledNorms:
         saved = [(norm, norm.__dict__.get("forward")) for norm in self.norms]
         for norm in self.norms:
             norm.forward = partial(self._pooled_forward, norm)
+        mode = SpatialReductions(self._reduce) if self.reduces is not False else nullcontext()
         try:
-            with SpatialReductions(self._reduce):
+            with mode:
                 yield
+            if self.reduces is None:  # later batches skip the mode's cost per op where there is nothing to pool
+                self.reduces = mode.recognised > 0
         finally:
             for norm, forward in saved:
                 if forward is None:
@@ -140,7 +147,8 @@ class PooledNorms:
         pooled._shared = True
         with pooled.tiles(range(len(pooled.boxes))):
             (forward or model)(x)
-        return NormPrior(tuple((call.moments, list(call.count)) for call in pooled._calls), tuple(x.shape[-2:]))
+        return NormPrior(tuple((call.moments, list(call.count)) for call in pooled._calls), tuple(x.shape[-2:]),
+                         bool(pooled.reduces))
 
     def _samples(self, z: torch.Tensor) -> int | None:
         """N, the images per tile in ``z`` (the running tiles stacked); None if ``z`` is not such a stack."""

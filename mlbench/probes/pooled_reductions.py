@@ -89,12 +89,15 @@ class SpatialReductions(TorchFunctionMode):
     def __init__(self, answer) -> None:
         super().__init__()
         self.answer = answer
+        self.recognised = 0
+        """Reductions seen (answered or not): 0 after a forward means the model has none."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _KINDS:
             reduction = spatial_reduction(func, args, kwargs)
             if reduction is not None:
+                self.recognised += 1
                 out = self.answer(reduction)
                 if out is not None:
                     return out

@@ -17,10 +17,14 @@ with one thread by default: on a shared machine, wall-clock ratios of the same r
   when monai is installed (it is not a dependency).
 
 ``--size 1024`` runs each sample mirrored 2 x 2 into a 1024 px image (objects keep their size):
-the case tiling is for, with more tiles than one batch holds at ``--tiles 512``.
+the case tiling is for, with more tiles than one batch holds at ``--tiles 512``. ``--device cuda``
+runs model and image on the GPU and times wall-clock with ``torch.cuda.synchronize`` around each
+call (a CPU clock would not see the GPU's work); the CPU ratios do not carry over to a GPU, where a
+batch of tiles is cheap and on this CPU it is not.
 
     python bench/tiling.py [--models cbam_resunet hrnet ma_resunet] [--tiles 256 384] [--repeats 3]
     python bench/tiling.py --size 1024 --tiles 512 --methods tile image image/all
+    python bench/tiling.py --device cuda --size 1024 --tiles 512 --methods tile image image/all
 """
 
 from __future__ import annotations
@@ -73,12 +77,14 @@ def model_input(model: torch.nn.Module, sample: str, size: int) -> torch.Tensor:
 
 
 def measure(model_name: str, sample: str, tiles: list[int], overlap: int, methods: list[str], repeats: int,
-            batch: int, clock: Callable[[], float] = time.process_time, size: int = 512) -> list[dict]:
+            batch: int, clock: Callable[[], float] = time.process_time, size: int = 512,
+            device: str = "cpu") -> list[dict]:
     """Rows of one model and sample: every tile size and method, timed in interleaved pairs."""
     model = mb.load_model(model_name).eval()
-    x = model_input(model, sample, size)
+    x = model_input(model, sample, size).to(device)
+    model.to(device)
     with torch.no_grad():
-        whole = model(x).float()
+        whole = model(x).float().cpu()
     runners = {(tile, m): method_runner(m, model, x, tile, overlap, batch) for tile in tiles for m in methods}
     runners = {key: run for key, run in runners.items() if run is not None}
     ratios: dict[tuple, list[float]] = {key: [] for key in runners}
@@ -95,11 +101,22 @@ def measure(model_name: str, sample: str, tiles: list[int], overlap: int, method
                 ratios[key].append((clock() - start) / whole_s)
     rows = []
     for (tile, method), (output, used_batch, passes) in outputs.items():
+        output = output.float().cpu()
         rows.append({"model": model_name, "sample": sample, "size": size, "tile": tile, "method": method, "tile_batch": used_batch,
                      "passes": passes, "iou": round(mask_iou(logits_to_mask(whole), logits_to_mask(output)), 4),
                      "l2_error": round(float((output - whole).norm() / whole.norm()), 4),
                      "time_ratio": round(statistics.median(ratios[(tile, method)]), 2)})
     return rows
+
+
+def clock_for(kind: str, device: str) -> Callable[[], float]:
+    """This process's CPU time, or wall time; on a GPU wall time after the queued kernels finish."""
+    if device.startswith("cuda"):
+        def gpu_clock() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return gpu_clock
+    return time.process_time if kind == "cpu" else time.perf_counter
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,8 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                         help="cpu: this process's CPU time (default: steady on a shared machine); wall: elapsed time")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default) or cuda: on cuda the clock is wall time, synchronised around each call")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            print(f"no GPU: --device {args.device} needs CUDA, and torch {torch.__version__} sees none "
+                  f"(run without --device for the CPU measurement)")
+            return 2
+        args.clock = "wall"
     torch.set_num_threads(args.threads)
     import pandas as pd
 
@@ -129,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         for sample in args.samples:
             measured = measure(name, sample, args.tiles, args.overlap, args.methods, args.repeats, args.tile_batch,
-                               time.process_time if args.clock == "cpu" else time.perf_counter, args.size)
+                               clock_for(args.clock, args.device), args.size, args.device)
             print(pd.DataFrame(measured).to_string(index=False), flush=True)
             rows += measured
     table = pd.DataFrame(rows)

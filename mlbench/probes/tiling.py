@@ -218,24 +218,30 @@ def predict_tiled(model: nn.Module, x: torch.Tensor, tile: int = 512, overlap: i
     ``bench/tiling.py`` measured the mask IoU against one whole-image forward and the time over
     it (CPU time, one thread) for the three small models, four 512 px samples, 64 px overlap:
 
-    - 384 px tiles (4 tiles, one batch), ``"image"``: IoU 0.988 to 0.9998 at 1.9 to 2.5 times
+    - 384 px tiles (4 tiles, one batch), ``"image"``: IoU 0.988 to 1.0 at 2.4 to 4.1 times
       the whole-image forward (``"tile"``: 0.59 to 0.999).
-    - 256 px tiles (9 tiles), ``"image"`` in batches of 4: 0.67 to 0.9993 at 2.1 to 4.5 times;
-      with ``tile_batch=9``: 0.83 to 0.9994 at 1.9 to 2.7 times; ``"pooled"`` reaches the same
-      as ``tile_batch=9`` at 4.6 to 22 times; ``"tile"``: 0.34 to 0.998.
+    - 256 px tiles (9 tiles), ``"image"`` in batches of 4: 0.67 to 0.9996 at 2.2 to 4.9 times;
+      with ``tile_batch=9``: 0.83 to 1.0 at 2.6 to 3.6 times; ``"pooled"`` reaches the same
+      as ``tile_batch=9`` at 4.4 to 23 times; ``"tile"``: 0.34 to 0.999.
+    - 1024 px images (``--size 1024``), 512 px tiles in batches of 4, ``"image"``: 0.81 to
+      0.9999 at 1.9 to 3.5 times (CBAM-ResUNet 0.9991 and more).
 
-    The statistics are exact in one pass with every tile in one batch: raise ``tile_batch`` to
-    the number of tiles where memory allows, else use ``"pooled"`` where the prior is not close
-    enough (cluttered images: HRNet 0.67 against 0.83 on the nuclei with 256 px tiles).
+    Pooled are the norms' moments and the whole-map reductions over the spatial dims (means,
+    sums, variances, maxima, ``adaptive_*_pool2d(x, 1)``: CBAM's channel attention, SimAM,
+    squeeze-and-excitation). They are exact in one pass with every tile in one batch: raise
+    ``tile_batch`` to the number of tiles where memory allows, else use ``"pooled"`` where the
+    prior is not close enough (cluttered images: HRNet 0.67 against 0.83 on the nuclei with
+    256 px tiles). On this CPU a batch of tiles costs more than the same tiles one by one
+    (cache), which the ratios above include.
 
-    What remains after exact statistics is context, not statistics: a tile sees less of the
-    image than the whole (HRNet's 1/32 branch is 8 x 8 positions in a 256 px tile: 0.83 on the
-    cluttered nuclei), and other reductions over a whole tile (CBAM's channel attention,
-    MA-ResUNet's SimAM, triplet and self-attention) are not pooled. ``mb.tile_fidelity``
-    measures the smallest faithful tile for a model and image. HRNet's ``align_corners=True``
-    resizes are computed on the whole image's grid (:mod:`mlbench.probes.tile_grid`); on each
-    tile's own grid its masks were 0.965 (256 px) and 0.918 (384 px, nuclei) instead of 0.989 and
-    0.988. Exactness needs tile offsets on the model's total stride (16 or 32 px here).
+    What remains after exact statistics is context: a tile sees less of the image than the
+    whole (HRNet's 1/32 branch is 8 x 8 positions in a 256 px tile: 0.83 on the cluttered
+    nuclei; its differences lie along the seams between tiles' owned parts).
+    ``mb.tile_fidelity`` measures the smallest faithful tile for a model and image. HRNet's
+    ``align_corners=True`` resizes are computed on the whole image's grid
+    (:mod:`mlbench.probes.tile_grid`); on each tile's own grid its masks were 0.965 (256 px) and
+    0.918 (384 px, nuclei) instead of 0.989 and 0.988. Exactness needs tile offsets on the
+    model's total stride (16 or 32 px here).
     """
     return run_tiled(model, x, tile, overlap, **options).output
 

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import mlbench as mb
 from mlbench.cli import main
 from mlbench.errors import ModelError, OptionsError, StageError
+from mlbench.studies._parity_variants import Float16ConvolutionsOnCpu
 from mlbench.studies.module_diff import compare_modules, record_modules, tolerance_for
 from mlbench.studies.run_diff import polygon_changes
 
@@ -172,6 +174,43 @@ def test_float16_overflow_is_the_first_nonfinite_module():
     assert report.row("bf16").first_nonfinite is None  # bfloat16 has float32's range
     figure = report.plot()
     assert len(figure.axes[0].lines) >= 2
+
+
+class _ConvInputDtypes(TorchFunctionMode):
+    """Records the input dtype of every convolution that reaches the kernels beneath the modes inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: list[torch.dtype] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in Float16ConvolutionsOnCpu.OPS:
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_cpu_float16_convolutions_match_the_native_float16_kernel():
+    """The fp16 variant's convolutions on the CPU (float32 on the float16 values, rounded) give what the
+    CPU's own float16 kernel gives on the same input, up to one float16 step (summation order)."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1, groups=4),
+              nn.ConvTranspose2d(16, 8, 2, stride=2), nn.Conv2d(8, 1, 7, padding=3)]
+    x = torch.randn(1, 3, 32, 32).half()
+    with torch.no_grad():
+        for layer in layers:
+            layer = layer.half().eval()
+            native = layer(x)
+            with _ConvInputDtypes() as seen, Float16ConvolutionsOnCpu():
+                widened = layer(x)
+            assert seen.dtypes == [torch.float32]  # the kernel that ran is float32's, not the slow float16 one
+            unrounded = layer.float()(x.float())
+            assert widened.dtype == torch.float16 and widened.shape == native.shape
+            step = torch.finfo(torch.float16).eps * native.float().abs().clamp_min(1)
+            assert ((widened.float() - native.float()).abs() <= step).all(), layer
+            assert (widened == native).float().mean() > 0.99, layer  # identical, but for summation order
+            assert not torch.equal(widened.float(), unrounded), layer  # rounded to float16 like the kernel's
+            x = native
+    assert "accumulate in float32" in _toy_parity(Toy().eval(), ["fp16"]).row("fp16").note
 
 
 def test_tolerances_decide_what_departs():

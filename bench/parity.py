@@ -21,6 +21,14 @@ out. Run with ``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967
 Makefile) or glibc's allocator dominates the 512 px forwards.
 
     python bench/parity.py [--size 512] [--repeats 7] [--threads 1] [--models ...] [--variants ...]
+
+``--fp16-kernels`` measures something else: the ``fp16`` variant's forward (weights and input in
+float16) with the CPU's own float16 convolutions against parity's
+``Float16ConvolutionsOnCpu`` (float32 on the float16 values, rounded to float16), side by side in
+CPU time, and how far each output is from the float32 forward (256 px by default: the CPU's own
+kernel takes 10 s and more per forward).
+
+    python bench/parity.py --fp16-kernels [--size 256] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -35,13 +43,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlbench as mb  # noqa: E402
-from mlbench.studies._parity_variants import plan_variant  # noqa: E402
+from mlbench.studies._parity_variants import Float16ConvolutionsOnCpu, plan_variant  # noqa: E402
 from mlbench.studies.module_diff import STRIDE, compare_modules, record_modules, tolerance_for  # noqa: E402
 
 TARGET = 1.3
-VARIANTS = ["repeat", "threads1", "batch2", "channels_last", "train_mode", "bf16", "autocast"]
-"""The traced variants measured by default; fp16 is left out (an emulated path of 10 to 50 s per
-forward on a CPU), torchscript and onnx have no module trace, cuda needs a GPU."""
+VARIANTS = ["repeat", "threads1", "batch2", "channels_last", "train_mode", "bf16", "fp16", "autocast"]
+"""The traced variants measured by default; torchscript and onnx have no module trace, cuda needs a GPU."""
 
 
 def _timed(fn) -> tuple[float, float]:
@@ -87,9 +94,43 @@ def measure(name: str, size: int, repeats: int, variants: list[str], stride: int
     return rows
 
 
+def fp16_kernels(name: str, size: int, repeats: int) -> dict:
+    """One model's float16 forward with the CPU's own float16 convolutions and with parity's, side by side."""
+    model = mb.load_model(name)
+    run = mb.Pipeline(model, input_size=size).start(mb.load_sample("spheroids_8bit").path).run_until("preprocess")
+    x = run.raise_for_error().output("preprocess")
+    plan = plan_variant("fp16", model, x, seed=0)
+    outputs: dict[str, torch.Tensor] = {}
+
+    def native() -> None:
+        outputs["native"] = plan.model(plan.x)
+
+    def widened() -> None:
+        with Float16ConvolutionsOnCpu():
+            outputs["widened"] = plan.model(plan.x)
+
+    cpu: dict[str, list[float]] = {"native": [], "widened": []}
+    with torch.no_grad():
+        reference = model(x).float()
+        for repeat in range(repeats):
+            for key, fn in (("native", native), ("widened", widened))[:: 1 if repeat % 2 == 0 else -1]:
+                cpu[key].append(_timed(fn)[1])
+    native_out, widened_out = (outputs[k].float() for k in ("native", "widened"))
+    row = {"model": name, "size": size, "native_s": round(statistics.median(cpu["native"]), 2),
+           "widened_s": round(statistics.median(cpu["widened"]), 3),
+           "speed_up": round(statistics.median(n / w for n, w in zip(cpu["native"], cpu["widened"])), 1),
+           "max_diff_between": round(float((native_out - widened_out).abs().max()), 4),
+           "native_vs_fp32": round(float((native_out - reference).abs().max()), 4),
+           "widened_vs_fp32": round(float((widened_out - reference).abs().max()), 4)}
+    print(row, flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--size", type=int, help="input side (default 512; 256 with --fp16-kernels)")
+    parser.add_argument("--fp16-kernels", action="store_true",
+                        help="time the fp16 variant with the CPU's float16 convolutions against parity's")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", nargs="+", default=mb.list_models())
@@ -98,6 +139,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import pandas as pd
+
+    if args.fp16_kernels:
+        size = args.size or 256
+        repeats = min(args.repeats, 3)
+        table = pd.DataFrame([fp16_kernels(name, size, repeats) for name in args.models])
+        with pd.option_context("display.width", 160, "display.max_columns", 20):
+            print(table.to_string(index=False))
+        print(f"\nfp16 forward, {args.threads} thread(s), CPU time, median of {repeats} alternating pairs: the CPU's "
+              f"float16 convolutions over parity's (float32 on float16 values, rounded): "
+              f"{table['speed_up'].min()}x to {table['speed_up'].max()}x slower; outputs apart by at most "
+              f"{table['max_diff_between'].max()} (each from float32: see the last two columns)")
+        return 0
+    args.size = args.size or 512
 
     table = pd.DataFrame([row for name in args.models
                           for row in measure(name, args.size, args.repeats, args.variants, args.stride)])

@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlbench as mb  # noqa: E402
+from mlbench.checks.environment_probes import no_cuda_reason  # noqa: E402
 from mlbench.probes.tiling import tile_starts  # noqa: E402
 from mlbench.studies._tile_fidelity import logits_to_mask, mask_iou  # noqa: E402
 
@@ -138,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            print(f"no GPU: --device {args.device} needs CUDA, and torch {torch.__version__} sees none "
-                  f"(run without --device for the CPU measurement)")
-            return 2
+        reason = no_cuda_reason()
+        if reason is not None:
+            print(f"SKIP bench/tiling.py --device {args.device}: {reason}; nothing to measure (without --device "
+                  "it measures the CPU)")
+            return 0
         args.clock = "wall"
     torch.set_num_threads(args.threads)
     import pandas as pd

@@ -46,13 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlbench.probes._hooks import plain_torch
 from mlbench.probes.pooled_moments import MASKED_ELEMENTS, CallStatistics, group_moments, masked_moments, mean_var
 from mlbench.probes.pooled_reductions import Reduction, SpatialReductions
 
 __all__ = ["Box", "NormPrior", "PooledNorms", "pooled_norm_modules"]
-
-_PLAIN_TORCH = getattr(torch._C, "DisableTorchFunction", nullcontext)
-"""Turns ``__torch_function__`` handling (modes and subclasses) off inside; a no-op where torch lacks it."""
 
 Box = tuple[int, int, int, int]
 """``(top, bottom, left, right)`` of the part of a tile it owns, in the tile's pixels."""
@@ -172,7 +170,7 @@ class PooledNorms:
         return call
 
     def _pooled_forward(self, norm: nn.Module, z: torch.Tensor) -> torch.Tensor:
-        with _PLAIN_TORCH():  # the statistics' few dozen small ops skip any TorchFunctionMode (tile_grid's)
+        with plain_torch():  # the statistics' few dozen small ops skip any TorchFunctionMode (tile_grid's)
             return self._pooled(norm, z)
 
     def _pooled(self, norm: nn.Module, z: torch.Tensor) -> torch.Tensor:
@@ -200,7 +198,7 @@ class PooledNorms:
         n = self._samples(z)
         if n is None or z.shape[-2] > self.size[0] or z.shape[-1] > self.size[1]:
             return None
-        with _PLAIN_TORCH():
+        with plain_torch():
             index, self._call = self._call, self._call + 1
             call = self._record(index, n, z.shape[1], z)
             measured = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z

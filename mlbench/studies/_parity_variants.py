@@ -150,11 +150,12 @@ class Float16ConvolutionsOnCpu(TorchFunctionMode):
     """Convolutions of float16 tensors on the CPU computed in float32 on the float16 values, the
     result rounded to float16: float32 accumulation, as a GPU's float16 convolution does.
 
-    Why: the CPU's own float16 convolution is a slow path (3.2 s against 0.015 s for one 64-channel
-    3 x 3 convolution of a 128 px map; 10 to 18 s per forward of a 256 px small model), and it
-    accumulates in float32 too: its outputs equal these on 99.7-99.9% of elements, the others are one
-    float16 step apart (summation order), and both are as far from a float64 convolution. Every other
-    op still runs in float16, so an overflow in a float16 sum (MA-ResUNet's SimAM) still shows.
+    Why: the CPU's own float16 convolution is a slow path (a forward of a 256 px small model takes
+    14 to 60 times longer, ``bench/parity.py --fp16-kernels``), and it accumulates in float32 too:
+    its outputs equal these on 99.7-99.9% of elements, the others are one float16 step apart
+    (summation order), and both are as far from a float64 convolution. A transposed convolution's
+    bias is added after the rounding, in float16, as that kernel does. Every other op still runs
+    in float16, so an overflow in a float16 sum (MA-ResUNet's SimAM) still shows.
     """
 
     OPS = frozenset({torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
@@ -185,7 +186,7 @@ def _cast(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Plan:
     if dtype == torch.float16 and x.device.type == "cpu":
         return Plan(dtype, x.to(dtype), _copy(model).to(dtype), Float16ConvolutionsOnCpu,
                     note=f"weights and input cast to {dtype}; on the CPU convolutions accumulate in float32 "
-                         "(as on a GPU; the CPU's float16 kernel is 100x slower)")
+                         "(as on a GPU; the CPU's float16 kernel is 14-60x slower)")
     return Plan(dtype, x.to(dtype), _copy(model).to(dtype), note=f"weights and input cast to {dtype}")
 
 

@@ -28,17 +28,17 @@ from typing import Any
 
 import torch
 from torch import nn
-
-plain_torch = getattr(torch._C, "DisableTorchFunction", nullcontext)
-"""Turns ``__torch_function__`` handling (modes and subclasses) off inside: a probe's own measuring
-ops skip the ``TorchFunctionMode`` the forward runs under (tile_grid's whole-image grid, parity's
-float16 convolutions), which would add a Python call to each of them (parity's fp16 trace: 1.33x
-the plain forwards with, 1.07-1.23x without, ``bench/parity.py``); a no-op where torch lacks it."""
 from torch.nn.modules import module as _torch_module
 
 from mlbench.errors import OptionsError
 
 CallAround = Callable[[nn.Module, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+
+plain_torch = getattr(torch._C, "DisableTorchFunction", nullcontext)
+"""Turns ``__torch_function__`` handling (modes and subclasses) off inside: a probe's own measuring
+ops skip the ``TorchFunctionMode`` the forward runs under (tile_grid's whole-image grid, parity's
+float16 convolutions), which would add a Python call to each of them (parity's fp16 trace: 1.33x
+the plain forwards with, 1.09-1.22x without, ``bench/parity.py``); a no-op where torch lacks it."""
 
 
 def check_module(model: Any) -> nn.Module:

@@ -196,8 +196,8 @@ def parity(model: nn.Module | str | Path, image: Any, variants: list[str] | tupl
     (an eighth of one forward's activations); a variant keeps two numbers per module call. On the CPU
     "fp16" computes convolutions in float32 on the float16 values and rounds the result to float16
     (:class:`~mlbench.studies._parity_variants.Float16ConvolutionsOnCpu`: the CPU's own float16
-    kernel is 14 to 60 times slower: ``bench/parity.py --fp16-kernels``). TorchScript and ONNX export take 10 to 40 s on
-    this 2-core CPU: pass the variants you need.
+    kernel is 14 to 60 times slower: ``bench/parity.py --fp16-kernels``). TorchScript and ONNX
+    export take 10 to 40 s on this 2-core CPU: pass the variants you need.
     """
     names = parse_variants(variants)
     for key in tolerances or {}:

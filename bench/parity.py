@@ -57,10 +57,15 @@ def _timed(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def measure(name: str, size: int, repeats: int, variants: list[str], stride: int = STRIDE) -> list[dict]:
+def model_and_input(name: str, size: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A bundled model and the 8-bit sample through its pipeline's preprocessing at ``size`` px."""
     model = mb.load_model(name)
     run = mb.Pipeline(model, input_size=size).start(mb.load_sample("spheroids_8bit").path).run_until("preprocess")
-    x = run.raise_for_error().output("preprocess")
+    return model, run.raise_for_error().output("preprocess")
+
+
+def measure(name: str, size: int, repeats: int, variants: list[str], stride: int = STRIDE) -> list[dict]:
+    model, x = model_and_input(name, size)
     rows = []
     for variant in variants:
         plan = plan_variant(variant, model, x, seed=0)
@@ -96,9 +101,7 @@ def measure(name: str, size: int, repeats: int, variants: list[str], stride: int
 
 def fp16_kernels(name: str, size: int, repeats: int) -> dict:
     """One model's float16 forward with the CPU's own float16 convolutions and with parity's, side by side."""
-    model = mb.load_model(name)
-    run = mb.Pipeline(model, input_size=size).start(mb.load_sample("spheroids_8bit").path).run_until("preprocess")
-    x = run.raise_for_error().output("preprocess")
+    model, x = model_and_input(name, size)
     plan = plan_variant("fp16", model, x, seed=0)
     outputs: dict[str, torch.Tensor] = {}
 
@@ -140,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     import pandas as pd
 
+    size = args.size or (256 if args.fp16_kernels else 512)
     if args.fp16_kernels:
-        size = args.size or 256
         repeats = min(args.repeats, 3)
         table = pd.DataFrame([fp16_kernels(name, size, repeats) for name in args.models])
         with pd.option_context("display.width", 160, "display.max_columns", 20):
@@ -151,10 +154,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{table['speed_up'].min()}x to {table['speed_up'].max()}x slower; outputs apart by at most "
               f"{table['max_diff_between'].max()} (each from float32: see the last two columns)")
         return 0
-    args.size = args.size or 512
 
     table = pd.DataFrame([row for name in args.models
-                          for row in measure(name, args.size, args.repeats, args.variants, args.stride)])
+                          for row in measure(name, size, args.repeats, args.variants, args.stride)])
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(table.to_string(index=False))
     judged = "cpu_ratio_paired" if args.threads == 1 else "ratio_paired"

@@ -158,9 +158,8 @@ class Float16ConvolutionsOnCpu(TorchFunctionMode):
     in float16, so an overflow in a float16 sum (MA-ResUNet's SimAM) still shows.
     """
 
-    OPS = frozenset({torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
-                     torch.conv_transpose3d})
     TRANSPOSED = frozenset({torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d})
+    OPS = TRANSPOSED | {torch.conv1d, torch.conv2d, torch.conv3d}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -183,11 +182,12 @@ class Float16ConvolutionsOnCpu(TorchFunctionMode):
 
 
 def _cast(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Plan:
+    note, context = f"weights and input cast to {dtype}", nullcontext
     if dtype == torch.float16 and x.device.type == "cpu":
-        return Plan(dtype, x.to(dtype), _copy(model).to(dtype), Float16ConvolutionsOnCpu,
-                    note=f"weights and input cast to {dtype}; on the CPU convolutions accumulate in float32 "
-                         "(as on a GPU; the CPU's float16 kernel is 14-60x slower)")
-    return Plan(dtype, x.to(dtype), _copy(model).to(dtype), note=f"weights and input cast to {dtype}")
+        note += ("; on the CPU convolutions accumulate in float32 (as on a GPU; the CPU's float16 kernel is "
+                 "14-60x slower)")
+        context = Float16ConvolutionsOnCpu
+    return Plan(dtype, x.to(dtype), _copy(model).to(dtype), context, note=note)
 
 
 def _autocast(model: nn.Module, x: torch.Tensor) -> Plan:

@@ -13,3 +13,10 @@ from pathlib import Path
 if "MLBENCH_CASE_KEY_FILE" not in os.environ:
     _keys = Path(tempfile.mkdtemp(prefix="mlbench-test-keys-"))
     os.environ["MLBENCH_CASE_KEY_FILE"] = str(_keys / "case-signing.key")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The browser test first: with ``-n 2 --dist loadscope --no-loadscope-reorder`` (pyproject's addopts) its
+    module, the suite's longest (every notebook run in JupyterLab), starts at once on one worker while the other
+    worker takes the rest; started last, it would run alone at the end and set the suite's time."""
+    items.sort(key=lambda item: item.nodeid.split("::")[0] != "tests/test_browser.py")

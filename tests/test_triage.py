@@ -639,10 +639,12 @@ def test_no_rule_backtracks_on_inputs_built_from_its_own_words():
     """Every rule on 12,000-character strings of its own literals: a linear rule takes about a millisecond,
     a quadratic one seconds (12,000^2 steps). A slow try is timed again at a quarter of the size: linear
     grows about 4-fold from there, quadratic 16-fold."""
-    from mlbench.failures._triage import _RULES
+    from mlbench.failures._triage import _FLAGS, _RULES
+    from mlbench.failures.causes import CAUSES
+    from mlbench.failures.matching import Rule
 
     slow = []
-    for rule in _RULES.rules:
+    for rule in _RULES.rules + [Rule(cls, 1, pattern, _FLAGS) for cls, _, pattern, _ in CAUSES]:
         for text in _adversarial(rule):
             seconds = _seconds(lambda: sum(1 for _ in rule.finditer(text)))
             if seconds > 0.25:
@@ -665,6 +667,7 @@ def test_no_helper_backtracks_on_long_runs(unit):
     from mlbench.failures import numbers
     from mlbench.failures._triage import _exception_type
     from mlbench.failures.blocks import cut_blocks
+    from mlbench.failures.causes import find_cause
     from mlbench.failures.library_rules import whole_input_diagnoses
     from mlbench.failures.log_formats import normalize
     from mlbench.failures.patterns import context_scores
@@ -673,7 +676,8 @@ def test_no_helper_backtracks_on_long_runs(unit):
     calls = {"normalize": lambda: normalize(text), "blocks": lambda: cut_blocks(text.split("\n")),
              "context": lambda: context_scores(text, "ValueError"), "type": lambda: _exception_type(text.split("\n")),
              "whole": lambda: whole_input_diagnoses(text, lambda *args: args),
-             **{cls: (lambda cls: lambda: numbers.extract(cls, text))(cls) for cls in FAILURE_CLASSES}}
+             **{cls: (lambda cls: lambda: numbers.extract(cls, text))(cls) for cls in FAILURE_CLASSES},
+             **{f"cause of {cls}": (lambda cls: lambda: find_cause(cls, text))(cls) for cls in FAILURE_CLASSES}}
     slow = {name: seconds for name, call in calls.items() if (seconds := _seconds(call)) > 1.0}
     assert not slow, slow
 
@@ -781,3 +785,54 @@ def test_a_huge_traceback_is_read_by_its_ends():
     frames = "".join(f'  File "/srv/app/m.py", line {i}, in f\n    return f(x)\n' for i in range(20_000))
     d = triage("Traceback (most recent call last):\n" + frames + LAST, casebook=False)
     assert (d.failure_class, d.line) == ("cuda_oom", 40_002)
+
+
+@pytest.mark.parametrize("text, expected, cause, says", [
+    ("requests.exceptions.ConnectionError: HTTPConnectionPool(host='localhost', port=8000): Max retries exceeded with url: "
+     "/api/segment (Caused by NewConnectionError('<urllib3.connection.HTTPConnection object at 0x7f0>: Failed to establish "
+     "a new connection: [Errno 111] Connection refused'))", "queue_timeout", "nothing_listening", "nothing is listening"),
+    ("httpx.ConnectError: [Errno -2] Name or service not known", "queue_timeout", "name_resolution", "does not resolve"),
+    ("requests.exceptions.SSLError: HTTPSConnectionPool(host='seg.example.org', port=443): Max retries exceeded with url: "
+     "/segment (Caused by SSLError(SSLCertVerificationError(1, '[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify "
+     "failed: self-signed certificate in certificate chain (_ssl.c:1006)')))", "queue_timeout", "tls", "CA bundle"),
+    ("RuntimeError: CUDA error: device-side assert triggered\nCUDA kernel errors might be asynchronously reported at some "
+     "other API call, so the stacktrace below might be incorrect.", "device_mismatch", "asynchronous_kernel_error",
+     "CUDA_LAUNCH_BLOCKING=1"),
+    ("RuntimeError: cuDNN error: CUDNN_STATUS_NOT_INITIALIZED", "device_mismatch", "library_handle", "nearly) full"),
+    ("RuntimeError: unable to write to file </torch_18_1234567>: No space left on device (28)", "cuda_oom",
+     "shared_memory", "--shm-size"),
+    ("OSError: [Errno 28] No space left on device: '/srv/app/out/masks/0001.png'", "device_mismatch", "disk_full",
+     "df -h"),
+    ("RuntimeError: unable to open shared memory object </torch_2104_3614220442_1> in read-write mode: Too many open "
+     "files (24)", "cuda_oom", "file_descriptors", "set_sharing_strategy('file_system')"),
+    ("$ python segment.py big.tif\nKilled\n", "cuda_oom", "killed_by_host", "OOM killer"),
+    ("RuntimeError: PytorchStreamReader failed locating file constants.pkl: file not found", "weights_mismatch",
+     "not_torchscript", "torch.load(path"),
+    ("RuntimeError: PytorchStreamReader failed locating file data.pkl: file not found", "weights_missing",
+     "not_a_torch_archive", "mb.check_weights(path)"),
+    ("RuntimeError: \"slow_conv2d_cpu\" not implemented for 'Half'", "dtype_mismatch", "half_on_cpu", "float32"),
+    ("ValueError: Expected more than 1 value per channel when training, got input size torch.Size([1, 256, 1, 1])",
+     "shape_mismatch", "map_of_one_pixel", "model.eval()"),
+    ("IndexError: tensors used as indices must be long, int, byte or bool tensors", "dtype_mismatch", "index_type",
+     ".long()"),
+    ("RuntimeError: Invalid magic number; corrupt file?", "weights_missing", None, "sha256"),
+    ("WARNING: Job failed: exit code 137", "cuda_oom", "killed_by_host", "OOM killer"),
+    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.69 GiB",
+     "cuda_oom", None, "mb.predict_tiled"),
+])
+def test_a_named_cause_gets_its_own_fix(text, expected, cause, says):
+    """Where the text names a cause that the class's usual fix would get wrong (nothing listening, an asynchronous
+    kernel error, a full disk or /dev/shm), the fix is that cause's; otherwise the class's."""
+    d = triage(text, casebook=False)
+    assert (d.failure_class, d.numbers.get("cause")) == (expected, cause), d
+    assert says in d.fix, d.fix
+
+
+def test_a_cause_needs_its_own_words():
+    """"device-side assertions" in torch's hint under every CUDA error is not a device-side assert, nor a docker
+    ``OOMKilled:false`` an OOM kill."""
+    hint = ("RuntimeError: CUDA error: no kernel image is available for execution on the device\nCUDA kernel errors might "
+            "be asynchronously reported at some other API call\nCompile with `TORCH_USE_CUDA_DSA` to enable device-side "
+            "assertions.")
+    assert triage(hint, casebook=False).numbers.get("cause") is None
+    assert triage('"State": {"OOMKilled": false, "Error": "CUDA out of memory"}', casebook=False).numbers.get("cause") is None

@@ -1,6 +1,6 @@
 """Failure classes and triage: which kind of failure an exception, log or HTTP body shows.
 
-``rules``, ``library_rules``, ``patterns``, ``log_formats``, ``numbers``, ``blocks``, ``matching``
+``rules``, ``library_rules``, ``patterns``, ``log_formats``, ``numbers``, ``causes`` (the fix for a named cause), ``blocks``, ``matching``
 (linear-time rule matching) and ``stream`` (capped reading) are the parts of :func:`triage`;
 ``case_index`` is the read-only index of past cases it searches.
 """

@@ -37,6 +37,7 @@ from typing import IO, Any, Union
 
 from mlbench.failures import numbers as triage_numbers
 from mlbench.failures.case_index import similar_cases
+from mlbench.failures.causes import find_cause
 from mlbench.errors import OptionsError
 from mlbench.failures.blocks import TB_START, cut_blocks, fit_block, within_budget
 from mlbench.failures.library_rules import LIBRARY_RULES, whole_input_diagnoses
@@ -66,9 +67,11 @@ class Diagnosis(ReportText):
     failure_class : one of :data:`FAILURE_CLASSES` (DESIGN.md section 4).
     evidence : the input line that decided it ("" for unknown).
     explanation : what happened, in plain words, with the numbers found.
-    fix : what to do.
+    fix : what to do: for the cause the text names where one is known (``numbers["cause"]``,
+        :mod:`mlbench.failures.causes`), else for the class.
     notebook : the notebook that walks through this failure class.
-    numbers : values pulled from the text (bytes, keys, sizes, module names, ...).
+    numbers : values pulled from the text (bytes, keys, sizes, module names, ...) and the named
+        ``cause`` (e.g. ``"nothing_listening"`` for a refused connection).
     confidence : the winning rule's weight, 0..~7.5.
     line : 1-based line of the evidence in the input (0 when unknown).
     count : how many times this same error occurred in the input.
@@ -285,7 +288,10 @@ def _make(cls: str, evidence: str, text: str, score: float, line: int, exc_type:
     numbers = triage_numbers.extract(cls, text)
     detail = triage_numbers.describe(cls, numbers)
     explanation = f"{title}: {meaning}" + (f"; {detail}" if detail else "")
-    fix = triage_numbers.specific_fix(cls, numbers) or fix
+    cause = find_cause(cls, text)
+    if cause is not None:
+        numbers = {**numbers, "cause": cause[0]}
+    fix = triage_numbers.specific_fix(cls, numbers) or (cause[1] if cause else fix)
     return Diagnosis(cls, evidence, explanation, fix, notebook, numbers, round(score, 2), line, 1, exc_type)
 
 

@@ -28,6 +28,7 @@ RULES: tuple[tuple[str, float, str], ...] = (
     # ---- cuda_oom: GPU or CPU out of memory ----------------------------------------------
     ("cuda_oom", 6, r"out of (shared |GPU |device |host |system |CPU |pinned )?memory|\bOOM when allocating"),
     ("cuda_oom", 5, r"killed by signal: (Killed|Bus error)|insufficient shared memory|\(shm\)|\bENOMEM\b|killed due to (memory|OOM)"),
+    ("cuda_oom", 6, r"unable to write to file </torch_|No space left on device" + _G + r"/dev/shm|/dev/shm" + _G + r"No space left"),
     ("cuda_oom", 6, r"OutOfMemoryError"),
     ("cuda_oom", 5, r"tried to allocate" + _G + r"(bytes|[KMGT]i?B)"),
     ("cuda_oom", 5, r"DefaultCPUAllocator: (can't|not enough memory)"),
@@ -65,7 +66,9 @@ RULES: tuple[tuple[str, float, str], ...] = (
     ("weights_missing", 4, r"(download|fetch)(ing)? (of )?(the )?(pretrained )?(weights|checkpoint)" + _G + r"(failed|error)"),
     ("weights_missing", 4, r"No checkpoint found|checkpoint( file)? (is )?(empty|corrupt|truncated|damaged)"),
     ("weights_missing", 4, r"version https://git-lfs|git-lfs|LFS pointer"),
-    ("weights_missing", 3, r"zipfile\.BadZipFile|Bad magic number|magic_number|not a valid (checkpoint|zip)"),
+    ("weights_missing", 3, r"zipfile\.BadZipFile|(Bad|Invalid) magic number|magic_number|not a valid (checkpoint|zip)"),
+    ("weights_missing", 5, r"PytorchStreamReader failed locating file data\.pkl"),
+    ("weights_mismatch", 5.5, r"PytorchStreamReader failed locating file constants\.pkl"),
     ("weights_missing", 3, r"sha256 (mismatch|does not match)|checksum (mismatch|failed)|hash mismatch"),
     ("weights_missing", 3, r"WeightsError" + _G + r"(missing|not found|sha256)"),
     # ---- weights_mismatch: architecture vs checkpoint, prefixes, unsafe globals ----------
@@ -115,6 +118,7 @@ RULES: tuple[tuple[str, float, str], ...] = (
     ("device_mismatch", 5, r"CUBLAS_STATUS_(NOT_INITIALIZED|EXECUTION_FAILED|INTERNAL_ERROR|NOT_SUPPORTED|ARCH_MISMATCH|INVALID_VALUE)"),
     ("device_mismatch", 5, r"NCCL (error|WARN)|ncclUnhandledCudaError|ncclSystemError|ncclInternalError|ncclInvalidUsage|ProcessGroupNCCL"),
     ("device_mismatch", 4, r"device-side assert(ion)? triggered|CUDA kernel errors might be asynchronously reported"),
+    ("device_mismatch", 5, r"No space left on device|\[Errno 28\]|\bENOSPC\b|Disk quota exceeded"),
     ("device_mismatch", 4, r"CUDA_VISIBLE_DEVICES|torch\.cuda\.is_available\(\) (is|returns?) False"),
     ("device_mismatch", 4, r"Expected (a )?(\w+ )?(tensor|object) (of device type|for argument)" + _G + r"(cuda|cpu)"),
     ("device_mismatch", 4, r"expected device (cuda|cpu|mps)" + _G + r"(but )?got device"),
@@ -161,6 +165,7 @@ RULES: tuple[tuple[str, float, str], ...] = (
     ("shape_mismatch", 3, r"torch\.Size\(\[[\d, ]+\]\)" + _G + r"torch\.Size\(\[[\d, ]+\]\)"),
     # ---- dtype_mismatch -----------------------------------------------------------------
     ("dtype_mismatch", 6, r"expected scalar type \w+ but found \w+"),
+    ("dtype_mismatch", 5, r"tensors used as indices must be long"),
     ("dtype_mismatch", 5, r"Input type \([\w:. ]+\) and (weight|bias) type \([\w:. ]+\) should be the same|should be a (float|floating point|integer|long|double) tensor|Got torch\.(uint8|int64|float64|float16)\b"),
     ("dtype_mismatch", 6.5, r"data type = \d+ is not supported|supports only CV_8UC1|only supports CV_8UC1"),
     ("dtype_mismatch", 6, r"Cannot handle this data type"),

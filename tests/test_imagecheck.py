@@ -113,3 +113,61 @@ def test_cli_exit_status_and_json_lines(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     objects = [json.loads(line) for line in lines]
     assert [o["ok"] for o in objects] == [True, False] and objects[1]["problems"][0]["code"] == "empty"
+
+
+def _files_that_are_not_images(tmp_path) -> dict[str, bytes]:
+    """Real files of other kinds (written by their own libraries where installed) and real magic numbers."""
+    import base64
+    import gzip
+    import zipfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    png = _png(np.zeros((8, 8), np.uint8))
+    np.save(tmp_path / "a.npy", np.zeros((8, 8), np.float32))
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as archive:
+        archive.writestr("cells/a.png", png)
+    save_file({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "w.pth")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    np.savez(tmp_path / "a.npz", image=np.zeros((8, 8), np.uint16))
+    return {
+        "a.npy": (tmp_path / "a.npy").read_bytes(), "a.zip": (tmp_path / "a.zip").read_bytes(),
+        "a.png.gz": gzip.compress(png), "a.b64": base64.b64encode(png), "a.url": b"data:image/png;base64," + base64.b64encode(png),
+        "w.safetensors": (tmp_path / "w.safetensors").read_bytes(), "w.pth": (tmp_path / "w.pth").read_bytes(),
+        "old.pth": (tmp_path / "old.pth").read_bytes(), "a.npz": (tmp_path / "a.npz").read_bytes(),
+        "a.heic": b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64),
+        "a.dcm": bytes(128) + b"DICM" + bytes(64), "a.czi": b"ZISRAWFILE" + bytes(64), "a.nd2": b"\xda\xce\xbe\x0a" + bytes(64),
+        "a.jp2": b"\x00\x00\x00\x0cjP  \r\n\x87\n" + bytes(64), "a.pdf": b"%PDF-1.7\n" + bytes(64),
+        "a.pgm": b"P5\n8 8\n255\n" + bytes(64), "a.mp4": b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00isomiso2" + bytes(64),
+        "a.svg": b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>',
+        "a.tif": b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 1024\n",
+        "zeros.png": bytes(4096),
+    }
+
+
+@pytest.mark.parametrize("name, says", [
+    ("a.npy", "NumPy array"), ("a.zip", "ZIP archive"), ("a.png.gz", "gzip"), ("a.b64", "base64 text of a PNG"),
+    ("a.url", "data URL"), ("w.safetensors", "safetensors file (model weights)"), ("w.pth", "PyTorch checkpoint (torch.save)"),
+    ("old.pth", "Python pickle"), ("a.npz", "NumPy .npz file"),
+    ("a.heic", "HEIC/HEIF"), ("a.dcm", "DICOM"), ("a.czi", "Zeiss CZI"), ("a.nd2", "Nikon ND2"), ("a.jp2", "JPEG 2000"),
+    ("a.pdf", "PDF"), ("a.pgm", "Netpbm image (PGM)"), ("a.mp4", "MP4 video"), ("a.svg", "SVG drawing"),
+    ("a.tif", "Git LFS pointer"), ("zeros.png", "all zero bytes"),
+])
+def test_a_file_of_another_kind_is_named_with_its_conversion(tmp_path, name, says):
+    """Not "first bytes b'...'": what the file is and how to make an image of it, from the path and from the bytes."""
+    data = _files_that_are_not_images(tmp_path)[name]
+    (tmp_path / name).write_bytes(data)
+    for source in (tmp_path / name, data):
+        with pytest.raises(mb.ImageError, match="not a recognised image") as raised:
+            mb.read_image(source)
+        assert "; it is " in str(raised.value) and "first bytes" not in str(raised.value)
+        assert says in str(raised.value), str(raised.value)
+    report = check_image(tmp_path / name)
+    assert [p.code for p in report.problems] == ["not_an_image"] and says in report.problems[0].message
+
+
+def test_unknown_bytes_still_show_their_first_bytes():
+    with pytest.raises(mb.ImageError, match=r"first bytes b'\\x01\\x02\\x03\\x04.*check how the file was produced"):
+        mb.read_image(bytes(range(1, 100)))

@@ -80,8 +80,10 @@ def test_html_and_unknown_content_raise(tmp_path):
     page.write_text("<!DOCTYPE html><html><body>504 Gateway Time-out</body></html>")
     with pytest.raises(mb.ImageError, match="mask.png: not a recognised image.*HTML"):
         mb.read_image(page)
-    with pytest.raises(mb.ImageError, match=r"first bytes b'%PDF-1.7"):
+    with pytest.raises(mb.ImageError, match=r"it is a PDF document: export the page as PNG or TIFF"):
         mb.read_image(b"%PDF-1.7\n% not an image")
+    with pytest.raises(mb.ImageError, match=r"first bytes b'%XYZ-1.7"):
+        mb.read_image(b"%XYZ-1.7\n% not an image")
 
 
 def test_png_bomb_refused_from_header_without_allocating():

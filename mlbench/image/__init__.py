@@ -1,6 +1,7 @@
 """Image files: their bytes and formats, the careful reader, and display images (no matplotlib).
 
-``formats`` sniffs a format and reads header sizes before decoding; ``decoders`` decode each
+``formats`` sniffs a format and reads header sizes before decoding; ``other_formats`` names a file
+that is no accepted image (HEIC, CZI, DICOM, a NumPy array, base64 text) and its conversion; ``decoders`` decode each
 format; ``read`` is :func:`read_image` with its :class:`ImageReport`; ``display`` turns images,
 masks and labels into uint8 RGB (:func:`overlay`).
 """

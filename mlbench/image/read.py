@@ -32,6 +32,7 @@ from mlbench.errors import ImageError
 from mlbench.findings import Problem, ReportText
 from mlbench.image.decoders import decode
 from mlbench.image.formats import EXTENSIONS, STREAMED, ImageSource, load_bytes, sniff_format
+from mlbench.image.other_formats import HEAD_BYTES, identify
 from mlbench.isolation import call_isolated, isolate_default
 
 __all__ = ["read_image", "ImageReport", "DEFAULT_MAX_PIXELS", "effective_bit_depth", "value_range", "percentiles",
@@ -208,15 +209,15 @@ def _decode(source: ImageSource, name: str, page: int, limits: Budgets) -> tuple
     anything else from its bytes."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data, _ = load_bytes(source, limits.max_file_bytes)
-        fmt = _sniff(data[:16], name)
+        fmt = _sniff(data[:HEAD_BYTES], name)
         return _checked(decode(data, fmt, name, page, limits), fmt, name)
     with open_regular(source, ImageError, limits.max_file_bytes) as handle:
-        fmt = _sniff(handle.read(16), name)
+        fmt = _sniff(handle.read(HEAD_BYTES), name)
         if fmt in STREAMED:
             handle.seek(0)
             return _checked(decode(handle, fmt, name, page, limits), fmt, name)
     data, _ = load_bytes(source, limits.max_file_bytes)  # read whole, with the budget held even if the file grew
-    fmt = _sniff(data[:16], name)
+    fmt = _sniff(data[:HEAD_BYTES], name)
     return _checked(decode(data, fmt, name, page, limits), fmt, name)
 
 
@@ -226,6 +227,9 @@ def _sniff(head: bytes, name: str) -> str:
         raise ImageError(f"{name}: the file is empty (0 bytes); the upload or copy failed, send the file again")
     fmt = sniff_format(head)
     if fmt is None:
+        known = identify(head)
+        if known:
+            raise ImageError(f"{name}: not a recognised image (PNG, JPEG, TIFF, BMP, GIF, WebP); it is {known}")
         hint = "it looks like text or HTML (an error page saved as an image?)" if head[:1] in b"<{ \t\r\n" else f"first bytes {head[:8]!r}"
         raise ImageError(f"{name}: not a recognised image (PNG, JPEG, TIFF, BMP, GIF, WebP); {hint}; check how the file was produced")
     return fmt

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import unittest.mock
+import warnings
 import zipfile
 from collections import OrderedDict
 
@@ -217,3 +218,41 @@ def test_unusual_shared_prefix_is_found_by_the_known_keys(tmp_path, state_dict):
         assert report.prefix == prefix and [p.code for p in report.problems] == ["prefix"]
     torch.save({"backbone." + k: v for k, v in state_dict.items() if "conv" in k}, tmp_path / "partial.pth")
     assert check_weights(tmp_path / "partial.pth", model="ma_resunet").prefix in ("", "backbone.")
+
+
+def _files_that_are_not_checkpoints(tmp_path, state_dict) -> dict[str, str]:
+    """Files users pass as the weights by mistake, written by their own libraries."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "cells.png")
+    np.savez(tmp_path / "weights.npz", **{k: v.numpy() for k, v in list(state_dict.items())[:3]})
+    np.save(tmp_path / "weights.npy", np.zeros(3, np.float32))
+    (tmp_path / "model.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(120))
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x08\x12\x07pytorch\x1a\x052.1.0" + bytes(120))
+    model = mb.build_model("cbam_resunet", "small", seed=1).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated and the trace warns about the size checks
+        torch.jit.trace(model, torch.zeros(1, 3, 64, 64), check_trace=False).save(tmp_path / "traced.pt")
+    torch.save(state_dict, tmp_path / "full.pth")
+    with zipfile.ZipFile(tmp_path / "full.pth") as full, zipfile.ZipFile(tmp_path / "no_data_pkl.pth", "w") as out:
+        for info in full.infolist():
+            if not info.filename.endswith("data.pkl"):
+                out.writestr(info, full.read(info.filename))
+    with zipfile.ZipFile(tmp_path / "folder.zip", "w") as out:
+        out.writestr("run_12/notes.txt", "lr 1e-3")
+    return {"cells.png": "PNG image, not weights", "weights.npz": "NumPy .npz archive", "weights.npy": "NumPy array",
+            "model.h5": "HDF5 file", "model.onnx": "ONNX model", "traced.pt": "TorchScript archive",
+            "no_data_pkl.pth": "lost its data.pkl", "folder.zip": "no data.pkl: torch.save did not write it"}
+
+
+def test_a_file_that_is_no_checkpoint_is_named(tmp_path, state_dict):
+    """An image, a NumPy file, Keras, ONNX or TorchScript passed as the weights: the report says which (and how to
+    convert where one can), instead of 'not a PyTorch zip, legacy pickle or safetensors file'; loading refuses it."""
+    expected_codes = {"traced.pt": "torchscript", "no_data_pkl.pth": "truncated"}
+    for name, says in _files_that_are_not_checkpoints(tmp_path, state_dict).items():
+        report = check_weights(tmp_path / name, "cbam_resunet")
+        assert codes(report) == [expected_codes.get(name, "not_a_checkpoint")], (name, report.problems)
+        assert says in report.problems[0].message, (name, report.problems[0].message)
+        with pytest.raises(mb.WeightsError, match=says.split(",")[0].split(":")[0]):
+            mb.load_model(tmp_path / name, model="cbam_resunet")

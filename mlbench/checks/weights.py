@@ -238,7 +238,8 @@ def check_weights(path: str | Path, model: str | torch.nn.Module | None = None, 
     -------
     WeightsReport
         Never raises for a bad file: every defect is a problem with a stable code (``missing``,
-        ``not_a_file``, ``empty``, ``truncated``, ``crc_mismatch``, ``code_execution``, ``unsafe_globals``,
+        ``not_a_file``, ``empty``, ``truncated``, ``not_a_checkpoint`` (naming what it is: an image,
+        ONNX, Keras, .npz ...), ``torchscript``, ``crc_mismatch``, ``code_execution``, ``unsafe_globals``,
         ``unreadable_pickle``, ``over_budget`` (naming the budget),
         ``load_failed``, ``prefix``, ``nonfinite``, ``saved_on_cuda``, ``no_keys_match``,
         ``key_mismatch``, ``dtype_mismatch``, ``sha256_mismatch`` ...).

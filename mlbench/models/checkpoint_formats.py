@@ -111,6 +111,30 @@ def _members(archive: zipfile.ZipFile, limits: Budgets) -> list[zipfile.ZipInfo]
     return infos
 
 
+def _refuse_foreign_zip(names: list[str]) -> None:
+    """Refuse a zip archive that ``torch.save`` did not write, naming what did: TorchScript
+    (``torch.jit.save``: code, constants), NumPy's ``.npz``, a Keras model, or another archive."""
+    if any(name.endswith("/constants.pkl") or "/code/__torch__" in name for name in names):
+        raise refusal("torchscript", "this is a TorchScript archive (torch.jit.save), not a state dict: it was not "
+                      "loaded (torch.jit.load runs its code). If you trust it, save its weights with "
+                      "torch.save(torch.jit.load(path, map_location='cpu').state_dict(), 'weights.pth') and check that")
+    if any(name.endswith("data.pkl") for name in names):
+        return
+    listed = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "") if names else "no members"
+    if names and all(name.endswith(".npy") for name in names):
+        raise refusal("not_a_checkpoint", f"this is a NumPy .npz archive ({listed}), not a PyTorch checkpoint: convert "
+                      "it with safetensors.torch.save_file({k: torch.from_numpy(v) for k, v in np.load(path).items()}, "
+                      "'weights.safetensors') if its names are the model's keys")
+    if "config.json" in names and any(name.endswith(".h5") for name in names):
+        raise refusal("not_a_checkpoint", f"this is a Keras model (.keras: {listed}), not a PyTorch checkpoint; these "
+                      "models need PyTorch weights")
+    if any(name.endswith(("/byteorder", "/version", "/.format_version")) or "/data/" in name for name in names):
+        raise refusal("truncated", f"this torch.save archive has lost its data.pkl ({listed}): it is damaged; "
+                      "restore a good copy")
+    raise refusal("not_a_checkpoint", f"this zip archive holds {listed} but no data.pkl: torch.save did not write it "
+                  "(a zipped folder? unpack it and pass the checkpoint inside)")
+
+
 def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, deadline: Deadline) -> bytes | None:
     """Read one member in chunks (zipfile stops at the declared size and checks the CRC); its
     bytes for a pickle, ``b""`` for another member, None when its CRC fails."""
@@ -138,7 +162,9 @@ def scan_zip(handle: BinaryIO, size: int, limits: Budgets, deadline: Deadline) -
     bad, pickles = None, []
     try:
         with zipfile.ZipFile(handle) as archive:
-            for info in _members(archive, limits):
+            infos = _members(archive, limits)
+            _refuse_foreign_zip([info.filename for info in infos])
+            for info in infos:
                 data = _read_member(archive, info, deadline)
                 if data is None and info.filename.endswith(".pkl"):
                     raise refusal("crc_mismatch", f"the pickle member {info.filename} fails its CRC check: the file "

@@ -22,6 +22,7 @@ import torch
 
 from mlbench.budgets import Budgets, Deadline, budgets, open_regular
 from mlbench.errors import WeightsError
+from mlbench.image.formats import sniff_format
 from mlbench.models.checkpoint_formats import ALLOWED_GLOBALS, FileFacts, load_pickled, load_safetensors
 from mlbench.models.pickle_scan import scan_pickle
 
@@ -32,7 +33,7 @@ _WRAPPERS = ("model_state_dict", "state_dict", "model", "net", "weights")
 _EMA_WRAPPERS = ("ema_state_dict", "state_dict_ema", "model_ema", "ema")
 """Where training code keeps exponential-moving-average weights (timm, Lightning callbacks, YOLO)."""
 _PREFIXES = ("module.", "model.", "net.", "_orig_mod.")
-BLOCKING = frozenset({"missing", "not_a_file", "empty", "truncated", "not_a_checkpoint", "lfs_pointer",
+BLOCKING = frozenset({"missing", "not_a_file", "empty", "truncated", "not_a_checkpoint", "lfs_pointer", "torchscript",
                       "unreadable", "code_execution", "unsafe_globals", "unreadable_pickle", "over_budget",
                       "load_failed", "no_state_dict", "unsupported_tensor", "no_keys_match", "key_mismatch",
                       "crc_mismatch", "nonfinite"})
@@ -62,6 +63,25 @@ _IMPOSTORS = {
     "html": ("not_a_checkpoint", "this is text/HTML (an error page saved as the checkpoint?); download it again"),
     "unknown": ("not_a_checkpoint", "not a PyTorch zip, legacy pickle or safetensors file; check how it was produced"),
 }
+
+
+def _what_it_is(head: bytes) -> str | None:
+    """What a file of no checkpoint format is, where its first bytes say: an image passed as the
+    weights, a Keras/TensorFlow HDF5 file, an ONNX model, a NumPy array, a gzip archive."""
+    image = sniff_format(head)
+    if image:
+        return f"this is a {image.upper()} image, not weights: was the image passed as the checkpoint?"
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return ("this is an HDF5 file (Keras/TensorFlow .h5 weights?), not a PyTorch checkpoint; these models need "
+                "PyTorch weights")
+    if head[:1] == b"\x08" and any(word in head for word in (b"pytorch", b"onnx", b"tf2onnx", b"skl2onnx")):
+        return ("this is an ONNX model, not a PyTorch checkpoint: run it with onnxruntime, or pass the PyTorch "
+                "weights it was exported from")
+    if head.startswith(b"\x93NUMPY"):
+        return "this is a NumPy array (.npy), not a checkpoint: a state dict maps each parameter's name to a tensor"
+    if head.startswith(b"\x1f\x8b"):
+        return "this is gzip-compressed: decompress it (gunzip) and pass the checkpoint inside"
+    return None
 
 
 def _is_pickle(handle: BinaryIO, limits: Budgets, deadline: Deadline) -> bool:
@@ -100,7 +120,9 @@ def inspect_file(path: Path, size: int, limits: Budgets | None = None) -> tuple[
             if facts.format == "unknown" and _is_pickle(handle, limits, deadline):
                 facts.format = "legacy_pickle"  # protocol 0 or 1: torch's legacy loader would unpickle it too
             if facts.format in _IMPOSTORS:
-                facts.problems.append(_IMPOSTORS[facts.format])
+                code, message = _IMPOSTORS[facts.format]
+                handle.seek(0)
+                facts.problems.append((code, _what_it_is(handle.read(64)) or message))
                 return facts, None
             if facts.format == "safetensors":
                 return facts, load_safetensors(handle, path, size, limits, facts)

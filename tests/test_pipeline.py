@@ -57,6 +57,24 @@ def test_failure_is_recorded_with_stage_and_input(tiny):
     assert info.value.stage == "forward" and isinstance(info.value.__cause__, RuntimeError)
 
 
+@pytest.mark.parametrize("bad, says", [(np.nan, "1 NaN and 0 infinite"), (np.inf, "0 NaN and 1 infinite")])
+def test_a_nan_or_inf_pixel_is_refused_before_the_forward(tiny, tmp_path, bad, says):
+    """One NaN pixel makes the whole output NaN (the norms spread it) and the mask empty: the careful path refuses the
+    image at preprocess, naming the file, the count and the first position; as served, PIL has already clipped it."""
+    import tifffile
+
+    image = np.random.default_rng(0).random((72, 64)).astype(np.float32)
+    image[7, 5] = bad
+    tifffile.imwrite(tmp_path / "export.tif", image)
+    with torch.no_grad():
+        assert torch.isnan(tiny(torch.from_numpy(np.repeat(image[None, None, :64], 3, 1)))).all()  # what it would do
+    run = mb.Pipeline(tiny).start(tmp_path / "export.tif").run()
+    assert run.failed_stage == "preprocess" and isinstance(run.error, mb.ImageError)
+    assert f"export.tif: {says} value(s) in the image (the first at row 7, column 5)" in str(run.error)
+    assert "np.nan_to_num" in str(run.error)
+    assert mb.Pipeline(tiny, preset="as_served").start(tmp_path / "export.tif").run().failed_stage is None
+
+
 def test_with_options_reuses_the_forward_pass(tiny):
     run = mb.Pipeline(tiny).start(mb.load_sample("spheroids_8bit").path).run()
     lower = run.with_options(threshold=0.2)

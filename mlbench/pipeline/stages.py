@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from mlbench.errors import ImageError
 from mlbench.image.read import ImageReport, effective_bit_depth, read_image
 from mlbench.findings import Problem, ReportText
 from mlbench.image.formats import sniff_format
@@ -117,12 +118,30 @@ def _served_preprocess(image: np.ndarray, options: PipelineOptions, card: ModelC
     return tensor[None]
 
 
+def _refuse_nonfinite(image: np.ndarray, name: str) -> None:
+    """An ImageError for a float image holding NaN or infinity: through a norm one NaN pixel
+    reaches every output pixel, and the mask would come back empty without an error."""
+    if image.dtype.kind not in "fc":
+        return
+    bad = ~np.isfinite(image)
+    if not bad.any():
+        return
+    nan = int(np.isnan(image).sum())
+    row, col = (int(i) for i in np.argwhere(bad)[0][:2])
+    raise ImageError(f"{name}: {nan:,} NaN and {int(bad.sum()) - nan:,} infinite value(s) in the image (the first at "
+                     f"row {row}, column {col}): a NaN spreads through every convolution, and through a norm to "
+                     "every output pixel, so the mask comes back empty or wrong. Replace them first (np.nan_to_num(image, nan=0.0, posinf=..., "
+                     "neginf=...), or the background value) or fix the export that wrote them")
+
+
 def preprocess(ctx: StageContext) -> torch.Tensor:
-    """Decoded image -> (1, C, H', W') float32 model input, by the card's recipe and the options."""
-    image = ctx.outputs["decode"].image
+    """Decoded image -> (1, C, H', W') float32 model input, by the card's recipe and the options;
+    the careful path refuses a float image holding NaN or infinity (:class:`ImageError`)."""
+    decoded = ctx.outputs["decode"]
     if ctx.options.decoder == "pil":
-        return _served_preprocess(image, ctx.options, ctx.card)
-    return preprocess_array(image, ctx.options, ctx.card, ctx.notes)
+        return _served_preprocess(decoded.image, ctx.options, ctx.card)
+    _refuse_nonfinite(decoded.image, decoded.report.name)
+    return preprocess_array(decoded.image, ctx.options, ctx.card, ctx.notes)
 
 
 def forward(ctx: StageContext) -> torch.Tensor:

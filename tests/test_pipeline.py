@@ -75,6 +75,39 @@ def test_a_nan_or_inf_pixel_is_refused_before_the_forward(tiny, tmp_path, bad, s
     assert mb.Pipeline(tiny, preset="as_served").start(tmp_path / "export.tif").run().failed_stage is None
 
 
+class _UsersNet(torch.nn.Module):
+    """A user's small network: its own input channels, BatchNorm, and optionally a dict output like torchvision's."""
+
+    def __init__(self, channels: int = 3, as_dict: bool = False) -> None:
+        super().__init__()
+        self.as_dict = as_dict
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(channels, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                        torch.nn.ReLU(), torch.nn.Conv2d(8, 1, 1))
+
+    def forward(self, x):
+        return {"out": self.body(x), "aux": None} if self.as_dict else self.body(x)
+
+
+def test_a_users_grey_model_gets_grey_input():
+    """A model whose first convolution takes one channel: its card says 1 channel (with grey ImageNet statistics),
+    the RGB sample is converted and the run says so, where 3 channels crashed the forward."""
+    torch.manual_seed(0)
+    model = _UsersNet(channels=1).eval()
+    card = mb.card(model)
+    assert (card.channels, card.mean, card.origin("channels")) == (1, (0.449,), "architecture")
+    run = mb.Pipeline(model, input_size=64).start(mb.load_sample("spheroids_rgb").path).run()
+    assert run.failed_stage is None and tuple(run.output("preprocess").shape) == (1, 1, 64, 64)
+    notes = run.records["preprocess"].notes
+    assert any("channel" in note for note in notes), notes
+
+
+def test_a_model_that_returns_a_dict_is_named_with_the_wrapper_to_write():
+    run = mb.Pipeline(_UsersNet(as_dict=True).eval(), input_size=64).start(np.full((64, 64), 9, np.uint8)).run()
+    assert run.failed_stage == "forward" and isinstance(run.error, mb.ModelError)
+    assert "_UsersNet returned a dict with keys ['out', 'aux'], not one tensor" in str(run.error)
+    assert "model(x)['out']" in str(run.error)
+
+
 def test_with_options_reuses_the_forward_pass(tiny):
     run = mb.Pipeline(tiny).start(mb.load_sample("spheroids_8bit").path).run()
     lower = run.with_options(threshold=0.2)

@@ -26,6 +26,8 @@ __all__ = ["ModelCard", "card", "attach_card", "card_fields_from_text", "IMAGENE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+GREY_MEAN, GREY_STD = (0.449,), (0.226,)
+"""ImageNet's statistics for one grey channel (the means of the three): a grey model's defaults."""
 SERVICE_INPUT_SIZE = 1024
 """The side the service stretched every image to: the input size nobody set."""
 
@@ -207,7 +209,7 @@ def _check(c: ModelCard) -> None:
         raise OptionsError(f"ModelCard channels={c.channels!r}: expected 1 (grey) or 3 (RGB)")
     if c.normalization == "imagenet" and (len(c.mean) != c.channels or len(c.std) != c.channels):
         raise OptionsError(f"ModelCard mean {c.mean} and std {c.std} must have one value per channel "
-                           f"({c.channels}); for a grey model pass e.g. mean=(0.449,), std=(0.226,)")
+                           f"({c.channels}); for a grey model pass e.g. mean={GREY_MEAN}, std={GREY_STD}")
     if any(s <= 0 for s in c.std):
         raise OptionsError(f"ModelCard std={c.std}: every value must be > 0")
     if c.input_size < 16 or c.input_multiple < 1 or c.min_input_size < 1:
@@ -252,7 +254,9 @@ def card(model: torch.nn.Module) -> ModelCard:
 
 
 def architecture_card(model: torch.nn.Module) -> ModelCard:
-    """What the model's class says about itself: name, architecture, widths, parameters, multiple, minimum."""
+    """What the model's class says about itself: name, architecture, widths, parameters, multiple,
+    minimum; and one grey channel (with :data:`GREY_MEAN`, :data:`GREY_STD`) when its first
+    convolution takes one, which three channels would crash."""
     arch = getattr(type(model), "mlbench_name", "") or type(model).__name__
     values: dict[str, Any] = {"name": arch, "architecture": arch,
                               "parameters": sum(p.numel() for p in model.parameters())}
@@ -262,6 +266,9 @@ def architecture_card(model: torch.nn.Module) -> ModelCard:
     for key in ("input_multiple", "min_input_size"):
         if isinstance(getattr(type(model), key, None), int):
             values[key] = getattr(type(model), key)
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if first is not None and first.in_channels == 1:  # a grey model: fed 3 channels, its first conv would refuse them
+        values.update(channels=1, mean=GREY_MEAN, std=GREY_STD)
     return ModelCard().changed("architecture", **values)
 
 

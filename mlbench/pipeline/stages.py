@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from mlbench.errors import ImageError
+from mlbench.errors import ImageError, ModelError
 from mlbench.image.read import ImageReport, effective_bit_depth, read_image
 from mlbench.findings import Problem, ReportText
 from mlbench.image.formats import sniff_format
@@ -151,6 +151,11 @@ def forward(ctx: StageContext) -> torch.Tensor:
     device = torch.device(ctx.options.device)
     with torch.inference_mode(), evaluating(model, ctx.options.train_mode != "keep"):
         output = model(ctx.outputs["preprocess"].to(device))
+    if not isinstance(output, torch.Tensor):
+        keys = f" with keys {list(output)[:6]}" if isinstance(output, dict) else ""
+        raise ModelError(f"{type(model).__name__} returned a {type(output).__name__}{keys}, not one tensor; the "
+                         "pipeline needs its (1, C, H, W) map: wrap the model in a module whose forward returns it "
+                         "(model(x)['out'] for torchvision's segmentation models, model(x).logits for Hugging Face's)")
     return output.detach().cpu()
 
 

@@ -174,3 +174,63 @@ def test_client_against_the_as_served_preset(tmp_path):
         assert list(batch.results) == ["cells.png"] and batch.errors["page.png"].code == "image_error"
         assert "starts with `<!DOCTYPE html>`, so it is an HTML page" in str(batch.errors["page.png"])
         assert batch.warnings == ()
+
+
+class _Socket:
+    """A loopback TCP server that accepts and then does ``behaviour``: nothing (no answer), or close at once."""
+
+    def __init__(self, behaviour: str) -> None:
+        import socket
+        import threading
+
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.behaviour, self.held = behaviour, []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            connection.recv(65536)
+            if self.behaviour == "close":
+                connection.close()
+            else:
+                self.held.append(connection)
+
+    def stop(self) -> None:
+        self.server.close()
+        for connection in self.held:
+            connection.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("where, code, says", [
+    ("refused", "connection_refused", "nothing is listening at http://127.0.0.1:"),
+    ("silent", "client_timeout", "sent no answer within this client's timeout of 0.5 s"),
+    ("close", "connection_lost", "closed the connection without an answer"),
+    ("http://no-such-host.invalid:8000", "name_not_resolved", "does not resolve"),
+])
+def test_a_request_that_gets_no_answer_is_a_service_error_that_says_why(where, code, says):
+    """No HTTP answer (nothing listening, no answer in time, the worker died mid-request, an unknown host): a
+    ServiceError with status 0, a code and the fix, instead of httpx's bare '[Errno 111] Connection refused'."""
+    server = _Socket(where) if where in ("silent", "close") else None
+    url = server.url if server else (f"http://127.0.0.1:{_free_port()}" if where == "refused" else where)
+    try:
+        with ServiceClient(url, timeout=0.5) as c, pytest.raises(ServiceError) as raised:
+            c.segment(PNG, filename="cells.png")
+    finally:
+        if server:
+            server.stop()
+    error = raised.value
+    assert (error.status, error.code) == (0, code) and says in str(error), str(error)
+    assert error.sent["path"] == "/api/v1/segment" and error.sent["filename"] == "cells.png"

@@ -21,12 +21,14 @@ __all__ = ["ServiceError", "SegmentResult", "BatchResult", "segment_result", "ba
 
 
 class ServiceError(MlbenchError, RuntimeError):
-    """An error answer from the service; ``str(err)`` is the explanation.
+    """An error answer from the service, or none at all; ``str(err)`` is the explanation.
 
     Attributes
     ----------
     status : HTTP status code (a failed batch item without one: what ``/segment`` answers
-        for the same failure, 504 for a timeout, else 500).
+        for the same failure, 504 for a timeout, else 500); 0 when no answer came
+        (``code`` ``connection_refused``, ``name_not_resolved``, ``tls_error``,
+        ``connect_timeout``, ``client_timeout``, ``connection_lost``, ``no_answer``).
     code : the service's own error code (``queue_full``, ``inference_timeout`` ...), else
         one read from its message (``unknown_model``, ``image_error``,
         ``extension_not_allowed`` ...); the client's ``missing_from_answer`` and

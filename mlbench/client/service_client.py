@@ -3,7 +3,9 @@
 Every error answer becomes a :class:`ServiceError` whose message explains it: which
 field a 422 is about, what was sent and the allowed range, which extension the allow-list
 refused, what the first bytes of a file that is no image say, what a 413 limit was, when
-to retry after 429/503, what a 504 means for this model and image size. Batch answers are
+to retry after 429/503, what a 504 means for this model and image size. A request that gets no
+answer (nothing listening, no answer in time, the connection lost mid-request, an unknown host) is
+a ServiceError with status 0 (:mod:`mlbench.client.no_answer`). Batch answers are
 matched to the files by ``batch_index`` and ``filename`` (:mod:`mlbench.client.results`).
 Pass a URL for a live service, or a FastAPI app to run it in this process (served on a
 free loopback port).
@@ -21,6 +23,7 @@ import numpy as np
 from mlbench.client.results import BatchResult, SegmentResult, ServiceError, batch_result, segment_result
 from mlbench.errors import OptionsError
 from mlbench.client.explain import explain_error, explain_success, retry_after_of
+from mlbench.client.no_answer import no_answer
 
 __all__ = ["ServiceClient", "ServiceError", "SegmentResult", "BatchResult"]
 
@@ -82,10 +85,22 @@ class ServiceClient:
 
             self._server = serve_in_thread(url_or_app)
             url = self._server.url
-        self.url = url
+        self.url, self.timeout = url, timeout
         self.http = httpx.Client(base_url=url, timeout=timeout, transport=transport)
 
     # ---- plumbing ------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, sent: Mapping[str, Any] | None = None, **kwargs: Any):
+        """The answer to one request; a request that gets none (refused, timed out, the
+        connection lost) is a :class:`ServiceError` with ``status`` 0 and the reason."""
+        import httpx
+
+        try:
+            return self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            code, explanation = no_answer(exc, self.url, self.timeout)
+            raise ServiceError(0, explanation, None, {**(sent or {}), "method": method, "path": path},
+                               code=code) from exc
+
     def _json(self, response) -> Any:
         try:
             return response.json()
@@ -136,16 +151,16 @@ class ServiceClient:
     # ---- endpoints -----------------------------------------------------------------------------
     def health(self) -> dict:
         """``GET /health`` (``models_loaded`` is a count on the historic service)."""
-        return self.check(self.http.get("/health"))
+        return self.check(self._request("GET", "/health"))
 
     def models(self) -> dict:
         """Model id -> info, from either envelope (``{"models": {...}}`` or the bare mapping)."""
-        body = self.check(self.http.get("/api/v1/models"))
+        body = self.check(self._request("GET", "/api/v1/models"))
         return body["models"] if isinstance(body.get("models"), dict) else body
 
     def status(self) -> dict:
         """``GET /api/v1/status``: idle or processing (readiness and queue too on mlbench's fixed service)."""
-        return self.check(self.http.get("/api/v1/status"))
+        return self.check(self._request("GET", "/api/v1/status"))
 
     def ready(self) -> tuple[bool, dict]:
         """``(ready, checks)`` from ``/readyz`` (503 is an answer: not ready).
@@ -155,7 +170,7 @@ class ServiceClient:
         ServiceError
             When the service has no ``/readyz`` (the historic one answers 405).
         """
-        response = self.http.get("/readyz")
+        response = self._request("GET", "/readyz")
         if response.status_code not in (200, 503):
             self.check(response)
         body = self._json(response)
@@ -163,7 +178,7 @@ class ServiceClient:
 
     def metrics(self) -> dict:
         """mlbench's ``/metrics`` as JSON (the historic service has none: 405)."""
-        return self.check(self.http.get("/metrics", params={"format": "json"}))
+        return self.check(self._request("GET", "/metrics", params={"format": "json"}))
 
     @staticmethod
     def _form(model: str | None, threshold: float, detect_holes: bool) -> tuple[dict, dict]:
@@ -190,7 +205,7 @@ class ServiceClient:
         name, data = encode_image(image, filename)
         sent, form = self._form(model, threshold, detect_holes)
         sent.update(filename=name, file_bytes=len(data), file_head=data[:64])
-        body = self.check(self.http.post("/api/v1/segment", files={"file": (name, data)}, data=form), sent)
+        body = self.check(self._request("POST", "/api/v1/segment", sent, files={"file": (name, data)}, data=form), sent)
         return segment_result(body, sent)
 
     def batch_segment(self, images: Sequence[Any], model: str | None = None, threshold: float = 0.5,
@@ -218,7 +233,8 @@ class ServiceClient:
         uploads = [self._batch_upload(i, image) for i, image in enumerate(images)]
         sent, form = self._form(model, threshold, detect_holes)
         sent["filenames"] = [name for name, _ in uploads]
-        response = self.http.post("/api/v1/batch-segment", files=[("files", upload) for upload in uploads], data=form)
+        response = self._request("POST", "/api/v1/batch-segment", sent, files=[("files", upload) for upload in uploads],
+                                 data=form)
         body = self.check(response, sent)
         return batch_result(body, uploads, sent, response.headers.get("x-request-id"))
 

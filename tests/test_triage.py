@@ -816,6 +816,11 @@ def test_a_huge_traceback_is_read_by_its_ends():
     ("IndexError: tensors used as indices must be long, int, byte or bool tensors", "dtype_mismatch", "index_type",
      ".long()"),
     ("RuntimeError: Invalid magic number; corrupt file?", "weights_missing", None, "sha256"),
+    ("RuntimeError: Cannot use ``weights_only=True`` with TorchScript archives passed to ``torch.load``.",
+     "weights_mismatch", "torchscript_archive", ".state_dict(), 'weights.pth')"),
+    ("mlbench.errors.ImageError: <bytes>: not a recognised image (PNG, JPEG, TIFF, BMP, GIF, WebP); it is a Git LFS "
+     "pointer, not the image: run git lfs pull in its repository", "image_format", "other_kind_of_file",
+     "mb.check_image(path)"),
     ("WARNING: Job failed: exit code 137", "cuda_oom", "killed_by_host", "OOM killer"),
     ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.69 GiB",
      "cuda_oom", None, "mb.predict_tiled"),

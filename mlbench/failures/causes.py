@@ -36,6 +36,12 @@ CAUSES: tuple[tuple[str, str, str, str], ...] = (
     ("weights_missing", "not_a_torch_archive", r"locating file data\.pkl",
      "the file is a zip archive but not one torch.save wrote (another tool's archive, or damaged): "
      "mb.check_weights(path) says what it holds; fetch the checkpoint the model was saved to"),
+    ("image_format", "other_kind_of_file", r"not a recognised image \(PNG, JPEG, TIFF, BMP, GIF, WebP\); it is ",
+     "the file is another kind of file, which the message names: convert it as the message says, then check the "
+     "result with mb.check_image(path)"),
+    ("weights_mismatch", "torchscript_archive", r"TorchScript archive|torch\.jit\.save\b|with TorchScript",
+     "the file is a TorchScript archive (torch.jit.save), not a state dict: if you trust it, save its weights with "
+     "torch.save(torch.jit.load(path, map_location='cpu').state_dict(), 'weights.pth') and load those"),
     ("weights_mismatch", "not_torchscript", r"locating file constants\.pkl",
      "torch.jit.load was given a torch.save checkpoint (a state_dict or a pickled model), not TorchScript: load it "
      "with torch.load(path, map_location='cpu') or mb.check_weights(path), or export TorchScript with "

@@ -69,6 +69,7 @@ RULES: tuple[tuple[str, float, str], ...] = (
     ("weights_missing", 3, r"zipfile\.BadZipFile|(Bad|Invalid) magic number|magic_number|not a valid (checkpoint|zip)"),
     ("weights_missing", 5, r"PytorchStreamReader failed locating file data\.pkl"),
     ("weights_mismatch", 5.5, r"PytorchStreamReader failed locating file constants\.pkl"),
+    ("weights_mismatch", 5.5, r"TorchScript archive|torch\.jit\.save\b|weights_only=True`{0,2} with TorchScript"),
     ("weights_missing", 3, r"sha256 (mismatch|does not match)|checksum (mismatch|failed)|hash mismatch"),
     ("weights_missing", 3, r"WeightsError" + _G + r"(missing|not found|sha256)"),
     # ---- weights_mismatch: architecture vs checkpoint, prefixes, unsafe globals ----------
@@ -200,6 +201,7 @@ RULES: tuple[tuple[str, float, str], ...] = (
     ("image_format", 5, r"Could not find a backend to open|Could not find a format to read|No plugin found|cannot find a (reader|plugin)|format not supported"),
     ("image_format", 5, r"cannot write mode \w+ as \w+|mode \w+ (is not|not) supported|conversion from [\w;]+ to [\w;]+ not supported"),
     ("image_format", 5.5, r"s?size\.width\s?>\s?0 && s?size\.height\s?>\s?0|src\.size\(\)\.width|(?:!|\b)s?size\.empty\(\)"),
+    ("image_format", 6, r"not a recognised image \(PNG, JPEG"),  # mb.read_image's own refusal, whatever the file is
     ("image_format", 5, r"VScn::contains\(scn\)|Invalid number of channels in input image|!_src\.empty\(\)|!ssize\.empty\(\)|_src\.empty\(\)|!_img\.empty\(\)|\(-215(:Assertion failed)?\)" + _G + r"empty"),
     ("image_format", 5, r"'NoneType' object has no attribute '(shape|copy|astype|ndim|size)'"),
     ("image_format", 5, r"can't open/read file|imread_\(|Corrupt JPEG data|libpng (error|warning)|Not a JPEG file|IHDR|iCCP: known incorrect sRGB"),

@@ -816,6 +816,8 @@ def test_a_huge_traceback_is_read_by_its_ends():
     ("IndexError: tensors used as indices must be long, int, byte or bool tensors", "dtype_mismatch", "index_type",
      ".long()"),
     ("RuntimeError: Invalid magic number; corrupt file?", "weights_missing", None, "sha256"),
+    ("mlbench.errors.WeightsError: best.pth: 1 tensor(s) hold NaN or Inf, e.g. downs.2.conv1.weight (147 values): the "
+     "training diverged; use an earlier checkpoint", "nan_output", "nonfinite_weights", "load an earlier checkpoint"),
     ("RuntimeError: Cannot use ``weights_only=True`` with TorchScript archives passed to ``torch.load``.",
      "weights_mismatch", "torchscript_archive", ".state_dict(), 'weights.pth')"),
     ("mlbench.errors.ImageError: <bytes>: not a recognised image (PNG, JPEG, TIFF, BMP, GIF, WebP); it is a Git LFS "

@@ -36,6 +36,10 @@ CAUSES: tuple[tuple[str, str, str, str], ...] = (
     ("weights_missing", "not_a_torch_archive", r"locating file data\.pkl",
      "the file is a zip archive but not one torch.save wrote (another tool's archive, or damaged): "
      "mb.check_weights(path) says what it holds; fetch the checkpoint the model was saved to"),
+    ("nan_output", "nonfinite_weights", r"tensor\(s\) hold NaN|NaN (or Inf )?in (the )?(weights|checkpoint|state dict)"
+     r"|(weights|checkpoint|parameters) (contain|hold|have) (NaN|nan|inf)",
+     "the weights themselves hold NaN or Inf (the training diverged): load an earlier checkpoint; "
+     "mb.check_weights(path) lists the tensors"),
     ("image_format", "other_kind_of_file", r"not a recognised image \(PNG, JPEG, TIFF, BMP, GIF, WebP\); it is ",
      "the file is another kind of file, which the message names: convert it as the message says, then check the "
      "result with mb.check_image(path)"),

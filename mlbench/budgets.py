@@ -19,7 +19,9 @@ them) before opening it: reading ``/dev/zero`` never ends and opening a FIFO blo
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass, fields, replace
@@ -190,12 +192,15 @@ def describe_file(path: str | os.PathLike) -> tuple[str, str]:
     symlink) or ``"not_a_file"`` (``"is a FIFO (named pipe)"``, ``"is a symlink to '/dev/zero',
     a character device"`` ...).
     """
+    text = os.fspath(path)
+    if isinstance(text, str) and not text.strip():
+        return "missing", f"is {'an empty path' if not text else 'only blanks'} ({text!r}): no file was named"
     path = Path(path)
     link = f"is a symlink to {os.readlink(path)!r}, which " if path.is_symlink() else ""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        return "missing", (link + "does not exist") if link else "does not exist"
+        return "missing", ((link + "does not exist") if link else "does not exist") + _missing_hint(str(text))
     except OSError as exc:
         return "not_a_file", f"cannot be examined ({type(exc).__name__}: {exc.strerror})"
     kind = _kind(mode)
@@ -246,6 +251,35 @@ def open_regular(path: str | os.PathLike, error: type[MlbenchError], max_bytes: 
         os.close(fd)
         raise budget_error(error, "max_file_bytes", limit, f"{path}: the file size", info.st_size, " bytes")
     return os.fdopen(fd, "rb")
+
+
+def _missing_hint(text: str) -> str:
+    """Why a path that does not exist may be wrong, when its text says: a URL, ``~``, blanks around
+    it, a Windows path here, or a file of its folder with the same extension and a name close to it
+    (another case, a typo)."""
+    if re.match(r"file://", text, re.I):
+        return f" (a file:// URL: pass the path after it, {text[7:]!r})"
+    if re.match(r"[a-z][a-z0-9+.-]*://", text, re.I):
+        return " (a URL, not a path: files are read from this machine only, download it first)"
+    if text != text.strip():
+        return f" (the path starts or ends with blanks, {text!r}: copied with a newline or a space?)"
+    if text.startswith("~"):
+        return " (a leading ~ is not expanded here: pass os.path.expanduser(path))"
+    if os.sep == "/" and re.match(r"[A-Za-z]:[\\/]|\\\\", text):
+        return " (a Windows path: on this machine folders are separated by / and there are no drive letters)"
+    folder = Path(text).parent
+    if not folder.is_dir():
+        return f" (its folder {str(folder)!r} does not exist either)" if str(folder) not in ("", ".") else ""
+    try:
+        with os.scandir(folder) as entries:
+            names = [entry.name for _, entry in zip(range(10_000), entries)]
+    except OSError:
+        return ""
+    wanted = Path(text)
+    names = [name for name in names if Path(name).suffix.lower() == wanted.suffix.lower()]
+    close = [name for name in names if name.lower() == wanted.name.lower()]  # another case first
+    close += [name for name in difflib.get_close_matches(wanted.name, names, n=3, cutoff=0.75) if name not in close]
+    return f" (in {str(folder)!r}: did you mean {' or '.join(map(repr, close[:3]))}?)" if close else ""
 
 
 def _not_a_file(error: type[MlbenchError], path, words: str, code: str) -> MlbenchError:

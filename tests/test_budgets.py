@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import struct
 import tarfile
 import time
@@ -22,7 +23,7 @@ import torch
 import mlbench as mb
 from hostile_checkpoints import _many_tensors_pickle, _raw_zip, _storage_numel, _zip
 from hostile_images import RGB, _pil, _png_size, _tiff, _tiff_tag
-from mlbench.budgets import Budgets, Deadline, budgets, open_regular, read_regular
+from mlbench.budgets import Budgets, Deadline, budgets, describe_file, open_regular, read_regular
 from mlbench.checks.weights import check_weights, read_checkpoint
 from mlbench.image.formats import ImageHeader, check_header, load_bytes
 from mlbench.models.checkpoint_formats import check_safetensors, scan_legacy, scan_zip
@@ -233,3 +234,33 @@ def test_read_image_raises_only_image_error(monkeypatch):
     monkeypatch.setattr("mlbench.image.read.decode", lambda *args: (np.zeros((16, 0), np.uint8), {"problems": []}))
     with pytest.raises(mb.ImageError, match=r"decodes to an array of shape \(16, 0\); expected"):
         mb.read_image(_pil(RGB, "PNG"))
+
+
+@pytest.mark.parametrize("given, says", [
+    ("~/cells.png", "a leading ~ is not expanded here: pass os.path.expanduser(path)"),
+    ("https://example.org/cells.png", "a URL, not a path"),
+    ("file:///data/cells.png", "a file:// URL: pass the path after it, '/data/cells.png'"),
+    ("cells.png\n", "the path starts or ends with blanks, 'cells.png\\n'"),
+    ("C:\\data\\cells.png", "a Windows path"),
+    ("", "is an empty path (''): no file was named"),
+    ("{tmp}/no/such/folder/cells.png", "its folder '{tmp}/no/such/folder' does not exist either"),
+    ("{tmp}/cells_01.png", "did you mean 'Cells_01.PNG' or 'cells_02.png'?"),
+    ("{tmp}/cels_02.png", "did you mean 'cells_02.png'?"),
+])
+def test_a_missing_path_says_what_is_wrong_with_it(tmp_path, monkeypatch, given, says):
+    """The images', checkpoints' and cases' missing path: what its text shows (a URL, ~, blanks, a Windows path, an
+    empty one) or the files of its folder with the same extension and a close name."""
+    for name in ("Cells_01.PNG", "cells_02.png", "cells_02.pth"):
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    given, says = given.format(tmp=tmp_path), says.format(tmp=tmp_path)
+    assert describe_file(given)[0] == "missing" and says in describe_file(given)[1], describe_file(given)
+    with pytest.raises(mb.ImageError, match=re.escape(says)):
+        mb.read_image(given)
+    weights = check_weights(given.replace(".png", ".pth")).problems[0]
+    assert weights.code == "missing" and ("did you mean 'cells_02.pth'" in weights.message) == ("did you mean" in says), weights
+
+
+def test_read_image_names_its_argument_when_it_is_no_path():
+    with pytest.raises(mb.OptionsError, match=r"got ndarray \(an array is decoded already: pass it to mb.segment"):
+        mb.read_image(np.zeros((4, 4), np.uint8))

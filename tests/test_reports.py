@@ -259,7 +259,8 @@ def test_missing_weights_keep_their_paths_out_of_the_repr_but_in_to_dict(workdir
     assert text.splitlines()[:2] == ["WeightsReport(weights/hrnet_best_model.pth)",
                                      "  not found: the absolute path tried and the working directory are "
                                      ".absolute_path and .cwd"]
-    assert "problem [missing] weights/hrnet_best_model.pth does not exist (machine paths: see to_dict())" in text
+    assert ("problem [missing] weights/hrnet_best_model.pth does not exist (its folder 'weights' does not exist either) "
+            "(machine paths: see to_dict())") in text
     assert str(workdir) not in text and str(workdir) not in report._repr_html_()
     as_dict = json.loads(json.dumps(report.to_dict()))
     assert as_dict["cwd"] == str(workdir) and str(workdir) in as_dict["problems"][0]["message"]

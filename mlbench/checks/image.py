@@ -129,7 +129,7 @@ def check_image(source: ImageSource, *, max_pixels: int | None = None, budgets: 
     """
     if not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
         raise OptionsError(f"check_image expects a path or bytes, got {type(source).__name__}; "
-                           "for an array in memory use mb.read_image's report or save it first")
+                           "an array in memory is reported by the decode stage of mb.Pipeline(model).start(array)")
     name = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
     try:
         image, report = read_image(source, max_pixels=max_pixels, budgets=budgets, isolate=isolate)

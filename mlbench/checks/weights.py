@@ -194,9 +194,9 @@ def _unread(path: Path, code: str, words: str, base: dict[str, str], size: int =
 def _inspect(path: str | Path, model: Any, limits: Budgets | None) -> tuple[WeightsReport, Mapping | None]:
     if model is not None and not isinstance(model, (str, torch.nn.Module)):
         raise OptionsError(f"model must be a model name or an nn.Module, got {type(model).__name__}")
+    code, words = describe_file(path)  # before Path(): Path("") is "."
     path, limits = Path(path), budgets_in_force(limits)
     base = {"path": str(path), "absolute_path": str(path.absolute()), "cwd": str(Path.cwd())}
-    code, words = describe_file(path)
     if code != "regular":
         return _unread(path, code, words, base), None
     size = path.stat().st_size

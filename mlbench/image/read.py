@@ -28,7 +28,7 @@ import numpy as np
 
 from mlbench.budgets import Budgets, open_regular
 from mlbench.budgets import budgets as budgets_in_force
-from mlbench.errors import ImageError
+from mlbench.errors import ImageError, OptionsError
 from mlbench.findings import Problem, ReportText
 from mlbench.image.decoders import decode
 from mlbench.image.formats import EXTENSIONS, STREAMED, ImageSource, load_bytes, sniff_format
@@ -172,6 +172,8 @@ def read_image(source: ImageSource, *, page: int = 0, max_pixels: int | None = N
     ImageError
         For every file that cannot be read as it is (and only ImageError): missing, not a regular
         file, empty, not an image, over a budget, a header its data does not match, damaged.
+    OptionsError
+        When ``source`` is neither a path nor bytes (an array, None ...).
 
     Examples
     --------
@@ -186,6 +188,11 @@ def read_image(source: ImageSource, *, page: int = 0, max_pixels: int | None = N
     ...
     mlbench.errors.ImageError: <bytes>: not a recognised image (...); it looks like text or HTML (an error page saved as an image?); ...
     """
+    if not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+        already = " (an array is decoded already: pass it to mb.segment or Pipeline.start as it is)" if isinstance(
+            source, np.ndarray) else ""
+        raise OptionsError(f"read_image(source=...) takes a path or the file's bytes, got {type(source).__name__}"
+                           f"{already}")
     limits = budgets_in_force(budgets, **({} if max_pixels is None else {"max_pixels": max_pixels}))
     name = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
     if isolate_default() if isolate is None else isolate:

@@ -13,6 +13,7 @@ silently, and the error lists the keys that did not fit.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import warnings
 from collections import OrderedDict
@@ -157,14 +158,14 @@ def load_checkpoint(path: str | Path, *, model: str | torch.nn.Module | None = N
         The file is missing, not a regular file (a FIFO, a device), unreadable, unsafe, over a
         budget, damaged, or fits no architecture (or not ``model``).
     """
-    path = Path(path)
-    kind, words = describe_file(path)
+    kind, words = describe_file(path)  # before Path(): Path("") is "."
+    given, path = os.fspath(path), Path(path)
     if kind == "missing":
-        raise WeightsError(f"checkpoint {str(path)!r} is not a file: it {words} (absolute path tried {path.absolute()}, "
+        raise WeightsError(f"checkpoint {given!r} is not a file: it {words} (absolute path tried {path.absolute()}, "
                            f"working directory {Path.cwd()}); check the path, relative paths resolve against the "
                            "working directory")
     if kind != "regular":
-        raise WeightsError(f"checkpoint {str(path)!r} is not a regular file: it {words}; refused before opening it "
+        raise WeightsError(f"checkpoint {given!r} is not a regular file: it {words}; refused before opening it "
                            "(reading it could block or never end); pass the path of the checkpoint file itself")
     registered = _REGISTERED.get(model) if isinstance(model, str) else None
     read = read_state_dict(path, path.stat().st_size, known_keys(None if registered else model), key, budgets)

@@ -183,14 +183,26 @@ def test_image_statistics_in_batches_start_from_a_prior_and_pooled_passes_conver
     per_tile = predict_tiled(model, x, tile=32, overlap=12, norm_stats="tile")
     with record_memory() as timeline:
         one_pass = run_tiled(model, x, tile=32, overlap=12)  # 16 tiles in batches of 4
-    assert [label for _, label in timeline.marks] == ["norm statistics prior from a 28x32 copy of the image"]
+    assert [label for _, label in timeline.marks] == ["norm statistics prior from a 56x64 copy of the image"]
     assert one_pass.passes == 1 and (one_pass.output - whole).norm() < 0.7 * (per_tile - whole).norm()
     with record_memory() as timeline:
         pooled = run_tiled(model, x, tile=32, overlap=12, norm_stats="pooled", tolerance=1e-4)
     labels = [label for _, label in timeline.marks]
-    assert labels[:2] == ["norm statistics prior from a 28x32 copy of the image",
+    assert labels[:2] == ["norm statistics prior from a 56x64 copy of the image",
                           "pooled norm statistics, pass 1: output changed by inf"] and len(labels) <= 9
     assert pooled.settled and 1 < pooled.passes <= 8 and torch.allclose(pooled.output, whole, atol=1e-5)
+
+
+def test_the_prior_has_the_pixels_of_one_batch_and_is_the_image_itself_when_that_fits():
+    """The prior's forward may take as much memory as a batch of tiles: 4 tiles of 32 px give a 64 px side (the
+    80 x 90 image at 56 x 64), 9 tiles a 96 px one, which the whole image fits: its own statistics, no resizing."""
+    x, whole = _norm_case()
+    errors = {}
+    for batch, label in ((4, "56x64"), (9, "80x90")):
+        with record_memory() as timeline:
+            errors[batch] = float((predict_tiled(NormNet(), x, tile=32, overlap=12, tile_batch=batch) - whole).norm())
+        assert [text for _, text in timeline.marks] == [f"norm statistics prior from a {label} copy of the image"]
+    assert errors[9] < errors[4]
 
 
 @pytest.mark.parametrize("model", [LocalNet(), NormNet()], ids=["local", "norms"])
@@ -214,7 +226,7 @@ def test_oom_during_pooled_passes_restarts_them_at_the_smaller_tile():
     assert labels[:4] == ["out of memory at tile 64, 4 per batch, on cpu: retry with 2 per batch",
                           "out of memory at tile 64, 2 per batch, on cpu: retry with 1 per batch",
                           "out of memory at tile 64 on cpu: retry at tile 32",
-                          "norm statistics prior from a 28x32 copy of the image"]
+                          "norm statistics prior from a 28x32 copy of the image"]  # one tile per batch: its size
     assert labels[4] == "pooled norm statistics, pass 1: output changed by inf" and run.tile == 32 and run.settled
     assert torch.allclose(run.output, whole, atol=1e-5)  # the statistics of the failed tile size are not reused
     assert all("forward" not in vars(m) for m in model.modules())
@@ -262,7 +274,7 @@ def test_whole_map_reductions_see_the_whole_image():
     assert torch.allclose(exact.output, whole, atol=1e-5) and timeline.marks == []
     with record_memory() as timeline:
         in_batches = predict_tiled(model, x, tile=32, overlap=12)  # 16 tiles in batches of 4: from the prior
-    assert [label for _, label in timeline.marks] == ["norm statistics prior from a 28x32 copy of the image"]
+    assert [label for _, label in timeline.marks] == ["norm statistics prior from a 56x64 copy of the image"]
     assert (in_batches - whole).norm() < 0.5 * (per_tile - whole).norm()
     pooled = predict_tiled(model, x, tile=32, overlap=12, norm_stats="pooled", tolerance=1e-5)
     assert torch.allclose(pooled, whole, atol=1e-4)

@@ -66,24 +66,35 @@ class TiledRun(NamedTuple):
     """Tiles per forward (smaller than asked when the out-of-memory policy halved it)."""
 
 
-def _prior_input(model: nn.Module, x: torch.Tensor, tile: int) -> torch.Tensor:
-    """``x`` downsampled (antialiased, aspect kept) to fit one tile, for the prior's forward."""
+def _prior_input(model: nn.Module, x: torch.Tensor, side: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``x`` downsampled (antialiased, aspect kept) to fit ``side``, for the prior's forward, and the
+    (H, W) of the image in it; ``x`` itself (padded to the model's multiple) when it fits."""
     multiple = int(getattr(model, "input_multiple", 1))
+    if side >= max(x.shape[-2:]):
+        return pad_to_multiple(x, multiple)
     smallest = -(-int(getattr(model, "min_input_size", 1)) // multiple) * multiple
-    scale = tile / max(x.shape[-2:])
-    size = [max(smallest, multiple, int(side * scale) // multiple * multiple) for side in x.shape[-2:]]
-    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    scale = side / max(x.shape[-2:])
+    size = [max(smallest, multiple, int(length * scale) // multiple * multiple) for length in x.shape[-2:]]
+    small = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return small, tuple(size)
+
+
+def prior_side(tile: int, tile_batch: int) -> int:
+    """The prior's side: as many pixels as one batch of tiles (``sqrt(tile_batch)`` tiles a side), so
+    its forward needs no more memory than a batch does."""
+    return int(tile * tile_batch ** 0.5)
 
 
 DETECTION_SIDE = 64
 """Side of the copy of the image that a model without norms runs once to show whether it reduces
-whole maps (a squeeze-and-excitation's mean): only then does it need a prior at a tile's size."""
+whole maps (a squeeze-and-excitation's mean): only then does it need a prior (:func:`prior_side`)."""
 
 
 def _record_prior(run: TilePass, x: torch.Tensor, side: int) -> NormPrior:
     """The statistics of one forward of ``x`` downsampled to ``side`` over each tile's part of it."""
-    small = _prior_input(run.model, x, side).to(run.device)
-    rows, cols = small.shape[-2] / x.shape[-2], small.shape[-1] / x.shape[-1]
+    small, (height, width) = _prior_input(run.model, x, side)
+    small = small.to(run.device)
+    rows, cols = height / x.shape[-2], width / x.shape[-1]
     parts = [((top + t) * rows, (top + b) * rows, (left + l) * cols, (left + r) * cols)
              for top, left, (t, b, l, r) in run.tiling.places]
     return PooledNorms.record(run.model, small, parts, partial(call_model, run.model, state=run.state))
@@ -104,7 +115,7 @@ def _image_stats(run: TilePass, x: torch.Tensor, tile: int, norm_stats: str, max
     if len(boxes) > run.tile_batch:
         if not pooled_norm_modules(run.model) and not _record_prior(run, x, min(tile, DETECTION_SIDE)).calls:
             return blend_pass(run, x), 1, True  # no norm and no whole-map reduction: nothing to pool
-        prior = _record_prior(run, x, tile)
+        prior = _record_prior(run, x, prior_side(tile, run.tile_batch))
         note(f"norm statistics prior from a {prior.size[0]}x{prior.size[1]} copy of the image")
     pooled = PooledNorms(run.model, boxes, size, prior)
     previous, change = None, float("inf")
@@ -182,8 +193,9 @@ def predict_tiled(model: nn.Module, x: torch.Tensor, tile: int = 512, overlap: i
 
         - ``"image"`` (default): statistics of the whole image, one pass. Each tile contributes
           its owned part's statistics. With every tile in one batch they are exact; otherwise a
-          forward of the image downsampled to one tile's size gives a prior for the tiles not run
-          yet (a mark on the memory timeline).
+          forward of the image downsampled to the pixels of one batch (``tile_batch`` tiles: no
+          more memory than a batch; the image itself when it fits) gives a prior for the tiles not
+          run yet (a mark on the memory timeline).
         - ``"tile"``: each tile's own statistics; one pass, furthest from the whole image.
         - ``"pooled"``: like ``"image"``, then more passes until one changes the output by at most
           ``tolerance``: where ``"image"`` is not exact, the same as all tiles in one batch, in one

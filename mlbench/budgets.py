@@ -195,6 +195,8 @@ def describe_file(path: str | os.PathLike) -> tuple[str, str]:
     text = os.fspath(path)
     if isinstance(text, str) and not text.strip():
         return "missing", f"is {'an empty path' if not text else 'only blanks'} ({text!r}): no file was named"
+    if ("\0" if isinstance(text, str) else b"\0") in text:
+        return "missing", "holds a NUL character, which no file name can: check how the path was built"
     path = Path(path)
     link = f"is a symlink to {os.readlink(path)!r}, which " if path.is_symlink() else ""
     try:

@@ -243,6 +243,7 @@ def test_read_image_raises_only_image_error(monkeypatch):
     ("cells.png\n", "the path starts or ends with blanks, 'cells.png\\n'"),
     ("C:\\data\\cells.png", "a Windows path"),
     ("", "is an empty path (''): no file was named"),
+    ("cells\x00.png", "holds a NUL character"),
     ("{tmp}/no/such/folder/cells.png", "its folder '{tmp}/no/such/folder' does not exist either"),
     ("{tmp}/cells_01.png", "did you mean 'Cells_01.PNG' or 'cells_02.png'?"),
     ("{tmp}/cels_02.png", "did you mean 'cells_02.png'?"),

@@ -232,18 +232,20 @@ def predict_tiled(model: nn.Module, x: torch.Tensor, tile: int = 512, overlap: i
 
     - 384 px tiles (4 tiles, one batch), ``"image"``: IoU 0.988 to 1.0 at 2.4 to 4.1 times
       the whole-image forward (``"tile"``: 0.59 to 0.999).
-    - 256 px tiles (9 tiles), ``"image"`` in batches of 4: 0.67 to 0.9996 at 2.2 to 4.9 times;
-      with ``tile_batch=9``: 0.83 to 1.0 at 2.6 to 3.6 times; ``"pooled"`` reaches the same
-      as ``tile_batch=9`` at 4.4 to 23 times; ``"tile"``: 0.34 to 0.999.
-    - 1024 px images (``--size 1024``), 512 px tiles in batches of 4, ``"image"``: 0.81 to
-      0.9999 at 1.9 to 3.5 times (CBAM-ResUNet 0.9991 and more).
+    - 256 px tiles (9 tiles), ``"image"`` in batches of 4: 0.83 to 0.9997 at 2.9 to 6.2 times
+      (the prior is the whole image here: it fits in a batch's pixels); with ``tile_batch=9``:
+      0.83 to 1.0 at 2.6 to 3.6 times; ``"pooled"`` reaches the same as ``tile_batch=9`` at 5.5
+      to 15 times; ``"tile"``: 0.34 to 0.999.
+    - 1024 px images (``--size 1024``), 512 px tiles in batches of 4, ``"image"``: 0.886 to
+      1.0 at 3.0 to 4.4 times (CBAM-ResUNet 0.9995 and more, MA-ResUNet 0.9983 and more).
 
     Pooled are the norms' moments and the whole-map reductions over the spatial dims (means,
     sums, variances, maxima, ``adaptive_*_pool2d(x, 1)``: CBAM's channel attention, SimAM,
     squeeze-and-excitation). They are exact in one pass with every tile in one batch: raise
     ``tile_batch`` to the number of tiles where memory allows, else use ``"pooled"`` where the
-    prior is not close enough (cluttered images: HRNet 0.67 against 0.83 on the nuclei with
-    256 px tiles). On this CPU a batch of tiles costs more than the same tiles one by one
+    prior is not close enough (cluttered images far larger than a batch, where the prior is a
+    small copy: HRNet's nuclei with 512 px tiles gave 0.84 against all tiles in one batch from a
+    prior at half their scale). On this CPU a batch of tiles costs more than the same tiles one by one
     (cache), which the ratios above include.
 
     What remains after exact statistics is context: a tile sees less of the image than the

@@ -108,6 +108,18 @@ def test_a_model_that_returns_a_dict_is_named_with_the_wrapper_to_write():
     assert "model(x)['out']" in str(run.error)
 
 
+@pytest.mark.parametrize("shape, stage, says", [
+    ((3, 64, 64), "preprocess", "it looks channel-first (C, H, W); pass np.moveaxis(image, 0, -1), shape (64, 64, 3)"),
+    ((1, 64, 64, 3), "preprocess", "it has a batch axis of 1; pass image[0], shape (64, 64, 3)"),
+    ((64, 64, 2), "preprocess", "pick one page or channel first"),
+    ((0, 64), "decode", "the image array has no pixels (shape (0, 64))"),
+])
+def test_an_array_in_another_layout_is_named_with_the_reshape(tiny, shape, stage, says):
+    """Arrays from other code come channel-first, with a batch axis, or empty: the error gives the call that fixes them."""
+    run = mb.Pipeline(tiny).start(np.zeros(shape, np.uint8)).run()
+    assert run.failed_stage == stage and says in str(run.error), str(run.error)
+
+
 def test_with_options_reuses_the_forward_pass(tiny):
     run = mb.Pipeline(tiny).start(mb.load_sample("spheroids_8bit").path).run()
     lower = run.with_options(threshold=0.2)

@@ -119,6 +119,16 @@ def undo_geometry(values: np.ndarray, geometry: Geometry) -> np.ndarray:
     return np.ascontiguousarray(values)
 
 
+def _layout_hint(shape: tuple[int, ...]) -> str:
+    """How to make an (H, W[, C]) image of an array of ``shape``: move the channels last, drop a
+    batch axis, or pick a page or channel."""
+    if len(shape) == 3 and shape[0] in (1, 3, 4) and shape[2] > 4:
+        return f"it looks channel-first (C, H, W); pass np.moveaxis(image, 0, -1), shape {(*shape[1:], shape[0])}"
+    if len(shape) == 4 and shape[0] == 1:
+        return f"it has a batch axis of 1; pass image[0], shape {shape[1:]}"
+    return "pick one page or channel first (e.g. image[..., 0]), or save the channels you need as an RGB image"
+
+
 def to_channels(image: np.ndarray, channels: int) -> tuple[np.ndarray, str]:
     """(H, W[, C]) -> (H, W, ``channels``), and a note when the kind changed (empty otherwise).
 
@@ -128,7 +138,7 @@ def to_channels(image: np.ndarray, channels: int) -> tuple[np.ndarray, str]:
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-        raise OptionsError(f"image of shape {image.shape} has no 1, 3 or 4 channels: pick one page or channel first")
+        raise OptionsError(f"image of shape {image.shape} has no 1, 3 or 4 channels last: {_layout_hint(image.shape)}")
     image = image[..., :3]
     if image.shape[2] == channels:
         return image, ""

@@ -95,6 +95,8 @@ def decode(ctx: StageContext) -> Decoded:
     if ctx.options.decoder == "pil":
         return _pil_decode(ctx)
     if isinstance(ctx.source, np.ndarray):
+        if ctx.source.size == 0:
+            raise ImageError(f"<array>: the image array has no pixels (shape {ctx.source.shape}); pass the image itself")
         image = np.array(ctx.source, copy=True)
         return Decoded(image, _array_report(image, "<array>", "array"))
     image, report = read_image(ctx.source)

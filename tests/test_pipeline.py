@@ -120,6 +120,25 @@ def test_an_array_in_another_layout_is_named_with_the_reshape(tiny, shape, stage
     assert run.failed_stage == stage and says in str(run.error), str(run.error)
 
 
+def test_an_image_handed_over_as_pil_file_or_tensor_gives_the_paths_mask(tiny):
+    """What users hold: a PIL image (palette and CMYK as their colours, 16-bit kept), an open file, a tensor."""
+    from PIL import Image
+
+    path = mb.load_sample("spheroids_8bit").path
+    reference = mb.segment(path, tiny).mask
+    pil = Image.open(path)
+    with open(path, "rb") as handle:
+        given = [pil, pil.convert("P"), pil.convert("CMYK"), torch.from_numpy(np.array(pil)), handle]
+        for image in given:
+            assert np.array_equal(mb.segment(image, tiny).mask, reference), type(image).__name__
+    deep = mb.load_sample("spheroids_16bit").path
+    assert np.array_equal(mb.segment(Image.open(deep), tiny).mask, mb.segment(deep, tiny).mask)
+    with pytest.raises(mb.OptionsError, match="got list"):
+        mb.Pipeline(tiny).start([[0, 1]])
+    with open(path, encoding="latin-1") as text, pytest.raises(mb.OptionsError, match="open the image with 'rb'"):
+        mb.Pipeline(tiny).start(text)
+
+
 def test_with_options_reuses_the_forward_pass(tiny):
     run = mb.Pipeline(tiny).start(mb.load_sample("spheroids_8bit").path).run()
     lower = run.with_options(threshold=0.2)

@@ -16,7 +16,7 @@ def segment(image: Any, model: torch.nn.Module | str = "hrnet", preset: str = "f
 
     Parameters
     ----------
-    image : path, bytes or (H, W[, C]) array
+    image : path, bytes, open binary file, PIL image, tensor or (H, W[, C]) array
     model : nn.Module or str
         A model or a name / service id (the bundled small weights are loaded).
     preset : "fixed" or "as_served"

@@ -19,7 +19,7 @@ from mlbench.errors import MlbenchError, MlbenchWarning, ModelError, OptionsErro
 from mlbench.models.cards import card
 from mlbench.pipeline.options import STAGE_OF_OPTION, PipelineOptions, make_options, reject_unknown_options
 from mlbench.pipeline.result import Segmentation
-from mlbench.pipeline.stages import STAGE_NAMES, STAGES, StageContext, describe
+from mlbench.pipeline.stages import STAGE_NAMES, STAGES, StageContext, describe, image_source
 from mlbench.pipeline.train_mode import train_sensitive_modules
 
 __all__ = ["Pipeline", "Run", "StageRecord"]
@@ -88,8 +88,15 @@ class Pipeline:
         return self.card.name
 
     def start(self, image: Any) -> "Run":
-        """A fresh Run over ``image`` (path, bytes or (H, W[, C]) array); nothing executed yet."""
-        return Run(self, image)
+        """A fresh Run over ``image`` (path, bytes, an open binary file, a PIL image, a tensor or an
+        (H, W[, C]) array); nothing executed yet.
+
+        Raises
+        ------
+        OptionsError
+            For an image of another type (a list, a text file ...).
+        """
+        return Run(self, image_source(image))
 
     def __repr__(self) -> str:
         fixed = PipelineOptions().resolved(self.card)

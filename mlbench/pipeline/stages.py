@@ -7,6 +7,7 @@ it was given. :class:`mlbench.Pipeline` runs them in order and records each one.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from mlbench.errors import ImageError, ModelError
+from mlbench.errors import ImageError, ModelError, OptionsError
 from mlbench.image.read import ImageReport, effective_bit_depth, read_image
 from mlbench.findings import Problem, ReportText
 from mlbench.image.formats import sniff_format
@@ -88,6 +89,40 @@ def _pil_decode(ctx: StageContext) -> Decoded:
         pil = pil.convert("RGB")
     image = np.array(pil)
     return Decoded(image, _array_report(image, name, fmt))
+
+
+_PIL_TO_ARRAY = {"P": "RGBA", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
+"""PIL modes whose array is not the image's values (palette indices, ink, another colour space)."""
+
+
+def image_source(image: Any) -> Any:
+    """What a run decodes, from what users hand over: a path, bytes or an array as they are; an
+    open binary file's bytes; a PIL image's pixels (palette and CMYK converted to colours); a
+    tensor's values on the CPU.
+
+    Raises
+    ------
+    OptionsError
+        For anything else, naming what was given.
+    """
+    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray)):
+        return image
+    if hasattr(image, "read") and callable(image.read):
+        data = image.read()
+        if isinstance(data, (bytes, bytearray)):
+            return bytes(data)
+        raise OptionsError(f"image is a text file object ({type(image).__name__}); open the image with 'rb'")
+    if isinstance(image, torch.Tensor):
+        return image.detach().cpu().numpy()
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        mode = _PIL_TO_ARRAY.get(image.mode)
+        return np.array(image.convert(mode) if mode else image)
+    raise OptionsError(f"image must be a path, bytes, an open binary file, a PIL image or an (H, W[, C]) array, got "
+                       f"{type(image).__name__}")
 
 
 def decode(ctx: StageContext) -> Decoded:

@@ -234,3 +234,11 @@ def test_a_request_that_gets_no_answer_is_a_service_error_that_says_why(where, c
     error = raised.value
     assert (error.status, error.code) == (0, code) and says in str(error), str(error)
     assert error.sent["path"] == "/api/v1/segment" and error.sent["filename"] == "cells.png"
+
+
+def test_an_upload_of_another_kind_is_named_by_the_service(client):
+    """The service's 415 names what the upload is (here an iPhone photo) and its conversion, not its first bytes."""
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
+    with pytest.raises(ServiceError) as raised:
+        client.segment(heic, filename="photo.png")
+    assert raised.value.status == 415 and "it is a HEIC/HEIF photo" in str(raised.value), str(raised.value)

@@ -14,6 +14,7 @@ from typing import Any
 
 from mlbench.errors import MlbenchError
 from mlbench.image.formats import ImageHeader, read_header, sniff_format
+from mlbench.image.other_formats import HEAD_BYTES, identify
 
 __all__ = ["Refusal", "field_error", "check_extension", "upload_header", "image_header", "check_upload", "check_size",
            "body_limit", "body_too_large"]
@@ -90,7 +91,9 @@ def upload_header(data: bytes) -> tuple[str, ImageHeader]:
     """
     fmt = sniff_format(data[:16])
     if fmt is None:
-        hint = "it looks like text" if data[:1] in b"<{ \t\r\n" else f"it starts with {data[:8]!r}"
+        known = identify(data[:HEAD_BYTES])
+        hint = (f"it is {known}" if known else "it looks like text" if data[:1] in b"<{ \t\r\n"
+                else f"it starts with {data[:8]!r}")
         raise field_error("unsupported_type", "file", f"the upload is not an image (PNG, JPEG, TIFF, BMP, GIF, "
                           f"WebP) by its content; {hint}", f"{len(data)} bytes", status=415)
     header = read_header(data, fmt)

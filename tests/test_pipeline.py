@@ -133,6 +133,8 @@ def test_an_image_handed_over_as_pil_file_or_tensor_gives_the_paths_mask(tiny):
             assert np.array_equal(mb.segment(image, tiny).mask, reference), type(image).__name__
     deep = mb.load_sample("spheroids_16bit").path
     assert np.array_equal(mb.segment(Image.open(deep), tiny).mask, mb.segment(deep, tiny).mask)
+    half = torch.from_numpy(np.array(pil, np.float32) / 255).to(torch.bfloat16)  # NumPy has no bfloat16
+    assert mb.Pipeline(tiny).start(half).run().failed_stage is None
     with pytest.raises(mb.OptionsError, match="got list"):
         mb.Pipeline(tiny).start([[0, 1]])
     with open(path, encoding="latin-1") as text, pytest.raises(mb.OptionsError, match="open the image with 'rb'"):

@@ -112,8 +112,9 @@ def image_source(image: Any) -> Any:
         if isinstance(data, (bytes, bytearray)):
             return bytes(data)
         raise OptionsError(f"image is a text file object ({type(image).__name__}); open the image with 'rb'")
-    if isinstance(image, torch.Tensor):
-        return image.detach().cpu().numpy()
+    if isinstance(image, torch.Tensor):  # NumPy has no bfloat16
+        values = image.detach().cpu()
+        return (values.float() if values.dtype == torch.bfloat16 else values).numpy()
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - Pillow is a dependency
@@ -167,8 +168,9 @@ def _refuse_nonfinite(image: np.ndarray, name: str) -> None:
     row, col = (int(i) for i in np.argwhere(bad)[0][:2])
     raise ImageError(f"{name}: {nan:,} NaN and {int(bad.sum()) - nan:,} infinite value(s) in the image (the first at "
                      f"row {row}, column {col}): a NaN spreads through every convolution, and through a norm to "
-                     "every output pixel, so the mask comes back empty or wrong. Replace them first (np.nan_to_num(image, nan=0.0, posinf=..., "
-                     "neginf=...), or the background value) or fix the export that wrote them")
+                     "every output pixel, so the mask comes back empty or wrong. Replace them first "
+                     "(np.nan_to_num(image, nan=0.0, posinf=..., neginf=...), or the background value) or fix the "
+                     "export that wrote them")
 
 
 def preprocess(ctx: StageContext) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["HEAD_BYTES", "identify"]
+__all__ = ["HEAD_BYTES", "file_kind", "identify"]
 
 HEAD_BYTES = 256
 """How many first bytes :func:`identify` needs (DICOM's marker sits at byte 128)."""
@@ -20,37 +20,42 @@ HEAD_BYTES = 256
 _WEIGHTS = "{}, not an image: was the weights path passed as the image? (mb.check_weights(path) inspects weights)"
 _EXPORT_TIFF = "export it as TIFF (Fiji/Bio-Formats opens it) or PNG"
 
-_STARTS: tuple[tuple[bytes, str], ...] = (
-    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "a JPEG 2000 image: convert it to TIFF or PNG (OpenJPEG's opj_decompress, or the "
-                                        "glymur package)"),
-    (b"\xff\x4f\xff\x51", "a JPEG 2000 codestream: convert it to TIFF or PNG (OpenJPEG's opj_decompress)"),
-    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "a JPEG XL image: convert it to PNG (djxl, or the pillow-jxl-plugin package)"),
-    (b"\xff\x0a", "a JPEG XL image: convert it to PNG (djxl, or the pillow-jxl-plugin package)"),
-    (b"\x93NUMPY", "a NumPy array (.npy): load it with np.load(path) and save it as an image "
-                   "(tifffile.imwrite('image.tif', array) keeps its dtype)"),
-    (b"%PDF", "a PDF document: export the page as PNG or TIFF at its full resolution"),
-    (b"PK\x03\x04", "a ZIP archive (a zipped folder, an .npz, an Office document): unpack it and pass the image inside"),
-    (b"PK\x05\x06", "an empty ZIP archive: there is no image in it"),
-    (b"\x1f\x8b", "gzip-compressed (.gz): decompress it first (gunzip) and pass the image inside"),
-    (b"BZh", "bzip2-compressed (.bz2): decompress it first and pass the image inside"),
-    (b"\xfd7zXZ\x00", "xz-compressed (.xz): decompress it first and pass the image inside"),
-    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive: unpack it and pass the image inside"),
-    (b"\x28\xb5\x2f\xfd", "zstd-compressed (.zst): decompress it first and pass the image inside"),
-    (b"ZISRAWFILE", f"a Zeiss CZI file: {_EXPORT_TIFF}, or read it with the pylibCZIrw package"),
-    (b"\xda\xce\xbe\x0a", f"a Nikon ND2 file: {_EXPORT_TIFF}, or read it with the nd2 package"),
-    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (Imaris .ims, an .h5 dataset or Keras weights): read the image dataset with "
-                           "h5py and save it as TIFF"),
-    (b"8BPS", "a Photoshop document: flatten it and export PNG or TIFF"),
-    (b"\x76\x2f\x31\x01", "an OpenEXR image: convert it to a 32-bit float TIFF"),
-    (b"SIMPLE  =", "a FITS file: read it with astropy.io.fits and save the array as TIFF"),
-    (b"version https://git-lfs", "a Git LFS pointer, not the image: run git lfs pull in its repository"),
-    (b"iVBORw0KGgo", "base64 text of a PNG: decode it first (base64.b64decode(text)) and pass the bytes"),
-    (b"/9j/", "base64 text of a JPEG: decode it first (base64.b64decode(text)) and pass the bytes"),
-    (b"SUkqA", "base64 text of a TIFF: decode it first (base64.b64decode(text)) and pass the bytes"),
-    (b"TU0AK", "base64 text of a TIFF: decode it first (base64.b64decode(text)) and pass the bytes"),
-    (b"data:image/", "a data URL: decode the base64 after the comma (base64.b64decode(url.split(',', 1)[1])) and pass "
-                     "the bytes"),
+_STARTS: tuple[tuple[bytes, str, str], ...] = (  # (magic number, kind, what to do)
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "jpeg2000",
+     "a JPEG 2000 image: convert it to TIFF or PNG (OpenJPEG's opj_decompress, or the glymur package)"),
+    (b"\xff\x4f\xff\x51", "jpeg2000", "a JPEG 2000 codestream: convert it to TIFF or PNG (OpenJPEG's opj_decompress)"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "jpegxl",
+     "a JPEG XL image: convert it to PNG (djxl, or the pillow-jxl-plugin package)"),
+    (b"\xff\x0a", "jpegxl", "a JPEG XL image: convert it to PNG (djxl, or the pillow-jxl-plugin package)"),
+    (b"\x93NUMPY", "npy", "a NumPy array (.npy): load it with np.load(path) and save it as an image "
+                          "(tifffile.imwrite('image.tif', array) keeps its dtype)"),
+    (b"%PDF", "pdf", "a PDF document: export the page as PNG or TIFF at its full resolution"),
+    (b"PK\x03\x04", "zip",
+     "a ZIP archive (a zipped folder, an .npz, an Office document): unpack it and pass the image inside"),
+    (b"PK\x05\x06", "zip", "an empty ZIP archive: there is no image in it"),
+    (b"\x1f\x8b", "gzip", "gzip-compressed (.gz): decompress it first (gunzip) and pass the image inside"),
+    (b"BZh", "bzip2", "bzip2-compressed (.bz2): decompress it first and pass the image inside"),
+    (b"\xfd7zXZ\x00", "xz", "xz-compressed (.xz): decompress it first and pass the image inside"),
+    (b"7z\xbc\xaf\x27\x1c", "7z", "a 7-Zip archive: unpack it and pass the image inside"),
+    (b"\x28\xb5\x2f\xfd", "zstd", "zstd-compressed (.zst): decompress it first and pass the image inside"),
+    (b"ZISRAWFILE", "czi", f"a Zeiss CZI file: {_EXPORT_TIFF}, or read it with the pylibCZIrw package"),
+    (b"\xda\xce\xbe\x0a", "nd2", f"a Nikon ND2 file: {_EXPORT_TIFF}, or read it with the nd2 package"),
+    (b"\x89HDF\r\n\x1a\n", "hdf5",
+     "an HDF5 file (Imaris .ims, an .h5 dataset or Keras weights): read the image dataset with h5py and save it as TIFF"),
+    (b"8BPS", "psd", "a Photoshop document: flatten it and export PNG or TIFF"),
+    (b"\x76\x2f\x31\x01", "exr", "an OpenEXR image: convert it to a 32-bit float TIFF"),
+    (b"SIMPLE  =", "fits", "a FITS file: read it with astropy.io.fits and save the array as TIFF"),
+    (b"version https://git-lfs", "lfs_pointer", "a Git LFS pointer, not the image: run git lfs pull in its repository"),
+    (b"iVBORw0KGgo", "base64", "base64 text of a PNG: decode it first (base64.b64decode(text)) and pass the bytes"),
+    (b"/9j/", "base64", "base64 text of a JPEG: decode it first (base64.b64decode(text)) and pass the bytes"),
+    (b"SUkqA", "base64", "base64 text of a TIFF: decode it first (base64.b64decode(text)) and pass the bytes"),
+    (b"TU0AK", "base64", "base64 text of a TIFF: decode it first (base64.b64decode(text)) and pass the bytes"),
+    (b"data:image/", "data_url",
+     "a data URL: decode the base64 after the comma (base64.b64decode(url.split(',', 1)[1])) and pass the bytes"),
 )
+
+_ONNX_PRODUCERS = (b"pytorch", b"onnx", b"tf2onnx", b"skl2onnx")
+"""Producer names an ONNX model's header carries after its IR version (field 1, byte 0x08)."""
 
 _ISO_BRANDS: tuple[tuple[frozenset[bytes], str], ...] = (
     (frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}),
@@ -62,6 +67,16 @@ _ISO_BRANDS: tuple[tuple[frozenset[bytes], str], ...] = (
      "an MP4 video, not an image: extract a frame (ffmpeg -i in.mp4 -frames:v 1 frame.png)"),
     (frozenset({b"qt  "}), "a QuickTime video, not an image: extract a frame (ffmpeg -i in.mov -frames:v 1 frame.png)"),
 )
+
+
+def file_kind(head: bytes) -> str | None:
+    """The kind of file ``head`` starts, by its magic number (``"hdf5"``, ``"npy"``, ``"gzip"``,
+    ``"czi"`` ...) or, for ``"onnx"``, a protobuf's first field and its producer's name; None when
+    no signature matches. :func:`identify` and the checkpoint reader give their own advice per kind."""
+    found = next((kind for magic, kind, _ in _STARTS if head.startswith(magic)), None)
+    if found is None and head[:1] == b"\x08" and any(word in head[:64] for word in _ONNX_PRODUCERS):
+        return "onnx"
+    return found
 
 
 def identify(head: bytes) -> str | None:
@@ -81,7 +96,7 @@ def identify(head: bytes) -> str | None:
             return _WEIGHTS.format("a PyTorch checkpoint (torch.save)")
         if first.endswith(b".npy"):
             return "a NumPy .npz file of arrays: np.load(path)[name] gives one; save it as TIFF (tifffile.imwrite)"
-    found = next((text for magic, text in _STARTS if head.startswith(magic)), None)
+    found = next((text for magic, _, text in _STARTS if head.startswith(magic)), None)
     if found:
         return found
     netpbm = re.match(rb"P([1-7])\s", head)

@@ -23,6 +23,7 @@ import torch
 from mlbench.budgets import Budgets, Deadline, budgets, open_regular
 from mlbench.errors import WeightsError
 from mlbench.image.formats import sniff_format
+from mlbench.image.other_formats import file_kind
 from mlbench.models.checkpoint_formats import ALLOWED_GLOBALS, FileFacts, load_pickled, load_safetensors
 from mlbench.models.pickle_scan import scan_pickle
 
@@ -65,23 +66,24 @@ _IMPOSTORS = {
 }
 
 
+_AS_WEIGHTS = {
+    "hdf5": "this is an HDF5 file (Keras/TensorFlow .h5 weights?), not a PyTorch checkpoint; these models need "
+            "PyTorch weights",
+    "onnx": "this is an ONNX model, not a PyTorch checkpoint: run it with onnxruntime, or pass the PyTorch weights it "
+            "was exported from",
+    "npy": "this is a NumPy array (.npy), not a checkpoint: a state dict maps each parameter's name to a tensor",
+    "gzip": "this is gzip-compressed: decompress it (gunzip) and pass the checkpoint inside",
+}
+"""What to say of a file of these kinds (:func:`mlbench.image.other_formats.file_kind`) passed as weights."""
+
+
 def _what_it_is(head: bytes) -> str | None:
     """What a file of no checkpoint format is, where its first bytes say: an image passed as the
     weights, a Keras/TensorFlow HDF5 file, an ONNX model, a NumPy array, a gzip archive."""
     image = sniff_format(head)
     if image:
         return f"this is a {image.upper()} image, not weights: was the image passed as the checkpoint?"
-    if head.startswith(b"\x89HDF\r\n\x1a\n"):
-        return ("this is an HDF5 file (Keras/TensorFlow .h5 weights?), not a PyTorch checkpoint; these models need "
-                "PyTorch weights")
-    if head[:1] == b"\x08" and any(word in head for word in (b"pytorch", b"onnx", b"tf2onnx", b"skl2onnx")):
-        return ("this is an ONNX model, not a PyTorch checkpoint: run it with onnxruntime, or pass the PyTorch "
-                "weights it was exported from")
-    if head.startswith(b"\x93NUMPY"):
-        return "this is a NumPy array (.npy), not a checkpoint: a state dict maps each parameter's name to a tensor"
-    if head.startswith(b"\x1f\x8b"):
-        return "this is gzip-compressed: decompress it (gunzip) and pass the checkpoint inside"
-    return None
+    return _AS_WEIGHTS.get(file_kind(head) or "")
 
 
 def _is_pickle(handle: BinaryIO, limits: Budgets, deadline: Deadline) -> bool:
@@ -116,13 +118,13 @@ def inspect_file(path: Path, size: int, limits: Budgets | None = None) -> tuple[
     facts, deadline = FileFacts(), Deadline(limits.max_seconds, WeightsError)
     try:
         with open_regular(path, WeightsError, limits.max_file_bytes) as handle:
-            facts.format = sniff_checkpoint(handle.read(64), size)
+            head = handle.read(64)
+            facts.format = sniff_checkpoint(head, size)
             if facts.format == "unknown" and _is_pickle(handle, limits, deadline):
                 facts.format = "legacy_pickle"  # protocol 0 or 1: torch's legacy loader would unpickle it too
             if facts.format in _IMPOSTORS:
                 code, message = _IMPOSTORS[facts.format]
-                handle.seek(0)
-                facts.problems.append((code, _what_it_is(handle.read(64)) or message))
+                facts.problems.append((code, _what_it_is(head) or message))
                 return facts, None
             if facts.format == "safetensors":
                 return facts, load_safetensors(handle, path, size, limits, facts)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 from dataclasses import replace
 
@@ -20,7 +19,7 @@ from mlbench.budgets import Budgets, open_regular
 from mlbench.budgets import budgets as budgets_in_force
 from mlbench.errors import ImageError, MlbenchError, OptionsError
 from mlbench.findings import Problem
-from mlbench.image.formats import ImageSource, load_bytes, sniff_format
+from mlbench.image.formats import IMAGE_SOURCES, ImageSource, load_bytes, sniff_format
 from mlbench.image.read import ImageReport, read_image
 
 __all__ = ["check_image", "served_decode", "add_check_image_command"]
@@ -127,7 +126,7 @@ def check_image(source: ImageSource, *, max_pixels: int | None = None, budgets: 
     OptionsError
         When ``source`` is neither a path nor bytes.
     """
-    if not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+    if not isinstance(source, IMAGE_SOURCES):
         raise OptionsError(f"check_image expects a path or bytes, got {type(source).__name__}; "
                            "an array in memory is reported by the decode stage of mb.Pipeline(model).start(array)")
     name = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)

@@ -17,11 +17,13 @@ from typing import Union
 from mlbench.budgets import Budgets, budget_error, budgets, read_regular
 from mlbench.errors import ImageError
 
-__all__ = ["ImageSource", "ImageHeader", "sniff_format", "load_bytes", "read_header", "header_size", "pil_header",
+__all__ = ["ImageSource", "IMAGE_SOURCES", "ImageHeader", "sniff_format", "load_bytes", "read_header", "header_size", "pil_header",
            "check_header", "bytes_io", "tiff_header", "EXTENSIONS", "STREAMED"]
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
 """A path to an image file, or the file's bytes (as uploaded to the service)."""
+IMAGE_SOURCES = (str, os.PathLike, bytes, bytearray, memoryview)
+"""The types of :data:`ImageSource`, for ``isinstance``."""
 _MAGIC = [
     (b"\x89PNG\r\n\x1a\n", "png"),
     (b"\xff\xd8\xff", "jpeg"),

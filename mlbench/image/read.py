@@ -31,7 +31,7 @@ from mlbench.budgets import budgets as budgets_in_force
 from mlbench.errors import ImageError, OptionsError
 from mlbench.findings import Problem, ReportText
 from mlbench.image.decoders import decode
-from mlbench.image.formats import EXTENSIONS, STREAMED, ImageSource, load_bytes, sniff_format
+from mlbench.image.formats import EXTENSIONS, IMAGE_SOURCES, STREAMED, ImageSource, load_bytes, sniff_format
 from mlbench.image.other_formats import HEAD_BYTES, identify
 from mlbench.isolation import call_isolated, isolate_default
 
@@ -188,7 +188,7 @@ def read_image(source: ImageSource, *, page: int = 0, max_pixels: int | None = N
     ...
     mlbench.errors.ImageError: <bytes>: not a recognised image (...); it looks like text or HTML (an error page saved as an image?); ...
     """
-    if not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+    if not isinstance(source, IMAGE_SOURCES):
         already = " (an array is decoded already: pass it to mb.segment or Pipeline.start as it is)" if isinstance(
             source, np.ndarray) else ""
         raise OptionsError(f"read_image(source=...) takes a path or the file's bytes, got {type(source).__name__}"

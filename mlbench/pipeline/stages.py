@@ -7,7 +7,6 @@ it was given. :class:`mlbench.Pipeline` runs them in order and records each one.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +17,7 @@ import torch
 from mlbench.errors import ImageError, ModelError, OptionsError
 from mlbench.image.read import ImageReport, effective_bit_depth, read_image
 from mlbench.findings import Problem, ReportText
-from mlbench.image.formats import sniff_format
+from mlbench.image.formats import IMAGE_SOURCES, sniff_format
 from mlbench.models.cards import ModelCard, card
 from mlbench.pipeline.options import PipelineOptions
 from mlbench.pipeline.polygons import mask_to_polygons
@@ -105,7 +104,7 @@ def image_source(image: Any) -> Any:
     OptionsError
         For anything else, naming what was given.
     """
-    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray)):
+    if isinstance(image, (*IMAGE_SOURCES, np.ndarray)):
         return image
     if hasattr(image, "read") and callable(image.read):
         data = image.read()

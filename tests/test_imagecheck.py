@@ -143,7 +143,7 @@ def _files_that_are_not_images(tmp_path) -> dict[str, bytes]:
         "a.pgm": b"P5\n8 8\n255\n" + bytes(64), "a.mp4": b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00isomiso2" + bytes(64),
         "a.svg": b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>',
         "a.tif": b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 1024\n",
-        "zeros.png": bytes(4096),
+        "zeros.png": bytes(4096), "m.onnx": b"\x08\x07\x12\x07pytorch\x1a\x052.13.0" + bytes(64),
     }
 
 
@@ -153,7 +153,7 @@ def _files_that_are_not_images(tmp_path) -> dict[str, bytes]:
     ("old.pth", "Python pickle"), ("a.npz", "NumPy .npz file"),
     ("a.heic", "HEIC/HEIF"), ("a.dcm", "DICOM"), ("a.czi", "Zeiss CZI"), ("a.nd2", "Nikon ND2"), ("a.jp2", "JPEG 2000"),
     ("a.pdf", "PDF"), ("a.pgm", "Netpbm image (PGM)"), ("a.mp4", "MP4 video"), ("a.svg", "SVG drawing"),
-    ("a.tif", "Git LFS pointer"), ("zeros.png", "all zero bytes"),
+    ("a.tif", "Git LFS pointer"), ("zeros.png", "all zero bytes"), ("m.onnx", "an ONNX model"),
 ])
 def test_a_file_of_another_kind_is_named_with_its_conversion(tmp_path, name, says):
     """Not "first bytes b'...'": what the file is and how to make an image of it, from the path and from the bytes."""
@@ -166,8 +166,10 @@ def test_a_file_of_another_kind_is_named_with_its_conversion(tmp_path, name, say
         assert says in str(raised.value), str(raised.value)
     report = check_image(tmp_path / name)
     assert [p.code for p in report.problems] == ["not_an_image"] and says in report.problems[0].message
+    assert report.format.startswith("not an accepted image: ") and says in report.format  # not "unknown"
 
 
 def test_unknown_bytes_still_show_their_first_bytes():
     with pytest.raises(mb.ImageError, match=r"first bytes b'\\x01\\x02\\x03\\x04.*check how the file was produced"):
         mb.read_image(bytes(range(1, 100)))
+    assert check_image(bytes(range(1, 100))).format == "unknown"

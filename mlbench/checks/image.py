@@ -20,6 +20,7 @@ from mlbench.budgets import budgets as budgets_in_force
 from mlbench.errors import ImageError, MlbenchError, OptionsError
 from mlbench.findings import Problem
 from mlbench.image.formats import IMAGE_SOURCES, ImageSource, load_bytes, sniff_format
+from mlbench.image.other_formats import HEAD_BYTES, identified_name
 from mlbench.image.read import ImageReport, read_image
 
 __all__ = ["check_image", "served_decode", "add_check_image_command"]
@@ -83,10 +84,10 @@ def _served_findings(image: np.ndarray, report: ImageReport, served: np.ndarray)
 def _head(source: ImageSource) -> bytes:
     """The first bytes of a path or bytes, for the format name of a report; empty when unreadable."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source[:16])
+        return bytes(source[:HEAD_BYTES])
     try:
         with open_regular(source, ImageError) as handle:
-            return handle.read(16)
+            return handle.read(HEAD_BYTES)
     except MlbenchError:
         return b""
 
@@ -134,7 +135,10 @@ def check_image(source: ImageSource, *, max_pixels: int | None = None, budgets: 
         image, report = read_image(source, max_pixels=max_pixels, budgets=budgets, isolate=isolate)
         data, _ = load_bytes(source, budgets_in_force(budgets).max_file_bytes)
     except ImageError as exc:
-        return _error_report(name, sniff_format(_head(source)) or "unknown", exc)
+        head = _head(source)
+        other = identified_name(head)
+        return _error_report(name, sniff_format(head) or (f"not an accepted image: {other}" if other else "unknown"),
+                             exc)
     try:
         problems, notes = _served_findings(image, report, served_decode(data))
     except Exception as exc:  # PIL cannot open what the careful reader can: the service answers 500

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["HEAD_BYTES", "file_kind", "identify"]
+__all__ = ["HEAD_BYTES", "file_kind", "identify", "identified_name"]
 
 HEAD_BYTES = 256
 """How many first bytes :func:`identify` needs (DICOM's marker sits at byte 128)."""
@@ -99,6 +99,8 @@ def identify(head: bytes) -> str | None:
     found = next((text for magic, _, text in _STARTS if head.startswith(magic)), None)
     if found:
         return found
+    if file_kind(head) == "onnx":
+        return _WEIGHTS.format("an ONNX model")
     netpbm = re.match(rb"P([1-7])\s", head)
     if netpbm:
         return (f"a Netpbm image ({'PBM PGM PPM PBM PGM PPM PAM'.split()[int(netpbm.group(1)) - 1]}): convert it to PNG "
@@ -114,3 +116,17 @@ def identify(head: bytes) -> str | None:
         return ("all zero bytes (the first 256 at least): a preallocated file whose copy or download never "
                 "finished, or a damaged disk; copy the file again")
     return None
+
+
+def identified_name(head: bytes) -> str | None:
+    """The name :func:`identify` gives the file starting with ``head``, without its advice (e.g.
+    "a Zeiss CZI file", "a NumPy array (.npy)"), for a report's format field; None when unknown."""
+    text = identify(head)
+    if text is None:
+        return None
+    depth = 0
+    for at, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0 and (char == ":" or text.startswith(", not ", at)):
+            return text[:at]
+    return text

@@ -228,6 +228,19 @@ def test_nan_pixels_and_constant_image_are_flagged():
     assert [p.code for p in report.problems] == ["constant"] and "the value 7:" in report.problems[0].message
 
 
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_negative_pixels_are_flagged_with_their_count(dtype):
+    """Signed data (background-subtracted, CT) reaches the model below the 0..1 it was trained on."""
+    values = (np.linspace(-1, 3, 48 * 64) * (1000 if dtype == np.int16 else 1)).reshape(48, 64).astype(dtype)
+    image, report = mb.read_image(_tiff(values))
+    assert image.dtype == dtype and image.min() < 0  # kept as it is: the report says what to do
+    assert [p.code for p in report.problems] == ["negative"]
+    below = int((values < 0).sum())
+    assert report.problems[0].message.startswith(f"{below} pixels ({below / values.size:.2%}) below zero (minimum -1")
+    assert "image - image.min()" in report.problems[0].message
+    assert mb.read_image(_tiff((values - values.min()).astype(dtype)))[1].problems == ()
+
+
 @pytest.mark.parametrize("compression", ["tiff_lzw", "jpeg"])
 def test_compressed_tiffs_decode(compression):
     """LZW (ImageJ/Fiji's default) and JPEG-in-TIFF need imagecodecs; both must decode."""

@@ -36,7 +36,7 @@ from mlbench.image.other_formats import HEAD_BYTES, identify
 from mlbench.isolation import call_isolated, isolate_default
 
 __all__ = ["read_image", "ImageReport", "DEFAULT_MAX_PIXELS", "effective_bit_depth", "value_range", "percentiles",
-           "EXACT_PERCENTILES", "PERCENTILE_SAMPLE"]
+           "EXACT_PERCENTILES", "PERCENTILE_SAMPLE", "value_problems"]
 
 DEFAULT_MAX_PIXELS = Budgets().max_pixels
 PERCENTILES = (1.0, 50.0, 99.0)
@@ -279,10 +279,24 @@ def _binary_to_uint8(image: np.ndarray, problems: list[Problem]) -> np.ndarray:
     return image.astype(np.uint8) * 255
 
 
+def value_problems(image: np.ndarray) -> list[Problem]:
+    """What :func:`read_image` reports of an image's values (NaN/Inf, below zero, constant), for an
+    array handed over as it is."""
+    values, nonfinite = _extremes(image)
+    return _value_problems(image, values, nonfinite) if image.size else []
+
+
 def _value_problems(image: np.ndarray, values: tuple[float, float], nonfinite: int) -> list[Problem]:
-    """Non-finite pixels (NaN/Inf) and a constant image (``values``: its finite min and max): both reach
-    the model without an error."""
+    """Non-finite pixels (NaN/Inf), values below zero and a constant image (``values``: its finite
+    min and max): all reach the model without an error."""
     problems = []
+    if values[0] < 0:  # signed data: background-subtracted, CT, a difference image (counted only then)
+        below = int(np.count_nonzero(image < 0))
+        problems.append(Problem("negative", f"{below} pixels ({below / image.size:.2%}) below zero (minimum "
+                                f"{values[0]:g}): the careful path keeps them negative, outside the 0..1 the "
+                                "model was trained on, and the service's 8-bit conversion clips them to 0; "
+                                "shift the data to start at zero (image - image.min()) or clip it at 0 if "
+                                "the negatives are noise"))
     if nonfinite:
         problems.append(Problem("nonfinite", f"{nonfinite} NaN/Inf pixels ({nonfinite / image.size:.2%}): the model "
                                 "output turns NaN around them; replace them (np.nan_to_num) or fix the export"))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mlbench.errors import ImageError, ModelError, OptionsError
-from mlbench.image.read import ImageReport, effective_bit_depth, read_image
+from mlbench.image.read import ImageReport, effective_bit_depth, read_image, value_problems
 from mlbench.findings import Problem, ReportText
 from mlbench.image.formats import IMAGE_SOURCES, sniff_format
 from mlbench.models.cards import ModelCard, card
@@ -131,7 +131,7 @@ def decode(ctx: StageContext) -> Decoded:
         if ctx.source.size == 0:
             raise ImageError(f"<array>: the image array has no pixels (shape {ctx.source.shape}); pass the image itself")
         image = np.array(ctx.source, copy=True)
-        return Decoded(image, _array_report(image, "<array>", "array"))
+        return Decoded(image, _array_report(image, "<array>", "array", tuple(value_problems(image))))
     image, report = read_image(ctx.source)
     return Decoded(image, report)
 

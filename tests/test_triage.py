@@ -826,6 +826,39 @@ def test_a_huge_traceback_is_read_by_its_ends():
     ("WARNING: Job failed: exit code 137", "cuda_oom", "killed_by_host", "OOM killer"),
     ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.69 GiB",
      "cuda_oom", None, "mb.predict_tiled"),
+    ('  File "/opt/conda/lib/python3.10/site-packages/torch/cuda/__init__.py", line 289, in _lazy_init\n    raise '
+     'AssertionError("Torch not compiled with CUDA enabled")\nAssertionError: Torch not compiled with CUDA enabled',
+     "device_mismatch", "cpu_only_torch", "CPU-only build"),
+    ("RuntimeError: Found no NVIDIA driver on your system. Please check that you have an NVIDIA GPU and installed a "
+     "driver from http://www.nvidia.com/Download/index.aspx", "device_mismatch", "no_gpu_driver", "--gpus all"),
+    ("RuntimeError: The NVIDIA driver on your system is too old (found version 11040).", "device_mismatch",
+     "driver_too_old", "update the driver"),
+    ('RuntimeError: Error(s) in loading state_dict for UNet:\n\tMissing key(s) in state_dict: "inc.conv.0.weight", '
+     '"inc.conv.0.bias".\n\tUnexpected key(s) in state_dict: "epoch", "state_dict", "optimizer".', "weights_mismatch",
+     "wrapped_checkpoint", "ckpt['state_dict']"),
+    ("_pickle.UnpicklingError: Weights only load failed. WeightsUnpickler error: Unsupported class "
+     "numpy.core.multiarray._reconstruct", "weights_mismatch", None, "safe_globals([numpy.core.multiarray._reconstruct])"),
+    ("RuntimeError: expected scalar type Long but found Float", "dtype_mismatch", "long_expected", "target.long()"),
+    ("TypeError: Cannot handle this data type: (1, 1, 3), <f4", "dtype_mismatch", "array_to_image", ".astype(np.uint8)"),
+    ("ValueError: zero-size array to reduction operation maximum which has no identity", "shape_mismatch", "empty_array",
+     "mask.any()"),
+    ("RuntimeError: Given groups=1, weight of size [64, 3, 3, 3], expected input[1, 512, 512, 3] to have 3 channels, "
+     "but got 512 channels instead", "shape_mismatch", "channels_last_input", "x.permute(0, 3, 1, 2)"),
+    ("OSError: cannot write mode RGBA as JPEG", "image_format", "save_mode", "convert('RGB')"),
+    ("ValueError: TiffPage 0: <COMPRESSION.LZW: 5> requires the 'imagecodecs' package", "missing_dependency",
+     "tiff_codec", "pip install imagecodecs"),
+    ("ValueError: cannot decompress LZW", "image_format", "tiff_codec", "pip install imagecodecs"),
+    ("ImportError: libgthread-2.0.so.0: cannot open shared object file: No such file or directory", "missing_dependency",
+     "system_library", "libglib2.0-0"),
+    ('{"error":"Model acme/cell-seg is currently loading","estimated_time":20.0}', "queue_timeout", "model_loading",
+     "wait the estimated time"),
+    ("<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n<body>\r\n<center><h1>413 Request Entity "
+     "Too Large</h1></center>\r\n<hr><center>nginx/1.24.0</center>\r\n</body>\r\n</html>", "validation_error",
+     "proxy_body_limit", "client_max_body_size"),
+    ("---------------------------------------------------------------------------\nValueError                    "
+     "            Traceback (most recent call last)\nCell In[4], line 3\n      1 mask = (probs > 0.5).astype(np.uint8)\n"
+     "----> 3 contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)\n\nValueError: too many "
+     "values to unpack (expected 2)", "postprocessing", "findcontours_returns", "[-2:]"),
 ])
 def test_a_named_cause_gets_its_own_fix(text, expected, cause, says):
     """Where the text names a cause that the class's usual fix would get wrong (nothing listening, an asynchronous
@@ -841,5 +874,16 @@ def test_a_cause_needs_its_own_words():
     hint = ("RuntimeError: CUDA error: no kernel image is available for execution on the device\nCUDA kernel errors might "
             "be asynchronously reported at some other API call\nCompile with `TORCH_USE_CUDA_DSA` to enable device-side "
             "assertions.")
-    assert triage(hint, casebook=False).numbers.get("cause") is None
+    assert triage(hint, casebook=False).numbers.get("cause") == "no_kernel_for_gpu"
     assert triage('"State": {"OOMKilled": false, "Error": "CUDA out of memory"}', casebook=False).numbers.get("cause") is None
+
+
+def test_sizes_that_differ_by_a_factor_are_not_blamed_on_the_downsampling():
+    """A skip connection off by a pixel says "multiples of 16"; a doubled batch or sequence (4015 vs 8030) does not."""
+    off = triage("RuntimeError: The size of tensor a (63) must match the size of tensor b (62) at non-singleton "
+                 "dimension 3", casebook=False)
+    doubled = triage("RuntimeError: The size of tensor a (4015) must match the size of tensor b (8030) at non-singleton "
+                     "dimension 1", casebook=False)
+    assert "multiples of 16" in off.fix and "downsampling" in off.explanation
+    assert "multiples of 16" not in doubled.fix.replace("multiples of 16/32", "") and "downsampling" not in doubled.explanation
+    assert "size 4015 vs 8030 at dimension 1" in doubled.explanation

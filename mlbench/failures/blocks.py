@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from mlbench.failures.patterns import exception_name, is_frame_header, strip_prefix
+from mlbench.failures.patterns import exception_name, is_frame, is_frame_header, strip_prefix
 
 __all__ = ["BLOCK_CHARS", "CLASSIFY_CHARS", "CLASSIFY_BLOCKS", "TB_START", "cut_blocks", "fit_block", "within_budget"]
 
@@ -24,6 +24,7 @@ _LINE_CHARS = 4000
 TB_START = re.compile(r"Traceback \(most recent call last\)")
 _CHAIN = re.compile(r"^(During handling of the above exception|The above exception was the direct cause)")
 _BARS = re.compile(r"^\s*(?:\d+\|[\w-]+\s*)?(?:[\d/-]{8,10}[ T][\d:.,]{8,15}\s+)?(?:[|+]\s?)+(?=\s*\S)")
+_IPYTHON_CELL = re.compile(r"^\s*Cell In\s?\[\d*\], line \d+")
 _LOG_PREFIX = re.compile(r"^(\d{4}-\d\d-\d\d|\[\d{4}-|\[?(INFO|ERROR|WARNING|WARN|DEBUG|CRITICAL)\b|[IWEF]\d{4} )")
 
 
@@ -33,16 +34,24 @@ def cut_blocks(lines: list[str]) -> list[tuple[int, list[str]]]:
     characters."""
     blocks: list[tuple[int, list[str]]] = []
     current: list[str] | None = None
-    in_traceback = seen_exception = False
+    in_traceback = seen_exception = gap = False
     for i, line in enumerate(lines):
         line = line[:_LINE_CHARS]
         line = _BARS.sub("", line) if "|" in line[:40] or "+" in line[:8] else line
         line = strip_prefix(line)
         stripped = line.strip()
         if TB_START.search(stripped):
-            current, in_traceback, seen_exception = [line], True, False
+            current, in_traceback, seen_exception, gap = [line], True, False, False
             blocks.append((i, current))
             continue
+        if not stripped and in_traceback and not seen_exception and current is not None:
+            current.append(line)  # kept, so that the block's lines keep their numbers
+            gap = True  # IPython puts blank lines between frames and before the message
+            continue
+        if gap:
+            gap = False
+            if not (is_frame(line) or _IPYTHON_CELL.match(line) or exception_name(line)):
+                current = None  # the traceback ended without its message
         if _CHAIN.match(stripped) or not stripped:
             current = None
             continue

@@ -37,9 +37,21 @@ CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
      r"|(weights|checkpoint|parameters) (contain|hold|have) (NaN|nan|inf)",
      "the weights themselves hold NaN or Inf (the training diverged): load an earlier checkpoint; "
      "mb.check_weights(path) lists the tensors"),
+    ("image_format", "save_mode", r"cannot write mode \w+ as|RAWMODE\[im\.mode\]",
+     "the format cannot store this mode (JPEG has no alpha and no 16-bit): convert before saving "
+     "(image.convert('RGB').save(path)) or save as PNG or TIFF"),
+    (("image_format", "missing_dependency"), "tiff_codec", r"cannot decompress (LZW|JPEG|ZSTD|LZMA|JPEGXL|WEBP|DEFLATE)"
+     r"|requires the 'imagecodecs' package|imagecodecs",
+     "the TIFF is compressed with a codec tifffile needs imagecodecs for: pip install imagecodecs (mb.read_image "
+     "reads such files once it is installed)"),
     ("image_format", "other_kind_of_file", r"not a recognised image \(PNG, JPEG, TIFF, BMP, GIF, WebP\); it is ",
      "the file is another kind of file, which the message names: convert it as the message says, then check the "
      "result with mb.check_image(path)"),
+    ("weights_mismatch", "wrapped_checkpoint", r'Unexpected key\(s\) in state_dict: "(state_dict|model_state_dict|model|net'
+     r'|network|params|ema|state|weights|optimizer|epoch|model_ema)"',
+     "the file is a training checkpoint whose weights sit under a key (the unexpected keys name it): load "
+     "ckpt = torch.load(path, map_location='cpu') and pass ckpt['state_dict'] (or ckpt['model']) to "
+     "model.load_state_dict; mb.check_weights(path, model) finds the key"),
     ("weights_mismatch", "torchscript_archive", r"TorchScript archive|torch\.jit\.save\b|with TorchScript",
      "the file is a TorchScript archive (torch.jit.save), not a state dict: if you trust it, save its weights with "
      "torch.save(torch.jit.load(path, map_location='cpu').state_dict(), 'weights.pth') and load those"),
@@ -47,6 +59,20 @@ CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
      "torch.jit.load was given a torch.save checkpoint (a state_dict or a pickled model), not TorchScript: load it "
      "with torch.load(path, map_location='cpu') or mb.check_weights(path), or export TorchScript with "
      "torch.jit.script(model).save(path)"),
+    ("device_mismatch", "cpu_only_torch", r"not compiled with CUDA|not compiled with cuda support",
+     "this torch is a CPU-only build: run on the CPU (device='cpu', torch.load(..., map_location='cpu')), or install "
+     "a CUDA build of torch for the GPU (the command at pytorch.org/get-started for your CUDA), then `mlbench doctor`"),
+    ("device_mismatch", "no_gpu_driver", r"Found no NVIDIA driver|no CUDA-capable device is detected|NVIDIA-SMI has failed"
+     r"|could not select device driver",
+     "this process sees no GPU: install the NVIDIA driver on the host; in Docker run with --gpus all (the NVIDIA "
+     "container toolkit); check CUDA_VISIBLE_DEVICES; or run on the CPU (device='cpu'); `mlbench doctor` shows what "
+     "is visible"),
+    ("device_mismatch", "driver_too_old", r"driver on your system is too old|driver version is insufficient",
+     "the NVIDIA driver is older than this torch's CUDA needs: update the driver, or install a torch built for an "
+     "older CUDA (pytorch.org/get-started/previous-versions); `mlbench doctor` prints both versions"),
+    ("device_mismatch", "no_kernel_for_gpu", r"no kernel image is available|is not compatible with the current PyTorch",
+     "this torch build has no kernels for this GPU's architecture: install a torch build whose CUDA supports it "
+     "(newer GPUs need newer CUDA builds, old ones older builds), then `mlbench doctor`"),
     ("device_mismatch", "asynchronous_kernel_error", r"device-side assert(ion)? triggered|illegal memory access|misaligned address"
      r"|illegal instruction was encountered",
      "a CUDA kernel failed asynchronously, so the traceback may point at a later line: rerun with "
@@ -67,6 +93,13 @@ CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
     (("device_mismatch", "dtype_mismatch"), "half_on_cpu", r"not implemented for '(Half|BFloat16)'",
      "this operation has no half-precision kernel on the CPU: run float32 there (model.float(), x.float()) and keep "
      "float16/bfloat16 for the GPU (torch.autocast)"),
+    ("dtype_mismatch", "long_expected", r"scalar type Long but|expected scalar type Long|expected (a )?Long"
+     r"|must be (a )?(torch\.)?LongTensor",
+     "int64 (Long) was expected, most often for class-index targets (CrossEntropyLoss, NLLLoss) or indices: pass "
+     "target.long() (a mask of class ids, not one-hot floats); do not convert the model's input"),
+    ("dtype_mismatch", "array_to_image", r"Cannot handle this data type",
+     "PIL's Image.fromarray takes uint8 (or uint16 / float32 for one channel): convert first, "
+     "(np.clip(array, 0, 1) * 255).astype(np.uint8) for a float image in 0..1, and pass (H, W) or (H, W, 3)"),
     ("dtype_mismatch", "contour_mask_type", r"CV_8UC1|FindContours supports only",
      "cv2.findContours takes a single-channel uint8 mask: pass (probabilities > threshold).astype(np.uint8), not "
      "the float probabilities or a bool array"),
@@ -75,12 +108,37 @@ CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
     ("dtype_mismatch", "unsigned_array", r"type numpy\.uint(16|32|64)\b",
      "torch.from_numpy cannot take this unsigned NumPy type: convert first (image.astype(np.float32) / 65535 for "
      "16-bit), or read with mb.read_image and let the pipeline scale by the image's bit depth"),
+    ("shape_mismatch", "empty_array", r"zero-size array|of an empty sequence|arg is an empty sequence",
+     "an array is empty, most often a mask with no foreground (no pixel above the threshold, no object found) or a "
+     "crop outside the image: check before reducing (if mask.any(): ...) and find why it is empty (the probability "
+     "range per stage: mb.Pipeline(...).run_until('postprocess'))"),
+    ("shape_mismatch", "channels_last_input", r"expected input\[\d+, \d+, \d+, [134]\] to have [134] channels",
+     "the image is channels-last (N, H, W, C): permute it to (N, C, H, W) with x.permute(0, 3, 1, 2) (NumPy: "
+     "np.moveaxis(image, -1, 0) before adding the batch axis)"),
+    ("shape_mismatch", "target_channels", r"Target size \(torch\.Size\(\[\d+, 3, ",
+     "the target mask has 3 channels: it was read as RGB; read it as one channel (Image.open(path).convert('L') or "
+     "mask[..., 0]) so it matches the model's one output channel"),
     ("shape_mismatch", "map_of_one_pixel", r"Expected more than 1 (value per channel|spatial element)",
      "a norm got a 1 x 1 map: BatchNorm in training mode with one image (call model.eval()), or an input so small "
      "that the deepest level is one pixel (use at least the model's min_input_size; pad small images)"),
     ("shape_mismatch", "input_too_small", r"Kernel size can't be greater than actual input size|Output size is too small",
      "the input is smaller than the model's downsampling allows: pad or resize it to at least the model's "
      "min_input_size (a multiple of its input_multiple)"),
+    ("postprocessing", "findcontours_returns", r"too many values to unpack \(expected 2\)|not enough values to unpack "
+     r"\(expected 3, got 2\)",
+     "cv2.findContours returns (contours, hierarchy) in OpenCV 4 but (image, contours, hierarchy) in OpenCV 3: take "
+     "the last two, contours, hierarchy = cv2.findContours(mask, mode, method)[-2:], which works with both"),
+    ("validation_error", "proxy_body_limit", r"<center>nginx|client intended to send too large body|client_max_body_size"
+     r"|LimitRequestBody",
+     "a proxy in front of the service (nginx: client_max_body_size, 1 MB by default; Apache: LimitRequestBody) "
+     "refused the upload before the service saw it: raise the proxy's limit to at least the service's"),
+    ("missing_dependency", "system_library", r"lib[\w.+-]{1,60}\.so[\d.]{0,12}: cannot open shared object file",
+     "a system library is missing, not a Python package: install it with the OS package manager (libGL: "
+     "apt-get install libgl1, or use opencv-python-headless; libgthread/libglib: apt-get install libglib2.0-0; "
+     "libSM, libXext, libXrender: opencv-python-headless); `ldd` on the failing .so lists what else is missing"),
+    ("queue_timeout", "model_loading", r"is currently loading|Loading model|model is loading",
+     "the model is still loading on the server: wait the estimated time it gives and retry (with a backoff); "
+     "for your own service, send requests only after its health check says the model is loaded"),
     ("queue_timeout", "name_resolution", r"Name or service not known|getaddrinfo failed|NameResolutionError"
      r"|Temporary failure in name resolution|nodename nor servname|Failed to resolve",
      "the service's host name does not resolve: check the URL's host (a typo, a Docker Compose service name used "

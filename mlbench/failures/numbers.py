@@ -80,9 +80,9 @@ def _weights(text: str) -> dict[str, Any]:
         out["size_mismatch_count"] = len(sizes)
     if unexpected and all(k.startswith("module.") for k in unexpected) and not any(k.startswith("module.") for k in missing):
         out["prefix"] = "module."
-    glob = re.search(r"GLOBAL ([\w.]+)", text)
+    glob = re.search(r"GLOBAL ([\w.]+)|Unsupported (?:class|global:?) ([\w.]+)", text)
     if glob:
-        out["unsafe_global"] = glob.group(1)
+        out["unsafe_global"] = glob.group(1) or glob.group(2)
     return {k: v for k, v in out.items() if v not in ([], 0) or k in ("missing_keys", "unexpected_keys")}
 
 
@@ -105,7 +105,9 @@ def _shape(text: str) -> dict[str, Any]:
 
 def _dependency(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    m = re.search(r"No module named ['\"]?([\w.]+)", text) or re.search(r"requires the ['\"]?([\w-]+)['\"]? (?:package|library)", text)
+    m = (re.search(r"No module named ['\"]?([\w.]+)", text)
+         or re.search(r"requires the ['\"]?([\w-]+)['\"]? (?:package|library)", text)
+         or re.search(r"requires ['\"]([\w-]+)['\"] to be installed", text))
     if m:
         module = m.group(1)
         out["module"] = module
@@ -234,7 +236,8 @@ def describe(failure_class: str, numbers: dict[str, Any]) -> str:
             text += f", {n['size_mismatch_count']} size mismatch(es), first {first['key']}: checkpoint {first['checkpoint']} vs model {first['model']}"
         return text + (f"; pickled global {n['unsafe_global']} is not allowed" if "unsafe_global" in n else "")
     if failure_class == "shape_mismatch" and "size_a" in n:
-        return f"size {n['size_a']} vs {n['size_b']} at dimension {n['dimension']} (input sides not a multiple of the model's downsampling?)"
+        why = " (input sides not a multiple of the model's downsampling?)" if _off_by_downsampling(n["size_a"], n["size_b"]) else ""
+        return f"size {n['size_a']} vs {n['size_b']} at dimension {n['dimension']}{why}"
     if failure_class == "shape_mismatch" and "expected_channels" in n:
         return f"the model expects {n['expected_channels']} channels, the input has {n['got_channels']}"
     if failure_class == "shape_mismatch" and "mat1" in n:
@@ -281,9 +284,15 @@ def specific_fix(failure_class: str, numbers: dict[str, Any]) -> str | None:
     if failure_class == "weights_mismatch" and "unsafe_global" in n:
         return (f"if you trust the file: with torch.serialization.safe_globals([{n['unsafe_global']}]): torch.load(path); "
                 "better, re-save only the state_dict as safetensors")
-    if failure_class == "shape_mismatch" and "size_a" in n:
+    if failure_class == "shape_mismatch" and "size_a" in n and _off_by_downsampling(n["size_a"], n["size_b"]):
         return "resize or pad the input so height and width are multiples of 16 (or 32), or use a model with a size guard"
     return _FIXES[failure_class](n) if failure_class in _FIXES else None
+
+
+def _off_by_downsampling(a: int, b: int) -> bool:
+    """Whether two sizes differ as a skip connection's do when the input side is not a multiple of
+    the downsampling: by a pixel or two, not by a factor (a doubled batch or sequence)."""
+    return 0 < abs(a - b) <= max(2, min(a, b) // 16)
 
 
 def _weights_file_fix(n: dict[str, Any]) -> str | None:

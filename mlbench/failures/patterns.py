@@ -34,7 +34,7 @@ _FRAME = re.compile(
 _CARETS = re.compile(r"^\s*[\^~]+\s*$")
 # The first line of a frame: where a traceback (or a piece of one) starts.
 _FRAME_HEADER = re.compile(r'^\s*File "[^"\n]{0,500}", line \d+|^\s*File [^\n]{1,500}:\d+,? in \S|^\s*\S{0,300}\.pyx?(?::\d+)? in \S'
-                           r"|^\s*<ipython-input-[\w-]+> in ", _FLAGS)
+                           r"|^\s*<ipython-input-[\w-]+> in |^\s*-{2,}>\s?\d{1,5}\s", _FLAGS)
 
 # Exception types that name their class by a prefix (NVMLError_DriverNotLoaded, ...).
 _TYPE_PREFIXES = (("NVMLError", "device_mismatch"), ("CudaError", "device_mismatch"), ("NCCLError", "device_mismatch"))

@@ -269,6 +269,7 @@ RULES: tuple[tuple[str, float, str], ...] = (
     ("queue_timeout", 5, r"Exceeded concurrency limit|CircuitBreakerError|circuit (breaker )?(is )?open|breaker (is )?open"),
     ("queue_timeout", 5, r"ReadTimeout|ConnectTimeout|PoolTimeout|WriteTimeout|TimeoutException|Read timed out|Connection timed out|timed out|\btime ?out\b|TimeoutError|DeadlineExceeded|deadline exceeded"),
     ("queue_timeout", 5, _http(502, "Bad") + r"|Bad Gateway|upstream prematurely closed|Connection reset by peer|RemoteDisconnected|Server disconnected"),
+    ("queue_timeout", 5, r"is currently loading|\"estimated_time\": ?\d"),
     ("queue_timeout", 5, r"queue (is )?full|QueueFull|queue\.Full|overloaded|server is (busy|overloaded)|too many (pending|concurrent) (requests|tasks|jobs)"),
     ("queue_timeout", 4, r"backlog|too many (pending|concurrent)|backpressure|max(imum)? concurrency"),
     ("queue_timeout", 4, r"Connection refused|Failed to establish a new connection|Max retries exceeded|Cannot connect to (redis|amqp)|ConnectionError|Error \d+ connecting to"),

@@ -12,7 +12,8 @@ with one thread by default: on a shared machine, wall-clock ratios of the same r
 
 - ``tile``: each tile normalised by its own InstanceNorm statistics (one pass);
 - ``image``: whole-image statistics, the default: exact in one pass when every tile fits in
-  one batch (``tile_batch``, 4 here), else a prior from a downsampled copy plus one pass;
+  one batch (``tile_batch``, 4 here), else a prior plus one pass: the image itself where it
+  fits in a batch's pixels (its statistics then serve every tile), else a downsampled copy;
 - ``image/all``: the same with every tile in one batch (exact statistics, more memory);
 - ``pooled``: the iterative method, passes until the output changes by at most 1%;
 - ``monai``: MONAI's ``sliding_window_inference`` (Gaussian blending, per-tile statistics),

@@ -27,19 +27,27 @@ class CallStatistics:
         self.count = [0.0] * tiles
         self.seen = [False] * tiles
         self.prior: tuple[list[float], torch.Tensor] | None = None
+        self.full_scale = False
+        """True: the prior ran the image itself, so its whole-image statistics are used for every tile."""
 
-    def set_prior(self, moments: torch.Tensor, count: list[float]) -> None:
-        """Per tile (T, 2, N * G) moments and counts of a prior run; its whole-image moments."""
+    def set_prior(self, moments: torch.Tensor, count: list[float], full_scale: bool = False) -> None:
+        """Per tile (T, 2, N * G) moments and counts of a prior run; its whole-image moments.
+        ``full_scale``: the prior ran the image itself (not a downsampled copy), and its parts may
+        be fewer than the tiles (one, the whole image: only the whole is used)."""
         if sum(count) > 0:
-            self._both[1] = moments
+            self._both[1][:len(count)] = moments
             self.prior = (count, (_weights([count], moments) @ moments.flatten(1))[0])
+            self.full_scale = full_scale
 
     def pooled(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Count-weighted mean and variance over the tiles that ran, (N * G,); None if none counts.
 
         With a prior, while some tiles have not run: those statistics extrapolated to the whole
         image as the prior says the whole differs from the part that ran (per channel, the mean
-        shifted and the variance scaled, as an affine change of the features would)."""
+        shifted and the variance scaled, as an affine change of the features would). With a
+        full-scale prior: its whole-image statistics, whatever ran."""
+        if self.full_scale:
+            return mean_var(self.prior[1].view(2, -1))
         if not sum(self.count) > 0:
             return None
         if self.prior is None or all(self.seen):
@@ -57,11 +65,11 @@ class CallStatistics:
 
     def maximum(self) -> torch.Tensor | None:
         """The largest value over the tiles that ran and, for those that have not, the prior's
-        parts, (N * G,); None if no part has pixels."""
-        parts = [self.moments[tile, 0] for tile, count in enumerate(self.count) if count > 0]
+        parts, (N * G,); None if no part has pixels. A full-scale prior's maximum, whatever ran."""
+        parts = [] if self.full_scale else [self.moments[tile, 0] for tile, count in enumerate(self.count) if count > 0]
         if self.prior is not None:
             parts += [self._both[1][tile, 0] for tile, count in enumerate(self.prior[0])
-                      if count > 0 and not self.seen[tile]]
+                      if count > 0 and (self.full_scale or not self.seen[tile])]
         return torch.stack(parts).amax(0) if parts else None
 
 

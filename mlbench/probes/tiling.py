@@ -91,22 +91,26 @@ whole maps (a squeeze-and-excitation's mean): only then does it need a prior (:f
 
 
 def _record_prior(run: TilePass, x: torch.Tensor, side: int) -> NormPrior:
-    """The statistics of one forward of ``x`` downsampled to ``side`` over each tile's part of it."""
+    """The statistics of one forward of ``x`` downsampled to ``side`` over each tile's part of it;
+    of ``x`` itself, where it fits in ``side``, over the whole image (one part: all that is used)."""
     small, (height, width) = _prior_input(run.model, x, side)
     small = small.to(run.device)
+    full_scale = (height, width) == tuple(x.shape[-2:])
     rows, cols = height / x.shape[-2], width / x.shape[-1]
-    parts = [((top + t) * rows, (top + b) * rows, (left + l) * cols, (left + r) * cols)
-             for top, left, (t, b, l, r) in run.tiling.places]
-    return PooledNorms.record(run.model, small, parts, partial(call_model, run.model, state=run.state))
+    parts = [(0, height, 0, width)] if full_scale else [
+        ((top + t) * rows, (top + b) * rows, (left + l) * cols, (left + r) * cols) for top, left, (t, b, l, r) in run.tiling.places]
+    return PooledNorms.record(run.model, small, parts, partial(call_model, run.model, state=run.state),
+                              full_scale=full_scale)
 
 
 def _image_stats(run: TilePass, x: torch.Tensor, tile: int, norm_stats: str, max_passes: int,
                  tolerance: float) -> tuple[torch.Tensor, int, bool]:
     """Tiled passes with whole-image norm statistics: the output, the passes and whether it settled.
 
-    All tiles in one batch: one exact pass. Otherwise the tiles start from a prior recorded on a
-    downsampled copy of the image; ``"image"`` runs one pass, ``"pooled"`` repeats passes until one
-    changes the output by at most ``tolerance``.
+    All tiles in one batch: one exact pass. Otherwise the tiles start from a prior recorded on the
+    image, downsampled to a batch's pixels where it does not fit them; ``"image"`` runs one pass,
+    ``"pooled"`` repeats passes until one changes the output by at most ``tolerance`` (not after a
+    prior of the image itself: its statistics are the whole image's and final).
     """
     boxes = [box for _, _, box in run.tiling.places]
     multiple = int(getattr(run.model, "input_multiple", 1))
@@ -116,12 +120,13 @@ def _image_stats(run: TilePass, x: torch.Tensor, tile: int, norm_stats: str, max
         if not pooled_norm_modules(run.model) and not _record_prior(run, x, min(tile, DETECTION_SIDE)).calls:
             return blend_pass(run, x), 1, True  # no norm and no whole-map reduction: nothing to pool
         prior = _record_prior(run, x, prior_side(tile, run.tile_batch))
-        note(f"norm statistics prior from a {prior.size[0]}x{prior.size[1]} copy of the image")
+        note(f"norm statistics of the whole {prior.size[0]}x{prior.size[1]} image (it fits in a batch)" if prior.full_scale
+             else f"norm statistics prior from a {prior.size[0]}x{prior.size[1]} copy of the image")
     pooled = PooledNorms(run.model, boxes, size, prior)
     previous, change = None, float("inf")
     for done in range(1, max_passes + 1):
         out = blend_pass(run, x, pooled)
-        if norm_stats == "image" or prior is None:
+        if norm_stats == "image" or prior is None or prior.full_scale:  # a full-scale prior's statistics are final
             return out, done, True
         if previous is not None:
             change = float((out - previous).norm() / out.norm().clamp_min(1e-12))
@@ -193,9 +198,11 @@ def predict_tiled(model: nn.Module, x: torch.Tensor, tile: int = 512, overlap: i
 
         - ``"image"`` (default): statistics of the whole image, one pass. Each tile contributes
           its owned part's statistics. With every tile in one batch they are exact; otherwise a
-          forward of the image downsampled to the pixels of one batch (``tile_batch`` tiles: no
-          more memory than a batch; the image itself when it fits) gives a prior for the tiles not
-          run yet (a mark on the memory timeline).
+          forward of the image at the pixels of one batch (``tile_batch`` tiles: no more memory
+          than a batch) gives a prior (a mark on the memory timeline). Where the image fits in
+          those pixels the prior is the image itself, and its statistics, the whole image's,
+          normalise every tile; else it is a downsampled copy that stands in for the tiles not
+          run yet.
         - ``"tile"``: each tile's own statistics; one pass, furthest from the whole image.
         - ``"pooled"``: like ``"image"``, then more passes until one changes the output by at most
           ``tolerance``: where ``"image"`` is not exact, the same as all tiles in one batch, in one
@@ -230,14 +237,17 @@ def predict_tiled(model: nn.Module, x: torch.Tensor, tile: int = 512, overlap: i
     ``bench/tiling.py`` measured the mask IoU against one whole-image forward and the time over
     it (CPU time, one thread) for the three small models, four 512 px samples, 64 px overlap:
 
-    - 384 px tiles (4 tiles, one batch), ``"image"``: IoU 0.988 to 1.0 at 2.4 to 4.1 times
+    - 384 px tiles (4 tiles, one batch), ``"image"``: IoU 0.988 to 1.0 at 2.0 to 2.8 times
       the whole-image forward (``"tile"``: 0.59 to 0.999).
-    - 256 px tiles (9 tiles), ``"image"`` in batches of 4: 0.83 to 0.9997 at 2.9 to 6.2 times
-      (the prior is the whole image here: it fits in a batch's pixels); with ``tile_batch=9``:
-      0.83 to 1.0 at 2.6 to 3.6 times; ``"pooled"`` reaches the same as ``tile_batch=9`` at 5.5
-      to 15 times; ``"tile"``: 0.34 to 0.999.
-    - 1024 px images (``--size 1024``), 512 px tiles in batches of 4, ``"image"``: 0.886 to
-      1.0 at 3.0 to 4.4 times (CBAM-ResUNet 0.9995 and more, MA-ResUNet 0.9983 and more).
+    - 256 px tiles (9 tiles), ``"image"`` in batches of 4: 0.86 to 1.0 at 3.1 to 5.4 times
+      (CBAM-ResUNet 0.9994 and more, MA-ResUNet 0.9932 and more, HRNet 0.86 to 0.995; the
+      prior is the image itself here, it fits in a batch's pixels, and its statistics serve
+      every tile); with ``tile_batch=9`` (exact pooling of the tiles' own statistics): 0.83 to
+      1.0 at 2.2 to 3.1 times; ``"pooled"`` is ``"image"`` here (one pass); ``"tile"``: 0.34 to
+      0.999.
+    - 1024 px images (``--size 1024``), 512 px tiles in batches of 4, ``"image"``: 0.920 to
+      1.0 at 2.9 to 4.3 times (CBAM-ResUNet 0.9997 and more, MA-ResUNet 0.9983 and more; the
+      prior is the image itself); with ``tile_batch=9``: 0.885 to 1.0 at 1.9 to 3.0 times.
 
     Pooled are the norms' moments and the whole-map reductions over the spatial dims (means,
     sums, variances, maxima, ``adaptive_*_pool2d(x, 1)``: CBAM's channel attention, SimAM,

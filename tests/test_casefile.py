@@ -274,6 +274,9 @@ def test_casebook_search_and_similar_cases(tmp_path, failing_run, good_run):
     assert diagnosis.similar_cases[0]["name"] == "shape-72"
     assert diagnosis.similar_cases[0]["fix"] == "stretch to a multiple of 16"
     assert similar_cases(make_diagnosis("cuda_oom", "x"), book) == []
+    channels = triage("RuntimeError: Given groups=1, weight of size [64, 3, 3, 3], expected input[1, 1, 512, 512] to "
+                      "have 3 channels, but got 1 channels instead", casebook=book)
+    assert channels.failure_class == "shape_mismatch" and not channels.similar_cases  # a class in common is not enough
     assert "2 case(s)" in repr(book)
     with pytest.raises(OptionsError, match="must be letters, digits"):
         book.add(good_run, "bad name/x")

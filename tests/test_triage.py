@@ -78,6 +78,12 @@ def test_shape_dependency_and_dtype_numbers():
     assert dep.fix.startswith("pip install opencv-python-headless")
     dtype = triage("RuntimeError: expected scalar type Float but found Double", casebook=False)
     assert dtype.numbers == {"expected": "Float", "found": "Double"}
+    half = triage("RuntimeError: Input type (torch.HalfTensor) and weight type (torch.FloatTensor) should be the same",
+                  casebook=False)  # the weights say what the model expects; the input is what arrived
+    assert (half.failure_class, half.numbers) == ("dtype_mismatch", {"expected": "torch.FloatTensor", "found": "torch.HalfTensor"})
+    cast = triage("TypeError: Cannot cast array data from dtype('float64') to dtype('int64') according to the rule 'safe'",
+                  casebook=False)
+    assert cast.numbers == {"expected": "int64", "found": "float64"}
 
 
 def test_device_versus_dtype_in_input_type_messages():

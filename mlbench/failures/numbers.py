@@ -185,10 +185,14 @@ def _devices(text: str) -> dict[str, Any]:
 
 
 def _dtypes(text: str) -> dict[str, Any]:
-    m = (re.search(r"expected scalar type (\w+) but found (\w+)", text)
-         or re.search(r"Input type \(([\w.:]+)\) and (?:weight|bias) type \(([\w.:]+)\)", text)
+    """What the operation expected and what it found: the weight's type is the model's and the
+    input's what arrived; a cast "from dtype(a) to dtype(b)" found a and wanted b."""
+    m = re.search(r"expected scalar type (\w+) but found (\w+)", text)
+    if m:
+        return {"expected": m.group(1), "found": m.group(2)}
+    m = (re.search(r"Input type \(([\w.:]+)\) and (?:weight|bias) type \(([\w.:]+)\)", text)
          or re.search(r"from dtype\('(\w+)'\) to dtype\('(\w+)'\)", text))
-    return {"expected": m.group(1), "found": m.group(2)} if m else {}
+    return {"expected": m.group(2), "found": m.group(1)} if m else {}
 
 
 def _http(text: str) -> dict[str, Any]:

@@ -861,6 +861,8 @@ def test_a_huge_traceback_is_read_by_its_ends():
     ("<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n<body>\r\n<center><h1>413 Request Entity "
      "Too Large</h1></center>\r\n<hr><center>nginx/1.24.0</center>\r\n</body>\r\n</html>", "validation_error",
      "proxy_body_limit", "client_max_body_size"),
+    ("UserWarning: Clipping input data to the valid range for imshow with RGB data ([0..1] for floats or [0..255] for "
+     "integers). Got range [-2.1179039..2.64].", "normalization", "display_clipping", "x * std + mean"),
     ("---------------------------------------------------------------------------\nValueError                    "
      "            Traceback (most recent call last)\nCell In[4], line 3\n      1 mask = (probs > 0.5).astype(np.uint8)\n"
      "----> 3 contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)\n\nValueError: too many "
@@ -893,3 +895,9 @@ def test_sizes_that_differ_by_a_factor_are_not_blamed_on_the_downsampling():
     assert "multiples of 16" in off.fix and "downsampling" in off.explanation
     assert "multiples of 16" not in doubled.fix.replace("multiples of 16/32", "") and "downsampling" not in doubled.explanation
     assert "size 4015 vs 8030 at dimension 1" in doubled.explanation
+
+
+def test_a_pretty_printed_422_names_its_field():
+    body = '{\n  "detail": [\n    {\n      "loc": [\n        "body",\n        "file"\n      ],\n      "msg": "field required"\n    }\n  ]\n}'
+    d = triage("HTTP/1.1 422 Unprocessable Entity\n" + body, casebook=False)
+    assert (d.failure_class, d.numbers["status"], d.numbers["fields"]) == ("validation_error", 422, ["body,file"])

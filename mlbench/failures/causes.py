@@ -124,6 +124,10 @@ CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
     ("shape_mismatch", "input_too_small", r"Kernel size can't be greater than actual input size|Output size is too small",
      "the input is smaller than the model's downsampling allows: pad or resize it to at least the model's "
      "min_input_size (a multiple of its input_multiple)"),
+    ("normalization", "display_clipping", r"Clipping input data to the valid range for imshow",
+     "a warning from matplotlib, not from the model: it clips what it draws to 0..1 (floats) or 0..255 (integers), "
+     "and a normalised input (mean/std) has values outside that; undo the normalisation for display "
+     "(x * std + mean, then clip to 0..1) or draw one channel with a colormap"),
     ("postprocessing", "findcontours_returns", r"too many values to unpack \(expected 2\)|not enough values to unpack "
      r"\(expected 3, got 2\)",
      "cv2.findContours returns (contours, hierarchy) in OpenCV 4 but (image, contours, hierarchy) in OpenCV 3: take "

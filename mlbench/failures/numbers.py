@@ -202,7 +202,7 @@ def _http(text: str) -> dict[str, Any]:
         out["status"] = int(m.group(1))
     fields = re.findall(r"\"loc\": ?\[([^\]]{0,300})\]", text) or re.findall(r"'loc': ?\(([^)]{0,300})\)", text)
     if fields:
-        out["fields"] = [f.replace('"', "").replace("'", "").replace(" ", "") for f in fields[:5]]
+        out["fields"] = [re.sub(r"[\s\"']", "", f) for f in fields[:5]]  # pretty-printed JSON spans lines
     m = re.search(r"(?:read timeout|timeout)\s?=\s?(\d+(?:\.\d+)?)", text, re.I) or re.search(r"after (\d+(?:\.\d+)?) ?s(?:econds)?\b", text)
     if m:
         out["timeout_s"] = float(m.group(1))

@@ -239,7 +239,7 @@ def predict_tiled(model: nn.Module, x: torch.Tensor, tile: int = 512, overlap: i
 
     - 384 px tiles (4 tiles, one batch), ``"image"``: IoU 0.988 to 1.0 at 2.0 to 2.8 times
       the whole-image forward (``"tile"``: 0.59 to 0.999).
-    - 256 px tiles (9 tiles), ``"image"`` in batches of 4: 0.86 to 1.0 at 3.1 to 5.4 times
+    - 256 px tiles (9 tiles), ``"image"`` in batches of 4: 0.86 to 1.0 at 3.1 to 4.5 times
       (CBAM-ResUNet 0.9994 and more, MA-ResUNet 0.9932 and more, HRNet 0.86 to 0.995; the
       prior is the image itself here, it fits in a batch's pixels, and its statistics serve
       every tile); with ``tile_batch=9`` (exact pooling of the tiles' own statistics): 0.83 to

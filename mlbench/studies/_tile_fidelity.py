@@ -119,6 +119,12 @@ def tile_fidelity(model: nn.Module, x: torch.Tensor, tiles: list[int] | None = N
     Each size and mode costs one tiled run: about 2 to 4.5 whole-image forwards for ``"tile"`` and
     ``"image"`` (``bench/tiling.py``), 2 to 20 for ``"pooled"``. Pass fewer ``tiles`` or one mode
     to check a single choice.
+
+    An image that fits in one batch's pixels (``tile_batch`` tiles, 4 by default) gets its own
+    statistics in ``"image"`` mode, so there the table measures the context a tile lacks. A
+    production image larger than a batch gets them from a downsampled prior, which can be
+    further off on cluttered images: pass ``tile_batch=1`` to measure with a prior of one tile's
+    pixels, the case of an image many times a batch.
     """
     model = check_module(model)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:

@@ -316,3 +316,13 @@ def test_a_tiff_file_and_its_bytes_read_the_same(tmp_path):
     from_bytes, report_bytes = mb.read_image(path.read_bytes(), page=1)
     assert np.array_equal(from_file, stack[1]) and np.array_equal(from_bytes, stack[1])
     assert {**report_file.to_dict(), "name": ""} == {**report_bytes.to_dict(), "name": ""}
+
+
+def test_complex_pixels_are_refused_not_cast():
+    """numpy casts complex to float by dropping the imaginary part (a warning at most): a phase image or an FFT
+    saved as a TIFF would reach the model as garbage; an array of them is refused the same way."""
+    values = (np.ones((16, 16)) + 1j * np.arange(256).reshape(16, 16)).astype(np.complex64)
+    with pytest.raises(mb.ImageError, match=r"holds complex numbers \(complex64.*np\.abs\(array\)"):
+        mb.read_image(_tiff(values))
+    run = mb.Pipeline("cbam_resunet").start(values).run_until("decode")
+    assert run.failed_stage == "decode" and "<array>: the image array holds complex numbers" in str(run.error)

@@ -36,7 +36,7 @@ from mlbench.image.other_formats import HEAD_BYTES, identify
 from mlbench.isolation import call_isolated, isolate_default
 
 __all__ = ["read_image", "ImageReport", "DEFAULT_MAX_PIXELS", "effective_bit_depth", "value_range", "percentiles",
-           "EXACT_PERCENTILES", "PERCENTILE_SAMPLE", "value_problems"]
+           "EXACT_PERCENTILES", "PERCENTILE_SAMPLE", "value_problems", "refuse_non_real"]
 
 DEFAULT_MAX_PIXELS = Budgets().max_pixels
 PERCENTILES = (1.0, 50.0, 99.0)
@@ -247,7 +247,20 @@ def _checked(decoded: tuple[np.ndarray, dict], fmt: str, name: str) -> tuple[np.
     if image.size == 0 or image.ndim not in (2, 3):
         raise ImageError(f"{name}: the {fmt.upper()} decodes to an array of shape {tuple(image.shape)}; expected "
                          "(H, W) or (H, W, C) with at least one pixel. The header is damaged; export the image again")
+    refuse_non_real(image, f"{name}: the {fmt.upper()}")
     return image, fmt, info
+
+
+def refuse_non_real(image: np.ndarray, what: str) -> None:
+    """An ImageError when ``image`` holds complex numbers or values that are no numbers: numpy would
+    drop the imaginary part on the way to float, with a warning at most, and the mask be garbage."""
+    if image.dtype.kind == "c":
+        raise ImageError(f"{what} holds complex numbers ({image.dtype}: a Fourier transform or a phase image), not "
+                         "intensities; use the magnitude, np.abs(array).astype(np.float32), or the part you mean "
+                         "(array.real), and save it as a float32 TIFF")
+    if image.dtype.kind not in "biuf":
+        raise ImageError(f"{what} holds {image.dtype} values, not numbers a model takes; save the image as "
+                         "unsigned integers or float32")
 
 
 def _report(image: np.ndarray, fmt: str, name: str, info: dict) -> tuple[np.ndarray, ImageReport]:

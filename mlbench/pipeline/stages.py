@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mlbench.errors import ImageError, ModelError, OptionsError
-from mlbench.image.read import ImageReport, effective_bit_depth, read_image, value_problems
+from mlbench.image.read import ImageReport, effective_bit_depth, read_image, refuse_non_real, value_problems
 from mlbench.findings import Problem, ReportText
 from mlbench.image.formats import IMAGE_SOURCES, sniff_format
 from mlbench.models.cards import ModelCard, card
@@ -130,6 +130,7 @@ def decode(ctx: StageContext) -> Decoded:
     if isinstance(ctx.source, np.ndarray):
         if ctx.source.size == 0:
             raise ImageError(f"<array>: the image array has no pixels (shape {ctx.source.shape}); pass the image itself")
+        refuse_non_real(ctx.source, "<array>: the image array")
         image = np.array(ctx.source, copy=True)
         return Decoded(image, _array_report(image, "<array>", "array", tuple(value_problems(image))))
     image, report = read_image(ctx.source)
@@ -231,7 +232,7 @@ def describe(value: Any) -> str:
             return f"tensor{tuple(value.shape)} {value.dtype} range {float(value.min()):.4g}..{float(value.max()):.4g}"
         return f"tensor{tuple(value.shape)} {value.dtype}"
     if isinstance(value, np.ndarray):
-        numeric = value.size and (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_)
+        numeric = value.size and value.dtype.kind in "biuf"  # no range for complex or object arrays
         rng = f" range {float(value.min()):.4g}..{float(value.max()):.4g}" if numeric else ""
         return f"array{value.shape} {value.dtype}{rng}"
     if isinstance(value, list):

@@ -246,7 +246,7 @@ def predict_tiled(model: nn.Module, x: torch.Tensor, tile: int = 512, overlap: i
       1.0 at 2.2 to 3.1 times; ``"pooled"`` is ``"image"`` here (one pass); ``"tile"``: 0.34 to
       0.999.
     - 1024 px images (``--size 1024``), 512 px tiles in batches of 4, ``"image"``: 0.920 to
-      1.0 at 2.9 to 4.3 times (CBAM-ResUNet 0.9997 and more, MA-ResUNet 0.9983 and more; the
+      1.0 at 2.9 to 3.8 times (CBAM-ResUNet 0.9997 and more, MA-ResUNet 0.9983 and more; the
       prior is the image itself); with ``tile_batch=9``: 0.885 to 1.0 at 1.9 to 3.0 times.
 
     Pooled are the norms' moments and the whole-map reductions over the spatial dims (means,

@@ -256,3 +256,34 @@ def test_a_file_that_is_no_checkpoint_is_named(tmp_path, state_dict):
         assert says in report.problems[0].message, (name, report.problems[0].message)
         with pytest.raises(mb.WeightsError, match=says.split(",")[0].split(":")[0]):
             mb.load_model(tmp_path / name, model="cbam_resunet")
+
+
+def test_integer_weights_are_refused(tmp_path, state_dict):
+    """int8 weights (quantised, their scales elsewhere) would be cast to float by load_state_dict: garbage out.
+    num_batches_tracked stays an integer buffer and is no problem."""
+    quantised = {k: (v * 100).round().clamp(-128, 127).to(torch.int8) if v.is_floating_point() else v
+                 for k, v in state_dict.items()}
+    save_file(quantised, tmp_path / "int8.safetensors")
+    report = check_weights(tmp_path / "int8.safetensors")
+    assert codes(report) == ["integer_weights"] and "int8" in report.problems[0].message
+    with pytest.raises(mb.WeightsError, match=r"\[integer_weights\]"):
+        mb.load_model(tmp_path / "int8.safetensors", model="ma_resunet")
+    torch.save({**state_dict, "extra.norm.num_batches_tracked": torch.tensor(7)}, tmp_path / "counter.pth")
+    assert "integer_weights" not in codes(check_weights(tmp_path / "counter.pth"))
+
+
+def test_state_dicts_under_other_names_or_with_notes_in_them(tmp_path, state_dict):
+    """A training dict's weights under a name of its own are found (the one entry of tensors); a state dict with
+    an int and a str saved into it loads without them, which the report names; two candidates ask for key=."""
+    torch.save({"epoch": 3, "model_state": state_dict, "optimizer": {"state": {}, "param_groups": []}},
+               tmp_path / "named.pth")
+    report = check_weights(tmp_path / "named.pth", model="ma_resunet")
+    assert codes(report) == [] and "under 'model_state' (the one entry of tensors)" in report.container
+    model = mb.load_model(tmp_path / "named.pth", model="ma_resunet")
+    assert torch.equal(next(iter(model.state_dict().values())), next(iter(state_dict.values())))
+    torch.save({**state_dict, "epoch": 12, "arch": "ma_resunet"}, tmp_path / "notes.pth")
+    report = check_weights(tmp_path / "notes.pth", model="ma_resunet")
+    assert codes(report) == [] and "left out: 'arch' (str), 'epoch' (int)" in report.container
+    torch.save({"generator": state_dict, "discriminator": state_dict}, tmp_path / "two.pth")
+    report = check_weights(tmp_path / "two.pth")
+    assert "no_state_dict" in codes(report) and "pass key=" in report.container

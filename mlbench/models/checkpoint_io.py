@@ -37,7 +37,7 @@ _PREFIXES = ("module.", "model.", "net.", "_orig_mod.")
 BLOCKING = frozenset({"missing", "not_a_file", "empty", "truncated", "not_a_checkpoint", "lfs_pointer", "torchscript",
                       "unreadable", "code_execution", "unsafe_globals", "unreadable_pickle", "over_budget",
                       "load_failed", "no_state_dict", "unsupported_tensor", "no_keys_match", "key_mismatch",
-                      "crc_mismatch", "nonfinite"})
+                      "crc_mismatch", "nonfinite", "integer_weights"})
 """Problem codes that make a checkpoint unusable: loading refuses it."""
 
 
@@ -157,7 +157,20 @@ def unwrap(obj: Any, key: str | None = None) -> tuple[Mapping[str, torch.Tensor]
             others = sorted(str(k) for k in obj if k != name)
             ema = [k for k in _EMA_WRAPPERS if k != name and _is_state_dict(obj.get(k))]
             note = f"; EMA weights under {ema[0]!r} not used (pass key={ema[0]!r} for them)" if ema else ""
-            return obj[name], f"a training dict: state dict under {name!r}, also {others}{note}"
+            also = f", also {others}" if others else ""
+            return obj[name], f"a training dict: state dict under {name!r}{also}{note}"
+    if key is None:
+        found = [k for k, v in obj.items() if _is_state_dict(v) and k not in _EMA_WRAPPERS]
+        if len(found) == 1:  # under a name of its own ('model_state', 'generator' ...)
+            others = sorted(str(k) for k in obj if k != found[0])
+            return obj[found[0]], f"a training dict: state dict under {found[0]!r} (the one entry of tensors), also {others}"
+        if len(found) > 1:
+            return None, (f"a dict with several state dicts, under {sorted(map(str, found))[:6]}: pass key= with the "
+                          "one the model was trained as")
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if tensors and len(tensors) >= 0.9 * len(obj):  # a state dict with a few notes saved into it
+            dropped = sorted(f"{k!r} ({type(v).__name__})" for k, v in obj.items() if k not in tensors)
+            return tensors, f"a state dict with {len(dropped)} entries that are not tensors, left out: {', '.join(dropped[:6])}"
     wanted = f"no state dict under {key!r}" if key is not None else "no state dict"
     return None, f"a dict with keys {sorted(str(k) for k in obj)[:8]} but {wanted}"
 
@@ -234,14 +247,29 @@ def read_state_dict(path: Path, size: int, known_keys: Collection[str] = (), key
     return read
 
 
+_FLOAT_NAMES = frozenset({"weight", "bias", "running_mean", "running_var", "weight_g", "weight_v", "in_proj_weight",
+                          "in_proj_bias", "gamma", "beta", "scale"})
+"""Names of parameters and buffers that are floating point in any model (not ``num_batches_tracked``)."""
+
+
 def _tensor_checks(state_dict: Mapping[str, torch.Tensor], facts: FileFacts) -> None:
     """Tensors a model cannot take (meta, sparse, quantized), then NaN/Inf in the plain ones."""
     odd = {k: v for k, v in state_dict.items() if v.layout != torch.strided or v.is_meta or v.is_quantized}
     if odd:
         key, tensor = next(iter(odd.items()))
+        what = ("on meta, the device of shapes without data: saved from a model never materialised" if tensor.is_meta
+                else "quantized" if tensor.is_quantized else f"{tensor.layout}")
         facts.problems.append(("unsupported_tensor", f"{len(odd)} tensor(s) are not plain dense tensors (first: {key}, "
-                               f"{tensor.layout} on {tensor.device}, quantized {tensor.is_quantized}): "
-                               "load_state_dict cannot copy them into a model; re-save the weights as plain tensors"))
+                               f"{what}): load_state_dict cannot copy them into a model; re-save the weights as plain "
+                               "tensors"))
+    integer = [k for k, v in state_dict.items() if k not in odd and not (v.is_floating_point() or v.is_complex())
+               and k.rsplit(".", 1)[-1] in _FLOAT_NAMES]
+    if integer:
+        tensor = state_dict[integer[0]]
+        facts.problems.append(("integer_weights", f"{len(integer)} weight tensor(s) hold integers (first: {integer[0]}, "
+                               f"{str(tensor.dtype).replace('torch.', '')}): quantised weights without their scales; "
+                               "load_state_dict would cast the raw integers to float and the model output garbage. "
+                               "Load them with the quantisation tool that wrote them, or save the float weights"))
     counts = {k: int((~torch.isfinite(v)).sum()) for k, v in state_dict.items() if v.is_floating_point() and k not in odd}
     bad = {k: n for k, n in counts.items() if n}
     if bad:

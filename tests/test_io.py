@@ -326,3 +326,16 @@ def test_complex_pixels_are_refused_not_cast():
         mb.read_image(_tiff(values))
     run = mb.Pipeline("cbam_resunet").start(values).run_until("decode")
     assert run.failed_stage == "decode" and "<array>: the image array holds complex numbers" in str(run.error)
+
+
+def test_a_12_bit_jpeg_is_named_not_called_damaged():
+    """Pillow cannot open 12-bit JPEGs (CT and microscopy cameras write them); the file is not damaged."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    data = imagecodecs.jpeg8_encode((np.arange(64 * 64).reshape(64, 64) % 4000).astype(np.uint16), bitspersample=12,
+                                    level=95)
+    with pytest.raises(mb.ImageError, match=r"a 12-bit JPEG, which Pillow .* cannot open; it is not damaged") as err:
+        mb.read_image(data)
+    assert "0x" not in str(err.value)
+    with pytest.raises(mb.ImageError, match=r"damaged \(UnidentifiedImageError: cannot identify image file <_io\.BytesIO "
+                                            r"object>\)"):
+        mb.read_image(b"\xff\xd8\xff\xe0" + bytes(200))  # a JPEG start, then nothing a decoder can use

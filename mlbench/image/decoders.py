@@ -10,6 +10,7 @@ tifffile's header-only series.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -251,9 +252,29 @@ def _open_pil(source: bytes | BinaryIO, name: str, limits: Budgets, load: bool =
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{name}: refused as a decompression bomb ({exc}); downscale the image") from exc
     except Exception as exc:
-        reason = "truncated (the file ends early)" if "truncated" in str(exc).lower() else f"damaged ({type(exc).__name__}: {exc})"
+        precision = _jpeg_precision(source) if isinstance(source, bytes) else None
+        if precision not in (None, 8):
+            raise ImageError(f"{name}: a {precision}-bit JPEG, which Pillow (and the service, which answers 500) cannot "
+                             "open; it is not damaged: convert it to a 16-bit PNG or TIFF (imagecodecs.jpeg8_decode reads "
+                             "it as uint16)") from exc
+        text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc))  # "<_io.BytesIO object at 0x7f...>": no addresses
+        reason = "truncated (the file ends early)" if "truncated" in text.lower() else f"damaged ({type(exc).__name__}: {text})"
         raise ImageError(f"{name}: the image is {reason}; copy or export the file again") from exc
     return image
+
+
+def _jpeg_precision(data: bytes) -> int | None:
+    """The sample precision in a JPEG's first start-of-frame segment (8, 12 or 16 bits), None when not found."""
+    at = 2
+    while 0 <= at < min(len(data), 1 << 20) - 9 and data[at] == 0xFF:
+        marker = data[at + 1]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOF0..SOF15
+            return data[at + 4]
+        if marker == 0xFF:
+            at += 1
+            continue
+        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+    return None
 
 
 def _png_16bit_colour(data: bytes) -> bool:

@@ -176,7 +176,9 @@ def test_channels_first_tiff_is_moved_last(kind):
     image, report = mb.read_image(data)
     assert image.shape == (20, 30, 3) and list(image[0, 0]) == [100, 2000, 4000]
     assert report.axes == "CYX" and report.pages == 1
-    assert [p.code for p in report.problems] == ["channels_first"]
+    assert [p.code for p in report.problems] == ["channels_first", "channels_as_rgb"]  # three stains fed as R, G, B
+    _, rgb = mb.read_image(_tiff(planes.transpose(1, 2, 0), photometric="rgb"))  # a colour image's samples: no note
+    assert rgb.problems == ()
 
 
 def test_imagej_z_stack_of_channels_picks_one_plane():

@@ -190,6 +190,11 @@ def decode_tiff(source: bytes | BinaryIO, name: str, page: int, limits: Budgets)
     if alpha:
         problems.append(Problem("alpha_dropped", "an alpha channel was present and dropped"))
     array = _keep_first_channel(array, problems)
+    if array.ndim == 3 and array.shape[2] == 3 and "C" in info["axes"].upper():
+        problems.append(Problem("channels_as_rgb", "3 channels stored as separate planes (axes "
+                                f"{info['axes']}: stains or fluorescence channels, not a colour photo) go to the model "
+                                "as red, green and blue; check that their order is the one the model was trained on, "
+                                "or pass one channel"))
     return array, {"pages": pages, "page_used": page, "mode": info["axes"], "axes": info["axes"],
                    "compression": compression, "orientation": 1, "alpha": alpha, "problems": problems}
 

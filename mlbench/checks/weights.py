@@ -131,7 +131,11 @@ def _manifest_note(path: Path, digest: str) -> tuple[str, list[Problem]]:
 def _tensor_findings(prefix: str, devices: tuple[str, ...]) -> list[Problem]:
     problems = []
     if prefix:
-        problems.append(Problem("prefix", f"every key starts with {prefix!r} (saved from a DataParallel/wrapped model): "
+        origin = ("saved from a torch.compile'd model" if prefix.endswith("_orig_mod.") and prefix.count(".") == 1
+                  else "saved from DataParallel around a torch.compile'd model" if "_orig_mod." in prefix
+                  else "saved from DataParallel/DistributedDataParallel" if prefix == "module."
+                  else "saved from a wrapper module, e.g. a Lightning module")
+        problems.append(Problem("prefix", f"every key starts with {prefix!r} ({origin}): "
                                 "load_state_dict(strict=False) would load nothing and keep a random network; strip it "
                                 "(mb.read_checkpoint and mb.load_model do)"))
     cuda = [d for d in devices if d.startswith("cuda")]

@@ -341,3 +341,17 @@ def test_a_12_bit_jpeg_is_named_not_called_damaged():
     with pytest.raises(mb.ImageError, match=r"damaged \(UnidentifiedImageError: cannot identify image file <_io\.BytesIO "
                                             r"object>\)"):
         mb.read_image(b"\xff\xd8\xff\xe0" + bytes(200))  # a JPEG start, then nothing a decoder can use
+
+
+def test_a_thumbnail_before_the_image_is_skipped_and_said():
+    """A TIFF whose first page is a reduced-resolution copy (NewSubfileType 1: a thumbnail, a pyramid level) gives
+    the full image, not 32 x 32 pixels of it; the report says what was skipped."""
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as writer:
+        writer.write(_gradient()[::8, ::8], subfiletype=1)
+        writer.write(_gradient())
+        writer.write(_gradient()[::-1])
+    image, report = mb.read_image(buf.getvalue())
+    assert np.array_equal(image, _gradient()) and report.pages == 2
+    assert [p.code for p in report.problems] == ["reduced_pages_skipped", "multi_page"]
+    assert np.array_equal(mb.read_image(buf.getvalue(), page=1)[0], _gradient()[::-1])

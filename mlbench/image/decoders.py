@@ -116,11 +116,24 @@ def _check_first_page(tif, name: str, limits: Budgets) -> None:
     check_header(name, header, limits)
 
 
+def _full_pages(tif) -> list[int]:
+    """Indexes of the pages that are images, not reduced-resolution copies (a thumbnail, a pyramid's
+    levels: NewSubfileType bit 0); all pages when every one is marked."""
+    full = [i for i, p in enumerate(tif.pages) if not int(getattr(p, "subfiletype", 0) or 0) & 1]
+    return full or list(range(len(tif.pages)))
+
+
 def _read_tiff(tif, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, dict, list[Problem]]:
     series = tif.series[0]
-    if len(tif.series) > 1:  # separately written pages: each page is one plane
-        pages = len(tif.pages)
-        axes, shape = tif.pages[min(page, pages - 1)].axes, tif.pages[min(page, pages - 1)].shape
+    problems = []
+    full = _full_pages(tif) if len(tif.series) > 1 else []
+    if len(tif.series) > 1:  # separately written pages: each full-resolution page is one plane
+        if len(full) < len(tif.pages):
+            problems.append(Problem("reduced_pages_skipped", f"{len(tif.pages) - len(full)} reduced-resolution page(s) "
+                                    "(a thumbnail or a pyramid's levels) skipped; the pages counted are the full images"))
+        pages = len(full)
+        first = tif.pages[full[min(page, pages - 1)]]
+        axes, shape = first.axes, first.shape
         channel, planes = _plane_layout(axes, shape)[0], pages
     else:
         axes, shape = series.axes, series.shape
@@ -130,9 +143,8 @@ def _read_tiff(tif, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, 
         raise ImageError(f"{name}: page {page} requested but the file has {planes} page(s); pass page=0..{planes - 1}")
     whole = planes == 1 or len(tif.series) > 1
     _check_plane(tif, name, [(a, n) for a, n in zip(axes, shape) if whole or a in "YXS" or a == channel], limits)
-    problems = []
     if len(tif.series) > 1:
-        array, axes = tif.pages[page].asarray(), tif.pages[page].axes
+        array, axes = tif.pages[full[page]].asarray(), tif.pages[full[page]].axes
     elif planes == 1:
         array = series.asarray()
     else:
@@ -168,7 +180,7 @@ def decode_tiff(source: bytes | BinaryIO, name: str, page: int, limits: Budgets)
         opened = bytes_io(source) if isinstance(source, bytes) else source
         with tifffile.TiffFile(opened, name=os.path.basename(name)) as tif:
             _check_first_page(tif, name, limits)
-            pages = len(tif.series) if len(tif.series) > 1 else None
+            pages = len(_full_pages(tif)) if len(tif.series) > 1 else None
             array, info, problems = _read_tiff(tif, name, page, limits)
             series = tif.series[0]
             channel, others = _plane_layout(series.axes, series.shape)

@@ -355,3 +355,22 @@ def test_a_thumbnail_before_the_image_is_skipped_and_said():
     assert np.array_equal(image, _gradient()) and report.pages == 2
     assert [p.code for p in report.problems] == ["reduced_pages_skipped", "multi_page"]
     assert np.array_equal(mb.read_image(buf.getvalue(), page=1)[0], _gradient()[::-1])
+
+
+def _png(array: np.ndarray, colour_type: int) -> bytes:
+    """A PNG written by hand (16-bit: big-endian samples, filter 0 per row), for layouts Pillow cannot write."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    height, width = array.shape[:2]
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in array.reshape(height, -1))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_a_16_bit_grey_and_alpha_png_stays_grey():
+    grey = (np.arange(24 * 32).reshape(24, 32) * 80).astype(np.uint16)
+    data = _png(np.dstack([grey, np.full_like(grey, 65535)]), colour_type=4)
+    image, report = mb.read_image(data)
+    assert image.dtype == np.uint16 and np.array_equal(image, grey) and report.channels == 1
+    assert [p.code for p in report.problems] == ["alpha_dropped"]

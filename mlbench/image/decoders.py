@@ -305,6 +305,8 @@ def _decode_cv2_16(data: bytes, name: str) -> np.ndarray:
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if array is None:
         raise ImageError(f"{name}: the 16-bit PNG cannot be decoded; the file is damaged, export it again")
+    if data[25] == 4 and array.ndim == 3 and array.shape[2] == 4:  # grey + alpha, which OpenCV expands to BGRA
+        return np.ascontiguousarray(array[..., [0, 3]])
     if array.ndim == 3:  # OpenCV orders colour as BGR(A)
         array = cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA if array.shape[2] == 4 else cv2.COLOR_BGR2RGB)
     return array
@@ -339,7 +341,8 @@ def decode_pil(source: bytes | BinaryIO, name: str, limits: Budgets) -> tuple[np
     mode = image.mode
     if colour16:  # Pillow would decode it as 8-bit: OpenCV does (libpng refuses rows the data lacks)
         orientation = _png_orientation(source, image)
-        array, mode = _apply_orientation(_decode_cv2_16(source, name), orientation), "RGB;16"
+        array = _apply_orientation(_decode_cv2_16(source, name), orientation)
+        mode = "LA;16" if array.shape[-1] == 2 else "RGB;16"
     else:
         orientation = int(image.getexif().get(0x0112, 1) or 1)
         if orientation != 1:

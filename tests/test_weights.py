@@ -287,3 +287,17 @@ def test_state_dicts_under_other_names_or_with_notes_in_them(tmp_path, state_dic
     torch.save({"generator": state_dict, "discriminator": state_dict}, tmp_path / "two.pth")
     report = check_weights(tmp_path / "two.pth")
     assert "no_state_dict" in codes(report) and "pass key=" in report.container
+
+
+def test_a_checkpoint_of_another_model_is_named_so(tmp_path):
+    """A checkpoint that shares no key with any registered architecture is not said to "fit" the first of them
+    with 0 keys: it is another model's, and its keys show which."""
+    torch.save({"bert.embeddings.word_embeddings.weight": torch.zeros(8, 4), "classifier.weight": torch.zeros(2, 4)},
+               tmp_path / "pytorch_model.bin")
+    alone = check_weights(tmp_path / "pytorch_model.bin")
+    against = check_weights(tmp_path / "pytorch_model.bin", model="cbam_resunet")
+    for report in (alone, against):
+        text = report.problems[0].message
+        assert "shares no key with any registered architecture" in text and "bert.embeddings" in text
+        assert "0/" not in text
+    assert codes(against) == ["no_keys_match"]

@@ -150,7 +150,7 @@ def _fit_findings(diff: dict[str, list[str]], n_expected: int, fits: tuple[Fit, 
     name = model if isinstance(model, str) else type(model).__name__
     if diff["missing"] and len(diff["missing"]) == n_expected:
         problems.append(Problem("no_keys_match", f"every one of the {n_expected} keys of {name} is missing: strict=False "
-                                "would 'succeed' and load nothing. " + (f"The checkpoint fits {fits[0]}" if fits else "")))
+                                "would 'succeed' and load nothing; " + _best_fit(fits, diff["unexpected"])))
     elif diff["missing"] or diff["unexpected"] or diff["shape"]:
         problems.append(Problem("key_mismatch", f"against {name}: {len(diff['missing'])} missing, "
                                 f"{len(diff['unexpected'])} unexpected, {len(diff['shape'])} shape mismatches "
@@ -160,6 +160,15 @@ def _fit_findings(diff: dict[str, list[str]], n_expected: int, fits: tuple[Fit, 
         problems.append(Problem("dtype_mismatch", f"{len(diff['dtype'])} tensors differ in dtype (first: "
                                 f"{diff['dtype'][0]}); load_state_dict casts silently"))
     return problems
+
+
+def _best_fit(fits: tuple[Fit, ...], keys: list[str]) -> str:
+    """The registered architecture the checkpoint fits best, or, when it shares no key with any,
+    that it is another model's (its first keys show which)."""
+    if fits and fits[0].matched:
+        return f"best: {fits[0]}"
+    return (f"it shares no key with any registered architecture (its keys begin {keys[:3]}): the weights of another "
+            "model; build that model, or register it (mb.register_model)")
 
 
 def _analyse(read: StateDictRead, model: Any) -> tuple[dict[str, Any], list[Problem]]:
@@ -176,7 +185,8 @@ def _analyse(read: StateDictRead, model: Any) -> tuple[dict[str, Any], list[Prob
         fields_["diff"] = diff_keys(state_dict, expected)
         problems += _fit_findings(fields_["diff"], len(expected), fits, model)
     elif fits and fits[0].score < 1.0:
-        problems.append(Problem("no_exact_fit", f"no registered architecture fits every key; best: {fits[0]}"))
+        problems.append(Problem("no_exact_fit", "no registered architecture fits every key; "
+                                + _best_fit(fits, list(state_dict))))
     return fields_, problems
 
 

@@ -246,3 +246,14 @@ def test_cli_segment_overlay_and_failure(tmp_path, capsys):
     assert cli_main(["segment", str(path), "--model", "ma_resunet", "--input-size", "1000"]) == 1
     assert "FAILED at stage forward" in capsys.readouterr().out
     assert cli_main(["segment", str(tmp_path / "nope.png")]) == 1
+
+
+def test_a_stretch_that_squashes_objects_is_noted():
+    """The card's stretch to a square is what the service does; beyond a 4-fold change of aspect ratio the run
+    says so (a line scan or a strip would otherwise segment silently into garbage)."""
+    strip = np.tile(np.linspace(0, 255, 400, dtype=np.float32).astype(np.uint8), (20, 1))
+    run = mb.Pipeline("cbam_resunet").start(strip).run_until("preprocess")
+    assert "stretching the 20x400 image to 256x256 changes its aspect ratio 20-fold" in str(run)
+    photo = np.zeros((300, 400), np.uint8) + 100
+    assert "aspect ratio" not in str(mb.Pipeline("cbam_resunet").start(photo).run_until("preprocess"))
+    assert "aspect ratio" not in str(mb.Pipeline("cbam_resunet", resize="pad").start(strip).run_until("preprocess"))

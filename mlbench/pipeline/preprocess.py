@@ -73,8 +73,29 @@ def preprocess_array(image: np.ndarray, options: PipelineOptions, card: ModelCar
         notes.append(note)
     unit = to_unit_range(image, options.scaling)
     values = normalize_unit(unit, card, None if options.normalize == "card" else options.normalize)
-    placed = apply_geometry(values, input_geometry(image.shape[:2], options, card), options.interpolation)
+    geometry = input_geometry(image.shape[:2], options, card)
+    note = _distortion_note(geometry)
+    if note and notes is not None:
+        notes.append(note)
+    placed = apply_geometry(values, geometry, options.interpolation)
     return torch.from_numpy(np.ascontiguousarray(placed.transpose(2, 0, 1)))[None]
+
+
+DISTORTION_NOTED = 4.0
+"""The change of aspect ratio (one axis scaled this many times more than the other) from which a
+stretch is noted: beyond it objects are squashed past what a model trained on squares has seen."""
+
+
+def _distortion_note(geometry: Geometry) -> str | None:
+    """A sentence when the geometry stretches one axis far more than the other, else None."""
+    (height, width), (out_h, out_w) = geometry.image_hw, geometry.content_hw
+    ratio = (out_h / height) / (out_w / width)
+    ratio = max(ratio, 1 / ratio)
+    if ratio < DISTORTION_NOTED:
+        return None
+    return (f"stretching the {height}x{width} image to {out_h}x{out_w} changes its aspect ratio {ratio:.0f}-fold: "
+            "objects are squashed along one axis and the mask will not follow their shapes; crop the image into "
+            "squarer pieces, or use resize='pad' (mb.predict_tiled for large ones)")
 
 
 def normalize_tensor(tensor: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:

@@ -257,3 +257,12 @@ def test_a_stretch_that_squashes_objects_is_noted():
     photo = np.zeros((300, 400), np.uint8) + 100
     assert "aspect ratio" not in str(mb.Pipeline("cbam_resunet").start(photo).run_until("preprocess"))
     assert "aspect ratio" not in str(mb.Pipeline("cbam_resunet", resize="pad").start(strip).run_until("preprocess"))
+
+
+def test_the_result_names_what_was_wrong_with_the_input():
+    """mb.segment makes a mask of a constant image too: the result's text says the decode found nothing to segment."""
+    blank = mb.segment(np.full((64, 64), 200, np.uint8), "cbam_resunet")
+    assert [p.code for p in blank.input_problems] == ["constant"]
+    assert "\n  input problem [constant] every pixel has the value 200" in str(blank)
+    fine = mb.segment(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1)), "cbam_resunet")
+    assert fine.input_problems == () and "\n" not in str(fine)

@@ -91,6 +91,14 @@ class Segmentation(ReportText):
     def text(self) -> str:
         height, width = self.mask.shape
         n_ext = sum(p["type"] == "external" for p in self.polygons)
-        return (f"Segmentation({self.response['model_used']}, {width}x{height}, foreground {self.mask.mean():.4f}, "
+        head = (f"Segmentation({self.response['model_used']}, {width}x{height}, foreground {self.mask.mean():.4f}, "
                 f"{len(self.polygons)} polygon(s) ({n_ext} external), "
                 f"max probability {float(self.probability.max()):.4f})")
+        return "\n".join([head, *(f"  input problem [{p.code}] {p.message}" for p in self.input_problems)])
+
+    @property
+    def input_problems(self) -> tuple:
+        """What the decode found wrong with the image (a constant image, pixels below zero, pages or an
+        alpha channel left out ...): the mask was made anyway, so the result says so."""
+        decoded = self.run.output("decode")
+        return tuple(getattr(getattr(decoded, "report", None), "problems", ()))

@@ -844,6 +844,9 @@ def test_a_huge_traceback_is_read_by_its_ends():
      "wrapped_checkpoint", "ckpt['state_dict']"),
     ("_pickle.UnpicklingError: Weights only load failed. WeightsUnpickler error: Unsupported class "
      "numpy.core.multiarray._reconstruct", "weights_mismatch", None, "safe_globals([numpy.core.multiarray._reconstruct])"),
+    ("_pickle.UnpicklingError: Weights only load failed. WeightsUnpickler error: Unsupported global: GLOBAL "
+     "numpy.core.multiarray._reconstruct was not an allowed global by default.", "weights_mismatch", None,
+     "safe_globals([numpy.core.multiarray._reconstruct])"),
     ("RuntimeError: expected scalar type Long but found Float", "dtype_mismatch", "long_expected", "target.long()"),
     ("TypeError: Cannot handle this data type: (1, 1, 3), <f4", "dtype_mismatch", "array_to_image", ".astype(np.uint8)"),
     ("ValueError: zero-size array to reduction operation maximum which has no identity", "shape_mismatch", "empty_array",

@@ -80,7 +80,7 @@ def _weights(text: str) -> dict[str, Any]:
         out["size_mismatch_count"] = len(sizes)
     if unexpected and all(k.startswith("module.") for k in unexpected) and not any(k.startswith("module.") for k in missing):
         out["prefix"] = "module."
-    glob = re.search(r"GLOBAL ([\w.]+)|Unsupported (?:class|global:?) ([\w.]+)", text)
+    glob = re.search(r"GLOBAL ([\w.]+)|Unsupported (?:class|global:?) (?!GLOBAL )([\w.]+)", text)
     if glob:
         out["unsafe_global"] = glob.group(1) or glob.group(2)
     return {k: v for k, v in out.items() if v not in ([], 0) or k in ("missing_keys", "unexpected_keys")}

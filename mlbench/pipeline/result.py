@@ -100,5 +100,7 @@ class Segmentation(ReportText):
     def input_problems(self) -> tuple:
         """What the decode found wrong with the image (a constant image, pixels below zero, pages or an
         alpha channel left out ...): the mask was made anyway, so the result says so."""
+        if self.run is None:  # built by hand from a mask, not by a run
+            return ()
         decoded = self.run.output("decode")
         return tuple(getattr(getattr(decoded, "report", None), "problems", ()))

@@ -886,6 +886,10 @@ def test_a_cause_needs_its_own_words():
             "be asynchronously reported at some other API call\nCompile with `TORCH_USE_CUDA_DSA` to enable device-side "
             "assertions.")
     assert triage(hint, casebook=False).numbers.get("cause") == "no_kernel_for_gpu"
+    warned = ("UserWarning:\nNVIDIA RTX A6000 with CUDA capability sm_86 is not compatible with the current PyTorch "
+              "installation.\nThe current PyTorch install supports CUDA capabilities sm_37 sm_50 sm_60 sm_70.\n"
+              "RuntimeError: CUDA error: no kernel image is available for execution on the device")
+    assert "supports sm_86" in triage(warned, casebook=False).fix  # the capability from the warning's line
     assert triage('"State": {"OOMKilled": false, "Error": "CUDA out of memory"}', casebook=False).numbers.get("cause") is None
 
 

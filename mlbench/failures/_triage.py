@@ -307,7 +307,8 @@ def _merge(found: list[Diagnosis]) -> list[Diagnosis]:
         elif merged and merged[-1].failure_class == diagnosis.failure_class and diagnosis.line - merged[-1].line <= 3:
             keep = max(merged[-1], diagnosis, key=lambda d: d.confidence)
             numbers = {**diagnosis.numbers, **merged[-1].numbers}
-            merged[-1] = replace(keep, numbers=numbers, count=merged[-1].count)
+            fix = triage_numbers.specific_fix(keep.failure_class, numbers) or keep.fix  # the merged numbers may name more
+            merged[-1] = replace(keep, numbers=numbers, fix=fix, count=merged[-1].count)
         else:
             index[key] = len(merged)
             merged.append(diagnosis)

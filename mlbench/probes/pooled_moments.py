@@ -65,11 +65,12 @@ class CallStatistics:
 
     def maximum(self) -> torch.Tensor | None:
         """The largest value over the tiles that ran and, for those that have not, the prior's
-        parts, (N * G,); None if no part has pixels. A full-scale prior's maximum, whatever ran."""
-        parts = [] if self.full_scale else [self.moments[tile, 0] for tile, count in enumerate(self.count) if count > 0]
+        parts, (N * G,); None if no part has pixels. After a full-scale prior no tile is measured, so
+        that is the prior's maximum."""
+        parts = [self.moments[tile, 0] for tile, count in enumerate(self.count) if count > 0]
         if self.prior is not None:
             parts += [self._both[1][tile, 0] for tile, count in enumerate(self.prior[0])
-                      if count > 0 and (self.full_scale or not self.seen[tile])]
+                      if count > 0 and not self.seen[tile]]
         return torch.stack(parts).amax(0) if parts else None
 
 

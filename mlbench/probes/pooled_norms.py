@@ -219,13 +219,13 @@ class PooledNorms:
         with plain_torch():
             index, self._call = self._call, self._call + 1
             call = self._record(index, n, z.shape[1], z)
-            measured = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+            measured = None if call.full_scale else z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
             if reduction.kind == "max":
-                if not call.full_scale:
+                if measured is not None:  # a full-scale prior's statistics are used as they are
                     self._measure_max(call, measured, n)
                 value = None if self._shared else call.maximum()
             else:
-                if not call.full_scale:
+                if measured is not None:
                     self._measure(call, measured, n, z.shape[1])
                 stats = None if self._shared else call.pooled()
                 value = None if stats is None else _reduced(reduction, *stats, z.shape[-2] * z.shape[-1],

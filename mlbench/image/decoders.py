@@ -124,6 +124,8 @@ def _full_pages(tif) -> list[int]:
 
 
 def _read_tiff(tif, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, dict, list[Problem]]:
+    """Plane ``page`` of the file, its ``axes`` and the number of ``planes`` (full-resolution pages, or
+    the planes of one shaped series), and what is worth a problem so far."""
     series = tif.series[0]
     problems = []
     full = _full_pages(tif) if len(tif.series) > 1 else []
@@ -153,7 +155,7 @@ def _read_tiff(tif, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, 
     if channel == "C" and axes.index("C") < axes.index("Y"):
         problems.append(Problem("channels_first", f"{array.shape[axes.index('C')]} channels stored first (axes "
                                 f"{series.axes}), moved last; PIL and the service see only the first channel"))
-    return array, {"axes": axes}, problems
+    return array, {"axes": axes, "planes": planes}, problems
 
 
 def _series_plane(series, axes: str, shape: tuple[int, ...], channel: str | None, page: int) -> np.ndarray:
@@ -180,11 +182,8 @@ def decode_tiff(source: bytes | BinaryIO, name: str, page: int, limits: Budgets)
         opened = bytes_io(source) if isinstance(source, bytes) else source
         with tifffile.TiffFile(opened, name=os.path.basename(name)) as tif:
             _check_first_page(tif, name, limits)
-            pages = len(_full_pages(tif)) if len(tif.series) > 1 else None
             array, info, problems = _read_tiff(tif, name, page, limits)
-            series = tif.series[0]
-            channel, others = _plane_layout(series.axes, series.shape)
-            pages = pages or (int(np.prod(others)) if others else 1)
+            pages = info["planes"]
             compression = tif.pages[0].compression.name.lower()
             info["alpha"] = _tiff_has_alpha(tif.pages[0])
     except ImageError:

@@ -19,25 +19,27 @@ HEAD_BYTES = 256
 
 _WEIGHTS = "{}, not an image: was the weights path passed as the image? (mb.check_weights(path) inspects weights)"
 _EXPORT_TIFF = "export it as TIFF (Fiji/Bio-Formats opens it) or PNG"
+_JPEG_XL = "a JPEG XL image: convert it to PNG (djxl, or the pillow-jxl-plugin package)"
+_COMPRESSED = "{}-compressed ({}): decompress it first{} and pass the image inside"
+_BASE64 = "base64 text of a {}: decode it first (base64.b64decode(text)) and pass the bytes"
 
 _STARTS: tuple[tuple[bytes, str, str], ...] = (  # (magic number, kind, what to do)
     (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "jpeg2000",
      "a JPEG 2000 image: convert it to TIFF or PNG (OpenJPEG's opj_decompress, or the glymur package)"),
     (b"\xff\x4f\xff\x51", "jpeg2000", "a JPEG 2000 codestream: convert it to TIFF or PNG (OpenJPEG's opj_decompress)"),
-    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "jpegxl",
-     "a JPEG XL image: convert it to PNG (djxl, or the pillow-jxl-plugin package)"),
-    (b"\xff\x0a", "jpegxl", "a JPEG XL image: convert it to PNG (djxl, or the pillow-jxl-plugin package)"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "jpegxl", _JPEG_XL),
+    (b"\xff\x0a", "jpegxl", _JPEG_XL),
     (b"\x93NUMPY", "npy", "a NumPy array (.npy): load it with np.load(path) and save it as an image "
                           "(tifffile.imwrite('image.tif', array) keeps its dtype)"),
     (b"%PDF", "pdf", "a PDF document: export the page as PNG or TIFF at its full resolution"),
     (b"PK\x03\x04", "zip",
      "a ZIP archive (a zipped folder, an .npz, an Office document): unpack it and pass the image inside"),
     (b"PK\x05\x06", "zip", "an empty ZIP archive: there is no image in it"),
-    (b"\x1f\x8b", "gzip", "gzip-compressed (.gz): decompress it first (gunzip) and pass the image inside"),
-    (b"BZh", "bzip2", "bzip2-compressed (.bz2): decompress it first and pass the image inside"),
-    (b"\xfd7zXZ\x00", "xz", "xz-compressed (.xz): decompress it first and pass the image inside"),
+    (b"\x1f\x8b", "gzip", _COMPRESSED.format("gzip", ".gz", " (gunzip)")),
+    (b"BZh", "bzip2", _COMPRESSED.format("bzip2", ".bz2", "")),
+    (b"\xfd7zXZ\x00", "xz", _COMPRESSED.format("xz", ".xz", "")),
     (b"7z\xbc\xaf\x27\x1c", "7z", "a 7-Zip archive: unpack it and pass the image inside"),
-    (b"\x28\xb5\x2f\xfd", "zstd", "zstd-compressed (.zst): decompress it first and pass the image inside"),
+    (b"\x28\xb5\x2f\xfd", "zstd", _COMPRESSED.format("zstd", ".zst", "")),
     (b"ZISRAWFILE", "czi", f"a Zeiss CZI file: {_EXPORT_TIFF}, or read it with the pylibCZIrw package"),
     (b"\xda\xce\xbe\x0a", "nd2", f"a Nikon ND2 file: {_EXPORT_TIFF}, or read it with the nd2 package"),
     (b"\x89HDF\r\n\x1a\n", "hdf5",
@@ -46,10 +48,10 @@ _STARTS: tuple[tuple[bytes, str, str], ...] = (  # (magic number, kind, what to 
     (b"\x76\x2f\x31\x01", "exr", "an OpenEXR image: convert it to a 32-bit float TIFF"),
     (b"SIMPLE  =", "fits", "a FITS file: read it with astropy.io.fits and save the array as TIFF"),
     (b"version https://git-lfs", "lfs_pointer", "a Git LFS pointer, not the image: run git lfs pull in its repository"),
-    (b"iVBORw0KGgo", "base64", "base64 text of a PNG: decode it first (base64.b64decode(text)) and pass the bytes"),
-    (b"/9j/", "base64", "base64 text of a JPEG: decode it first (base64.b64decode(text)) and pass the bytes"),
-    (b"SUkqA", "base64", "base64 text of a TIFF: decode it first (base64.b64decode(text)) and pass the bytes"),
-    (b"TU0AK", "base64", "base64 text of a TIFF: decode it first (base64.b64decode(text)) and pass the bytes"),
+    (b"iVBORw0KGgo", "base64", _BASE64.format("PNG")),
+    (b"/9j/", "base64", _BASE64.format("JPEG")),
+    (b"SUkqA", "base64", _BASE64.format("TIFF")),
+    (b"TU0AK", "base64", _BASE64.format("TIFF")),
     (b"data:image/", "data_url",
      "a data URL: decode the base64 after the comma (base64.b64decode(url.split(',', 1)[1])) and pass the bytes"),
 )

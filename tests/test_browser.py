@@ -366,7 +366,9 @@ def test_tour_stepper_walks_every_stage_in_chromium(page):
     for index, stage in enumerate(STAGES, start=1):
         stepper.locator("button.mlbench-next").click()
         view = stepper.locator(f".mlbench-view[data-stage='{stage}']")
-        view.wait_for(state="attached", timeout=STAGE_TIMEOUT_MS)
+        # the stage's view may already be on the page as "pending" (after Reset): wait until the click has run it
+        stepper.locator(f".mlbench-view[data-stage='{stage}']:not([data-status='pending'])").wait_for(
+            state="attached", timeout=STAGE_TIMEOUT_MS)
         seen.append(view.inner_text())
         stepper.scroll_into_view_if_needed()
         stepper.screenshot(path=str(ARTIFACTS / f"stepper_{index:02d}_{stage}.png"))

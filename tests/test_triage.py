@@ -809,6 +809,11 @@ def test_a_huge_traceback_is_read_by_its_ends():
      "shared_memory", "--shm-size"),
     ("OSError: [Errno 28] No space left on device: '/srv/app/out/masks/0001.png'", "device_mismatch", "disk_full",
      "df -h"),
+    ('  File "train.py", line 88, in <module>\n    torch.save(model.state_dict(), "checkpoints/model.pth")\nRuntimeError: '
+     "[enforce fail at inline_container.cc:445] . PytorchStreamWriter failed writing file data/0: file write failed",
+     "device_mismatch", "disk_full", "df -h"),
+    ("RuntimeError: [enforce fail at inline_container.cc:337] . unexpected pos 94784 vs 94672", "device_mismatch",
+     "disk_full", "df -h"),
     ("RuntimeError: unable to open shared memory object </torch_2104_3614220442_1> in read-write mode: Too many open "
      "files (24)", "cuda_oom", "file_descriptors", "set_sharing_strategy('file_system')"),
     ("$ python segment.py big.tif\nKilled\n", "cuda_oom", "killed_by_host", "OOM killer"),

@@ -87,7 +87,8 @@ CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
      "cuDNN has no kernel for this call: make the input contiguous (x.contiguous()), use float32 where half "
      "precision is not supported, or split an input too large for one call (mb.predict_tiled); "
      "torch.backends.cudnn.enabled = False confirms it is cuDNN"),
-    ("device_mismatch", "disk_full", r"No space left on device|\[Errno 28\]|ENOSPC|disk quota exceeded",
+    ("device_mismatch", "disk_full", r"No space left on device|\[Errno 28\]|ENOSPC|disk quota exceeded"
+     r"|PytorchStreamWriter failed writing|unexpected pos \d+ vs \d+",
      "a disk is full (the container's writable layer, /tmp, a cache or the output folder), not a compute device: "
      "free space (df -h shows which), or point TMPDIR and the caches at a larger volume"),
     (("device_mismatch", "dtype_mismatch"), "half_on_cpu", r"not implemented for '(Half|BFloat16)'",

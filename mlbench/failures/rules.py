@@ -120,6 +120,8 @@ RULES: tuple[tuple[str, float, str], ...] = (
     ("device_mismatch", 5, r"NCCL (error|WARN)|ncclUnhandledCudaError|ncclSystemError|ncclInternalError|ncclInvalidUsage|ProcessGroupNCCL"),
     ("device_mismatch", 4, r"device-side assert(ion)? triggered|CUDA kernel errors might be asynchronously reported"),
     ("device_mismatch", 5, r"No space left on device|\[Errno 28\]|\bENOSPC\b|Disk quota exceeded"),
+    # torch.save onto a full disk: the zip writer's own words, with no errno (a reader's errors are weights_missing)
+    ("device_mismatch", 5.5, r"PytorchStreamWriter failed writing|unexpected pos \d+ vs \d+"),
     ("device_mismatch", 4, r"CUDA_VISIBLE_DEVICES|torch\.cuda\.is_available\(\) (is|returns?) False"),
     ("device_mismatch", 4, r"Expected (a )?(\w+ )?(tensor|object) (of device type|for argument)" + _G + r"(cuda|cpu)"),
     ("device_mismatch", 4, r"expected device (cuda|cpu|mps)" + _G + r"(but )?got device"),

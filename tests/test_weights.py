@@ -161,6 +161,16 @@ def test_saved_on_cuda_detected_on_cpu(tmp_path, state_dict):
     assert codes(report) == ([] if torch.cuda.is_available() else ["saved_on_cuda"])
 
 
+def test_a_whole_pickled_model_is_not_called_malicious(tmp_path):
+    """torch.save(model) pickles builtins.set (the module's non-persistent buffers): not on torch's
+    allowlist, but it only builds a value; the advice is to re-save the state dict, not to distrust it."""
+    path = tmp_path / "whole_model.pth"
+    torch.save(mb.build_model("cbam_resunet", size="small"), path)
+    report = check_weights(path)
+    assert codes(report) == ["unsafe_globals"] and "__builtin__.set" in report.unsafe_globals  # protocol 2 names
+    assert "torch.save(model.state_dict())" in report.problems[0].message
+
+
 @pytest.mark.parametrize("legacy", [False, True])
 def test_evil_pickle_detected_without_execution(tmp_path, legacy):
     sentinel = tmp_path / "pwned"
@@ -202,12 +212,18 @@ def test_truncated_safetensors(tmp_path, state_dict):
     data = (tmp_path / "w.safetensors").read_bytes()
     (tmp_path / "cut_data.safetensors").write_bytes(data[: len(data) - 100])
     (tmp_path / "cut_header.safetensors").write_bytes(data[:40])
+    (tmp_path / "appended.safetensors").write_bytes(data + b"<html>")
     cut_data = check_weights(tmp_path / "cut_data.safetensors")
-    assert cut_data.format == "safetensors" and not cut_data.ok
-    assert cut_data.problems[0].code == "load_failed" and "truncated or damaged" in cut_data.problems[0].message
+    header = 8 + int.from_bytes(data[:8], "little")
+    assert cut_data.format == "safetensors" and not cut_data.ok and cut_data.problems[0].code == "truncated"
+    assert (f"describes {len(data) - header:,} bytes of tensor data but the file holds {len(data) - header - 100:,}"
+            in cut_data.problems[0].message)
     cut_header = check_weights(tmp_path / "cut_header.safetensors")
     assert cut_header.format == "safetensors" and cut_header.problems[0].code == "truncated"
     assert "but the file has only 40 bytes" in cut_header.problems[0].message
+    appended = check_weights(tmp_path / "appended.safetensors")
+    assert [p.code for p in appended.problems] == ["load_failed"]
+    assert appended.problems[0].message.startswith("6 bytes follow the") and "appended" in appended.problems[0].message
 
 
 def test_unusual_shared_prefix_is_found_by_the_known_keys(tmp_path, state_dict):

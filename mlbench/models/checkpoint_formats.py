@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import struct
 import tarfile
@@ -65,12 +66,19 @@ _CODE_NAMES = frozenset({"eval", "exec", "execfile", "compile", "system", "popen
                          "spawnl", "spawnv", "execv", "execve", "Popen", "call", "check_call", "check_output",
                          "run", "load", "loads", "runcode", "run_path", "run_module", "interact"})
 """Modules, and names in any module, whose globals run code or reach the system: ``code_execution``."""
+_DATA_BUILTINS = frozenset({"set", "frozenset", "slice", "range", "complex", "bytearray", "bytes", "dict", "list",
+                            "tuple", "int", "float", "bool", "str", "object"})
+"""Builtins that only build a value: a pickled ``nn.Module`` needs ``builtins.set`` (its non-persistent
+buffers), which is not on torch's allowlist but runs nothing (``unsafe_globals``, not ``code_execution``)."""
 
 
 def is_code_global(name: str) -> bool:
-    """True for a global that runs code or reaches the system (``os.system``, ``builtins.eval``, ...)."""
+    """True for a global that runs code or reaches the system (``os.system``, ``builtins.eval``, ...); not
+    for a builtin that only builds a value (``builtins.set``)."""
     root, _, rest = name.partition(".")
     computed = name.startswith("<")  # a name computed while unpickling, or a copyreg extension code
+    if root in ("builtins", "__builtin__") and rest in _DATA_BUILTINS:
+        return False
     return computed or root in _CODE_ROOTS or rest.rpartition(".")[2] in _CODE_NAMES
 
 
@@ -210,10 +218,30 @@ def check_safetensors(handle: BinaryIO, size: int, limits: Budgets) -> None:
     if announced > _SAFETENSORS_HEADER_LIMIT:
         raise refusal("load_failed", f"the safetensors header announces {announced:,} bytes of metadata, over "
                       f"safetensors' own limit of {_SAFETENSORS_HEADER_LIMIT:,}: the file is damaged or forged")
-    tensors = handle.read(announced).count(b'"data_offsets"')
+    header = handle.read(announced)
+    tensors = header.count(b'"data_offsets"')
     if tensors > limits.max_tensors:
         raise budget_error(WeightsError, "max_tensors", limits.max_tensors, "the tensors in the safetensors header",
                            tensors)
+    described, held = _safetensors_data_end(header), size - 8 - announced
+    if described is not None and described > held:
+        raise refusal("truncated", f"the safetensors header describes {described:,} bytes of tensor data but the file "
+                      f"holds {held:,} after its header: the copy or download stopped early; copy it again")
+    if described is not None and described < held:
+        raise refusal("load_failed", f"{held - described:,} bytes follow the {described:,} bytes of tensor data that "
+                      "the safetensors header describes (safetensors refuses such a file): something was appended "
+                      "to it, or two files were written into one; copy it again from its source")
+
+
+def _safetensors_data_end(header: bytes) -> int | None:
+    """The end of the last tensor's bytes that a safetensors header lists; None where the header is not
+    a JSON object of such entries (safetensors' own error then says what is wrong)."""
+    try:
+        entries = json.loads(header.rstrip(b" \0"))
+        return max((int(entry["data_offsets"][1]) for name, entry in entries.items() if name != "__metadata__"),
+                   default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
 
 
 def _classify_globals(scans: list[PickleScan], facts: FileFacts) -> None:

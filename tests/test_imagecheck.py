@@ -173,3 +173,37 @@ def test_unknown_bytes_still_show_their_first_bytes():
     with pytest.raises(mb.ImageError, match=r"first bytes b'\\x01\\x02\\x03\\x04.*check how the file was produced"):
         mb.read_image(bytes(range(1, 100)))
     assert check_image(bytes(range(1, 100))).format == "unknown"
+
+
+def _retype_tag(data: bytes, tag: int, new_type: int = 99) -> bytes:
+    """The TIFF ``data`` with the first IFD entry of ``tag`` given a field type that does not exist."""
+    out = bytearray(data)
+    ifd = int.from_bytes(out[4:8], "little")
+    for i in range(int.from_bytes(out[ifd:ifd + 2], "little")):
+        entry = ifd + 2 + 12 * i
+        if int.from_bytes(out[entry:entry + 2], "little") == tag:
+            out[entry + 2:entry + 4] = new_type.to_bytes(2, "little")
+            return bytes(out)
+    raise AssertionError(f"tag {tag} not in the first IFD")
+
+
+def test_what_tifffile_logs_about_a_damaged_tiff_reaches_the_report(tmp_path, capfd):
+    """tifffile logs a tag it cannot read instead of raising: a damaged Software tag still decodes
+    (the log line is a problem of the report), a damaged Compression tag does not (the error quotes
+    the log line, which names the tag, instead of only tifffile's AttributeError); stderr stays clean."""
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.arange(64 * 64, dtype=np.uint16).reshape(64, 64), software="scope")
+    (tmp_path / "software.tif").write_bytes(_retype_tag(buffer.getvalue(), 305))
+    (tmp_path / "compression.tif").write_bytes(_retype_tag(buffer.getvalue(), 259))
+    array, report = mb.read_image(tmp_path / "software.tif")
+    assert array.shape == (64, 64) and [p.code for p in report.problems] == ["decoder_log"]
+    assert "TiffTag 305" in report.problems[0].message and "invalid data type 99" in report.problems[0].message
+    with pytest.raises(mb.ImageError, match=r"compression\.tif: the TIFF cannot be decoded .*TiffTag 259.*invalid data type 99"):
+        mb.read_image(tmp_path / "compression.tif")
+    assert "TiffTag" not in capfd.readouterr().err
+
+
+def test_a_tiff_without_pages_says_so(tmp_path):
+    (tmp_path / "no_pages.tif").write_bytes(b"II*\x00\x00\x00\x00\x00")  # header, first IFD offset 0
+    with pytest.raises(mb.ImageError, match="no_pages.tif: the TIFF holds no image: its header is intact but lists no page"):
+        mb.read_image(tmp_path / "no_pages.tif")

@@ -9,11 +9,15 @@ tifffile's header-only series.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import struct
+import threading
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import BinaryIO
 
 import numpy as np
@@ -108,7 +112,10 @@ def _check_plane(tif, name: str, plane: list[tuple[str, int]], limits: Budgets) 
 
 def _check_first_page(tif, name: str, limits: Budgets) -> None:
     """The budgets and an empty size, from the first page's header, before any plane is looked at (a
-    header too odd to read is left to :func:`_check_plane`, which names the field)."""
+    header too odd to read is left to :func:`_check_plane`, which names the field); a file without a page."""
+    if not len(tif.pages):
+        raise ImageError(f"{name}: the TIFF holds no image: its header is intact but lists no page (the export "
+                         "stopped before writing one, or the file was cut right after its header); export it again")
     try:
         header = tiff_header(tif)
     except Exception:
@@ -173,14 +180,49 @@ def _series_plane(series, axes: str, shape: tuple[int, ...], channel: str | None
     return array
 
 
+class _TifffileLog(logging.Filter):
+    """tifffile logs what it skips in a damaged file (a tag of an invalid type, a page without an
+    image) instead of raising. While :func:`_tifffile_log` runs in a thread, those lines go to its
+    list, for the report, not to stderr; other threads' lines pass as usual."""
+
+    local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        lines = getattr(self.local, "lines", None)
+        if lines is None:
+            return True
+        lines.append(record.getMessage())
+        return False
+
+
+logging.getLogger("tifffile").addFilter(_TifffileLog())
+
+
+@contextmanager
+def _tifffile_log() -> Iterator[list[str]]:
+    """Collect tifffile's log lines in this thread while the block runs."""
+    _TifffileLog.local.lines = lines = []
+    try:
+        yield lines
+    finally:
+        _TifffileLog.local.lines = None
+
+
+def _said(log: list[str], most: int = 3) -> str:
+    """tifffile's log lines, at most ``most`` of them, as one clause."""
+    more = f" (and {len(log) - most} more)" if len(log) > most else ""
+    return "tifffile logged: " + "; ".join(line[:200] for line in log[:most]) + more
+
+
 def decode_tiff(source: bytes | BinaryIO, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, dict]:
     """Decode one plane of a TIFF (its bytes or the open file) with tifffile, keeping dtype and
-    reporting pages, axes and compression."""
+    reporting pages, axes and compression; what tifffile logs about the file goes into the report."""
     import tifffile
 
+    log: list[str] = []
     try:
         opened = bytes_io(source) if isinstance(source, bytes) else source
-        with tifffile.TiffFile(opened, name=os.path.basename(name)) as tif:
+        with _tifffile_log() as log, tifffile.TiffFile(opened, name=os.path.basename(name)) as tif:
             _check_first_page(tif, name, limits)
             array, info, problems = _read_tiff(tif, name, page, limits)
             pages = info["planes"]
@@ -192,8 +234,12 @@ def decode_tiff(source: bytes | BinaryIO, name: str, page: int, limits: Budgets)
         if "requires the 'imagecodecs' package" in str(exc):
             raise ImageError(f"{name}: the TIFF is compressed ({exc}); the codec is missing here, not the file "
                              "damaged: pip install imagecodecs") from exc
-        raise ImageError(f"{name}: the TIFF cannot be decoded ({type(exc).__name__}: {exc}); "
+        logged = f"; {_said(log)}" if log else ""
+        raise ImageError(f"{name}: the TIFF cannot be decoded ({type(exc).__name__}: {exc}{logged}); "
                          "the file is damaged or truncated, export it again") from exc
+    if log:
+        problems.append(Problem("decoder_log", f"{_said(log)}: parts of the file are damaged or unusual; the pixels "
+                                "read may be incomplete, export it again if the image looks wrong"))
     if pages > 1:
         problems.append(Problem("multi_page", f"{pages} pages; page {page} used, the others ignored"))
     array = _to_channels_last(np.asarray(array), info["axes"])

@@ -207,3 +207,15 @@ def test_a_tiff_without_pages_says_so(tmp_path):
     (tmp_path / "no_pages.tif").write_bytes(b"II*\x00\x00\x00\x00\x00")  # header, first IFD offset 0
     with pytest.raises(mb.ImageError, match="no_pages.tif: the TIFF holds no image: its header is intact but lists no page"):
         mb.read_image(tmp_path / "no_pages.tif")
+
+
+def test_a_format_without_a_signature_is_named_by_its_suffix(tmp_path):
+    """A TGA file has no magic number: from a path ending in .tga it is named with its conversion; the
+    same bytes without a name get the plain first-bytes message."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(buffer, format="TGA")
+    (tmp_path / "scan.TGA").write_bytes(buffer.getvalue())
+    with pytest.raises(mb.ImageError, match=r"scan\.TGA: .*it is a Truevision TGA image .*save\('image\.png'\)"):
+        mb.read_image(tmp_path / "scan.TGA")
+    with pytest.raises(mb.ImageError, match="first bytes"):
+        mb.read_image(buffer.getvalue())

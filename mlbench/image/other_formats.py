@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["HEAD_BYTES", "file_kind", "identify", "identified_name"]
+__all__ = ["HEAD_BYTES", "file_kind", "identify", "identified_name", "identify_by_name"]
 
 HEAD_BYTES = 256
 """How many first bytes :func:`identify` needs (DICOM's marker sits at byte 128)."""
@@ -118,6 +118,20 @@ def identify(head: bytes) -> str | None:
         return ("all zero bytes (the first 256 at least): a preallocated file whose copy or download never "
                 "finished, or a damaged disk; copy the file again")
     return None
+
+
+_BY_SUFFIX = {
+    ".tga": "a Truevision TGA image (by its name: TGA has no signature to check): convert it to PNG "
+            "(PIL.Image.open(path).save('image.png'))",
+    ".raw": "raw pixels without a header (by its name): with the width, height and dtype the camera wrote, "
+            "np.fromfile(path, dtype).reshape(height, width) reads them; save that as TIFF (tifffile.imwrite)",
+}
+"""Formats without a magic number, known only by the file's suffix; said only after no signature matched."""
+
+
+def identify_by_name(name: str) -> str | None:
+    """What a file whose bytes matched no signature is, by its suffix (``.tga``, ``.raw``); None otherwise."""
+    return _BY_SUFFIX.get(name[name.rfind("."):].lower() if "." in name else "")
 
 
 def identified_name(head: bytes) -> str | None:

@@ -32,7 +32,7 @@ from mlbench.errors import ImageError, OptionsError
 from mlbench.findings import Problem, ReportText
 from mlbench.image.decoders import decode
 from mlbench.image.formats import EXTENSIONS, IMAGE_SOURCES, STREAMED, ImageSource, load_bytes, sniff_format
-from mlbench.image.other_formats import HEAD_BYTES, identify
+from mlbench.image.other_formats import HEAD_BYTES, identify, identify_by_name
 from mlbench.isolation import call_isolated, isolate_default
 
 __all__ = ["read_image", "ImageReport", "DEFAULT_MAX_PIXELS", "effective_bit_depth", "value_range", "percentiles",
@@ -234,7 +234,7 @@ def _sniff(head: bytes, name: str) -> str:
         raise ImageError(f"{name}: the file is empty (0 bytes); the upload or copy failed, send the file again")
     fmt = sniff_format(head)
     if fmt is None:
-        known = identify(head)
+        known = identify(head) or identify_by_name(name)
         if known:
             raise ImageError(f"{name}: not a recognised image (PNG, JPEG, TIFF, BMP, GIF, WebP); it is {known}")
         hint = "it looks like text or HTML (an error page saved as an image?)" if head[:1] in b"<{ \t\r\n" else f"first bytes {head[:8]!r}"

@@ -1,8 +1,8 @@
 """Where the tiles of :func:`mlbench.probes.tiling.predict_tiled` lie and how their outputs blend.
 
 Pure geometry, kept apart from running a model so it can be read and tested on its own: the
-tiles are ``tile`` x ``tile`` windows that overlap by at least ``overlap`` pixels (the last one
-along an axis is shifted back to end at the border, :func:`tile_starts`); each tile owns the
+tiles are ``tile`` x ``tile`` windows that overlap by at least ``overlap`` pixels, as few as that
+needs and spread evenly, so they overlap by as much as their count allows (:func:`tile_starts`); each tile owns the
 pixels nearer to it than to its neighbours (:func:`owned_spans`, together :func:`lay_out_tiles`);
 and the outputs are blended with weights that cross over linearly around the boundaries between
 owners, over half the overlap (:func:`blend_ramp`). The quarter of the overlap next to a tile's
@@ -11,9 +11,9 @@ with a receptive field under ``overlap / 4`` is reproduced exactly. :func:`pad_t
 a window to the model's ``input_multiple``.
 
 >>> tile_starts(300, 128, 32)
-[0, 96, 172]
->>> owned_spans([0, 96, 172], 300, 128)
-[(0, 112), (16, 102), (26, 128)]
+[0, 86, 172]
+>>> owned_spans([0, 86, 172], 300, 128)
+[(0, 107), (21, 107), (21, 128)]
 """
 
 from __future__ import annotations
@@ -43,13 +43,24 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "reflect") -> tu
     return F.pad(x, (0, pad_w, 0, pad_h), mode=mode), (height, width)
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of ``tile`` covering ``length`` with at least ``overlap`` overlap."""
+def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
+    """Start offsets of tiles of ``tile`` covering ``length`` with at least ``overlap`` overlap.
+
+    As few tiles as that overlap needs, spread evenly: at the same cost every neighbour overlaps
+    by as much as the count allows, so a tile's owned part lies further from its inner edges
+    (more context than stepping by ``tile - overlap`` and shifting the last tile back, which left
+    one seam ``overlap`` wide). Starts are multiples of ``align`` (where a step that is one still
+    keeps the overlap; the last ends at ``length``), so that a model's strided layers see the
+    same pixel phase in every tile as in the whole image.
+    """
     if length <= tile:
         return [0]
     step = tile - overlap
-    starts = list(range(0, length - tile, step))
-    return starts + [length - tile]
+    count = len(range(0, length - tile, step)) + 1
+    even = -(-(length - tile) // (count - 1))  # the gap when spread evenly, rounded up: <= step
+    aligned = -(-even // align) * align
+    step = aligned if aligned <= step else even
+    return [i * step for i in range(count - 1)] + [length - tile]
 
 
 def owned_spans(starts: list[int], length: int, tile: int) -> list[tuple[int, int]]:
@@ -99,10 +110,11 @@ class TileLayout(NamedTuple):
     size: tuple[int, int]
 
 
-def lay_out_tiles(height: int, width: int, tile: int, overlap: int) -> TileLayout:
-    """The tiles of side ``tile`` (at least ``overlap`` apart) covering a ``height`` x ``width`` image,
-    row by row, each with the box of its pixels that it owns."""
-    rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+def lay_out_tiles(height: int, width: int, tile: int, overlap: int, align: int = 1) -> TileLayout:
+    """The tiles of side ``tile`` (overlapping by at least ``overlap``, starts on multiples of ``align``,
+    :func:`tile_starts`) covering a ``height`` x ``width`` image, row by row, each with the box of its
+    pixels that it owns."""
+    rows, cols = tile_starts(height, tile, overlap, align), tile_starts(width, tile, overlap, align)
     row_spans, col_spans = owned_spans(rows, height, tile), owned_spans(cols, width, tile)
     places = [(top, left, rs + cs) for top, rs in zip(rows, row_spans) for left, cs in zip(cols, col_spans)]
     return TileLayout(places, (min(tile, height), min(tile, width)))

@@ -19,6 +19,7 @@ statistics of the whole image by default (``norm_stats="image"``,
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from functools import partial
 from typing import NamedTuple
@@ -46,6 +47,12 @@ NORM_STATS = ("image", "pooled", "tile")
 POOLED_TOLERANCE = 0.01
 """``norm_stats="pooled"`` stops when a pass changed the output by at most this fraction of it
 (L2 norm of the change over L2 norm of the output)."""
+
+
+TILE_ALIGN = 32
+"""Tile starts are multiples of this (and of the model's ``input_multiple``) where the even spread
+allows: five halvings, the total stride of the bundled models and of most encoders, so that strided
+layers see the same pixel phase in a tile as in the whole image."""
 
 
 class TiledRun(NamedTuple):
@@ -239,15 +246,26 @@ def predict_tiled(model: nn.Module, x: torch.Tensor, tile: int = 512, overlap: i
 
     - 384 px tiles (4 tiles, one batch), ``"image"``: IoU 0.988 to 1.0 at 2.0 to 2.8 times
       the whole-image forward (``"tile"``: 0.59 to 0.999).
-    - 256 px tiles (9 tiles), ``"image"`` in batches of 4: 0.86 to 1.0 at 3.1 to 4.5 times
-      (CBAM-ResUNet 0.9994 and more, MA-ResUNet 0.9932 and more, HRNet 0.86 to 0.995; the
-      prior is the image itself here, it fits in a batch's pixels, and its statistics serve
-      every tile); with ``tile_batch=9`` (exact pooling of the tiles' own statistics): 0.83 to
-      1.0 at 2.2 to 3.1 times; ``"pooled"`` is ``"image"`` here (one pass); ``"tile"``: 0.34 to
-      0.999.
-    - 1024 px images (``--size 1024``), 512 px tiles in batches of 4, ``"image"``: 0.920 to
-      1.0 at 2.9 to 3.8 times (CBAM-ResUNet 0.9997 and more, MA-ResUNet 0.9983 and more; the
-      prior is the image itself); with ``tile_batch=9``: 0.885 to 1.0 at 1.9 to 3.0 times.
+    - 256 px tiles (9 tiles, at 0, 128 and 256 px a side), ``"image"`` in batches of 4: 0.885
+      to 1.0 at 2.8 to 4.4 times (CBAM-ResUNet 0.9993 and more, MA-ResUNet 0.9936 and more,
+      HRNet 0.885 to 0.996; the prior is the image itself here, it fits in a batch's pixels,
+      and its statistics serve every tile); with ``tile_batch=9`` (exact pooling of the tiles'
+      own statistics): 0.871 to 1.0 at 2.7 to 3.2 times; ``"pooled"`` is ``"image"`` here (one
+      pass); ``"tile"``: 0.35 to 0.999.
+    - 1024 px images (``--size 1024``), 512 px tiles (9, at 0, 256 and 512 px a side) in
+      batches of 4, ``"image"``: 0.986 to 1.0 at 2.9 to 4.1 times (CBAM-ResUNet 0.9999 and more,
+      MA-ResUNet 0.9973 and more, HRNet 0.986 to 0.9998; the prior is the image itself); with
+      ``tile_batch=9``: 0.9835 to 1.0 at 2.1 to 3.6 times.
+
+    The tiles are spread evenly (:func:`~mlbench.probes.tile_geometry.tile_starts`): as many as
+    ``overlap`` needs, overlapping their neighbours by as much as their count allows, so a tile's
+    owned part lies further from its inner edges at the same cost. Stepping by ``tile - overlap``
+    and shifting the last tile back put 1024 px in 512 px tiles at 0, 448 and 512, 32 px from an
+    edge: HRNet's 1024 px nuclei were 0.920, its spheroids 0.996 to 0.998 (now 0.986 and 0.9989
+    to 0.9998); MA-ResUNet's nuclei 0.9983 (now 0.9973: its attention over all positions sees the
+    whole tile, of which the owned part is a smaller share). Starts are multiples of
+    ``TILE_ALIGN`` (32) and the model's ``input_multiple`` where the spread allows, so strided
+    layers see the whole image's pixel phase.
 
     Pooled are the norms' moments and the whole-map reductions over the spatial dims (means,
     sums, variances, maxima, ``adaptive_*_pool2d(x, 1)``: CBAM's channel attention, SimAM,
@@ -255,7 +273,7 @@ def predict_tiled(model: nn.Module, x: torch.Tensor, tile: int = 512, overlap: i
     ``tile_batch`` to the number of tiles where memory allows, else use ``"pooled"`` where the
     prior is not close enough (cluttered images far larger than a batch, where the prior is a
     small copy: HRNet's nuclei with 512 px tiles gave 0.84 against all tiles in one batch from a
-    prior at half their scale). On this CPU a batch of tiles costs more than the same tiles one by one
+    prior at half their scale, with the stepped tiles). On this CPU a batch of tiles costs more than the same tiles one by one
     (cache), which the ratios above include.
 
     What remains after exact statistics is context: a tile sees less of the image than the
@@ -265,7 +283,7 @@ def predict_tiled(model: nn.Module, x: torch.Tensor, tile: int = 512, overlap: i
     ``align_corners=True`` resizes are computed on the whole image's grid
     (:mod:`mlbench.probes.tile_grid`); on each tile's own grid its masks were 0.965 (256 px) and
     0.918 (384 px, nuclei) instead of 0.989 and 0.988. Exactness needs tile offsets on the
-    model's total stride (16 or 32 px here).
+    model's total stride (16 or 32 px here; the starts are on 32 px where the spread allows).
     """
     return run_tiled(model, x, tile, overlap, **options).output
 
@@ -301,7 +319,7 @@ def run_tiled(
     asked = attempt = Attempt(tile, tile_batch, run_device(model, device), None)
     while True:
         overlap_now = overlap if overlap < attempt.tile // 2 else attempt.tile // 4  # only a halved tile changes it
-        tiling = lay_out_tiles(*x.shape[-2:], attempt.tile, overlap_now)
+        tiling = lay_out_tiles(*x.shape[-2:], attempt.tile, overlap_now, math.lcm(multiple, TILE_ALIGN))
         batch = min(attempt.batch, len(tiling.places))
         grid = WholeImageGrid(tuple(x.shape[-2:]), tiling.size) if len(tiling.places) > 1 else None
         run = TilePass(model, tiling, overlap_now, attempt.device, attempt.state, batch, grid)

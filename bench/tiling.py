@@ -15,6 +15,8 @@ with one thread by default: on a shared machine, wall-clock ratios of the same r
   one batch (``tile_batch``, 4 here), else a prior plus one pass: the image itself where it
   fits in a batch's pixels (its statistics then serve every tile), else a downsampled copy;
 - ``image/all``: the same with every tile in one batch (exact statistics, more memory);
+- ``image/own-profiles``: ``image`` with each tile's own means over one axis (triplet attention's
+  row and column profiles) instead of the whole image's: what pooling the profiles costs and gains;
 - ``pooled``: the iterative method, passes until the output changes by at most 1%;
 - ``monai``: MONAI's ``sliding_window_inference`` (Gaussian blending, per-tile statistics),
   when monai is installed (it is not a dependency).
@@ -38,18 +40,21 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlbench as mb  # noqa: E402
 from mlbench.checks.environment_probes import no_cuda_reason  # noqa: E402
+from mlbench.probes.pooled_norms import PooledNorms  # noqa: E402
 from mlbench.probes.tiling import tile_starts  # noqa: E402
 from mlbench.studies._tile_fidelity import logits_to_mask, mask_iou  # noqa: E402
 
 SAMPLES = ("spheroids_8bit", "spheroids_16bit", "spheroids_rgb", "nuclei_stardist")
-METHODS = ("tile", "image", "image/all", "pooled", "monai")
+METHODS = ("tile", "image", "image/all", "image/own-profiles", "pooled", "monai")
 
 
 def method_runner(name: str, model: torch.nn.Module, x: torch.Tensor, tile: int, overlap: int,
@@ -62,11 +67,14 @@ def method_runner(name: str, model: torch.nn.Module, x: torch.Tensor, tile: int,
             return None
         return lambda: (sliding_window_inference(x, (tile, tile), batch, model, overlap=overlap / tile,
                                                  mode="gaussian"), batch, 1)
-    norm_stats, _, everything = name.partition("/")
+    norm_stats, _, variant = name.partition("/")
     tiles = len(tile_starts(x.shape[-2], tile, overlap)) * len(tile_starts(x.shape[-1], tile, overlap))
+    own_profiles = mock.patch.object(PooledNorms, "_profile", lambda self, reduction, n: None)
 
     def run() -> tuple[torch.Tensor, int, int]:
-        result = mb.run_tiled(model, x, tile, overlap, norm_stats=norm_stats, tile_batch=tiles if everything else batch)
+        with own_profiles if variant == "own-profiles" else nullcontext():
+            result = mb.run_tiled(model, x, tile, overlap, norm_stats=norm_stats,
+                                  tile_batch=tiles if variant == "all" else batch)
         return result.output, result.tile_batch, result.passes
     return run
 

@@ -95,6 +95,26 @@ class FlakyNormNet(NormNet):
         return super().forward(x)
 
 
+class ProfileNet(nn.Module):
+    """Gates from means over one spatial axis and no norm, as triplet attention (``x.mean(dim=3)``,
+    a row profile) and coordinate attention (``nn.AdaptiveAvgPool2d((1, None))``, a column profile)
+    compute them. Receptive-field radius 2 otherwise, so tiles given the whole image's profiles are exact."""
+
+    input_multiple = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(5)
+            self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 1, 3, padding=1)
+            self.columns = nn.AdaptiveAvgPool2d((1, None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv1(x))
+        y = y * torch.sigmoid(4 * y.mean(dim=3, keepdim=True) - 2) * torch.sigmoid(3 - 5 * self.columns(y))
+        return self.conv2(y + y.sum(dim=-2, keepdim=True) / y.shape[-2])
+
+
 class ReduceNet(nn.Module):
     """Whole-map reductions and no norm, as users write them: a squeeze-and-excitation
     (``nn.AdaptiveAvgPool2d(1)``), CBAM-style channel attention (``x.mean`` and ``x.amax``),

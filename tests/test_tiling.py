@@ -20,7 +20,7 @@ from mlbench.probes.tile_grid import WholeImageGrid
 from mlbench.probes.tile_geometry import blend_ramp
 from mlbench.probes.tiling import (TilingOutOfMemory, owned_spans, pad_to_multiple, predict_tiled, run_tiled,
                                    tile_starts)
-from probe_toys import FlakyNet, FlakyNormNet, LocalNet, NormNet, ReduceNet, StridedNet
+from probe_toys import FlakyNet, FlakyNormNet, LocalNet, NormNet, ProfileNet, ReduceNet, StridedNet
 
 
 def test_tile_starts_cover_with_overlap():
@@ -339,11 +339,38 @@ def test_which_reductions_are_pooled():
         "var": ("var", True, 0.0), "std": ("std", False, 0.0), "max": ("max", False, 0.0),
         "avg_pool": ("mean", True, 0.0), "max_pool": ("max", True, 0.0)}
     assert spatial_reduction(torch.var, (z, (2, 3)), {}).correction == 1.0  # torch's default: unbiased
-    left_alone = [(torch.mean, (z, 3), {}), (torch.mean, (z, (1, 2, 3)), {}), (torch.mean, (z,), {}),
+    profiles = {"row mean": (torch.mean, (z, 3), {}), "column mean": (torch.Tensor.mean, (z,), {"dim": 2, "keepdim": True}),
+                "row sum": (torch.Tensor.sum, (z, -1), {}), "column sum": (torch.sum, (z, (-2,), True), {}),
+                "rows pool": (F.adaptive_avg_pool2d, (z, (None, 1)), {}), "columns pool": (F.adaptive_avg_pool2d, (z, (1, 8)), {})}
+    got = {name: spatial_reduction(func, args, kwargs) for name, (func, args, kwargs) in profiles.items()}
+    assert {name: (r.kind, r.keepdim, r.axis) for name, r in got.items()} == {
+        "row mean": ("mean", False, 3), "column mean": ("mean", True, 2), "row sum": ("sum", False, 3),
+        "column sum": ("sum", True, 2), "rows pool": ("mean", True, 3), "columns pool": ("mean", True, 2)}
+    left_alone = [(torch.mean, (z, 1), {}), (torch.amax, (z, 3), {}), (torch.var, (z, 2), {}),
+                  (F.adaptive_avg_pool2d, (z, (2, 1)), {}), (F.adaptive_max_pool2d, (z, (None, 1)), {}),
+                  (torch.mean, (z, (1, 2, 3)), {}), (torch.mean, (z,), {}),
                   (torch.mean, (z.flatten(2), -1), {}), (F.adaptive_avg_pool2d, (z, 2), {}),
                   (F.adaptive_max_pool2d, (z, 1), {"return_indices": True}), (torch.sum, (z.long(), (2, 3)), {}),
                   (torch.softmax, (z, 1), {})]
     assert [spatial_reduction(func, args, kwargs) for func, args, kwargs in left_alone] == [None] * len(left_alone)
+
+
+def test_means_over_one_axis_take_the_whole_images_profile():
+    """Row and column gates from means over one axis (triplet and coordinate attention): a tile that
+    averages only its own width departs from the whole image; given its slice of the whole image's
+    profile (all tiles in one batch: pooled from the owned parts; in batches: from the prior of the
+    image itself) it is exact."""
+    x, _ = _norm_case()
+    model = ProfileNet()
+    with torch.no_grad():
+        whole = model(x)
+    per_tile = predict_tiled(model, x, tile=32, overlap=12, norm_stats="tile")
+    assert (per_tile - whole).abs().max() > 0.05
+    assert torch.allclose(predict_tiled(model, x, tile=32, overlap=12, tile_batch=16), whole, atol=1e-5)
+    with record_memory() as timeline:
+        in_batches = predict_tiled(model, x, tile=48, overlap=16, tile_batch=4)  # 2 x 3 tiles; 96 px a side hold the image
+    assert [label for _, label in timeline.marks] == ["norm statistics of the whole 80x90 image (it fits in a batch)"]
+    assert torch.allclose(in_batches, whole, atol=1e-5)
 
 
 class AlignedNet(torch.nn.Module):

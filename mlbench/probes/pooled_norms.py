@@ -26,8 +26,9 @@ mean and a second moment per channel, norm call and tile.
 
 Reductions of a whole map (a squeeze-and-excitation's mean, CBAM's channel attention, SimAM's
 mean and variance) are pooled the same way, in the same sequence of calls:
-:mod:`mlbench.probes.pooled_reductions` recognises them in the tile's forward. Reductions over
-one axis (MA-ResUNet's triplet attention) and attention over all positions still see one tile.
+:mod:`mlbench.probes.pooled_reductions` recognises them in the tile's forward. Means over one
+axis (MA-ResUNet's triplet attention) take the whole image's profile where it is known
+(:mod:`mlbench.probes.pooled_profiles`); attention over all positions still sees one tile.
 
 Tried and measured (three small models, 512 px samples, 256 px tiles in batches of 4; relative
 L2 error of the logits against all tiles in one batch): the prior's whole-image statistics
@@ -53,7 +54,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -62,6 +63,7 @@ from torch import nn
 
 from mlbench.probes._hooks import plain_torch
 from mlbench.probes.pooled_moments import MASKED_ELEMENTS, CallStatistics, group_moments, masked_moments, mean_var
+from mlbench.probes.pooled_profiles import pooled_profile, tile_slices
 from mlbench.probes.pooled_reductions import Reduction, SpatialReductions
 
 __all__ = ["Box", "NormPrior", "PooledNorms", "pooled_norm_modules"]
@@ -98,6 +100,9 @@ class NormPrior:
     full_scale: bool = False
     """Whether the forward ran the image itself rather than a downsampled copy: then its statistics
     are the whole image's, and every tile is normalised by them (none is measured)."""
+    profiles: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per call index of a mean over one spatial axis, the forward's profile, (N, C, L) float64
+    (:mod:`mlbench.probes.pooled_profiles`; used where the forward ran the image itself)."""
 
 
 class PooledNorms:
@@ -115,12 +120,17 @@ class PooledNorms:
     prior : NormPrior, optional
         From :meth:`record` with these tiles' parts: the tiles that ran are extrapolated to the
         whole image with it while some have not; without one only the tiles that ran count.
+    origins : sequence of (int, int), optional
+        Per tile, its (top, left) in the image: where its slice of a row or column profile lies
+        (without them a mean over one axis sees the tile only).
     """
 
     def __init__(self, model: nn.Module, boxes: Sequence[Box] = ((0, 1, 0, 1),), size: tuple[int, int] = (1, 1),
-                 prior: NormPrior | None = None) -> None:
+                 prior: NormPrior | None = None, origins: Sequence[tuple[int, int]] | None = None) -> None:
         self.norms = pooled_norm_modules(model)
         self.boxes, self.size, self.prior = list(boxes), size, prior
+        self.origins = None if origins is None else list(origins)
+        self._profiles: dict[int, torch.Tensor] = {}
         self._calls: list[CallStatistics] = []
         self._batch: list[int] = []
         self._call = 0
@@ -163,7 +173,7 @@ class PooledNorms:
         with pooled.tiles(range(len(pooled.boxes))):
             (forward or model)(x)
         return NormPrior(tuple((call.moments, list(call.count)) for call in pooled._calls), tuple(x.shape[-2:]),
-                         bool(pooled.reduces), full_scale)
+                         bool(pooled.reduces), full_scale, dict(pooled._profiles))
 
     def _samples(self, z: torch.Tensor) -> int | None:
         """N, the images per tile in ``z`` (the running tiles stacked); None if ``z`` is not such a stack."""
@@ -216,6 +226,8 @@ class PooledNorms:
         n = self._samples(z)
         if n is None or z.shape[-2] > self.size[0] or z.shape[-1] > self.size[1]:
             return None
+        if reduction.axis is not None:
+            return self._profile(reduction, n)
         with plain_torch():
             index, self._call = self._call, self._call + 1
             call = self._record(index, n, z.shape[1], z)
@@ -234,6 +246,35 @@ class PooledNorms:
                 return None
             value = value.to(reduction.dtype or z.dtype).view(n, z.shape[1]).repeat(z.shape[0] // n, 1)
             return value[..., None, None] if reduction.keepdim else value
+
+    def _profile(self, reduction: Reduction, n: int) -> torch.Tensor | None:
+        """A mean or sum over one spatial axis: each running tile's slice of the whole image's profile,
+        from a prior of the image itself or pooled over every tile's owned part when all run in this
+        batch; None (the tile's own) otherwise, and while recording a prior (its profile is kept)."""
+        z, axis = reduction.input, reduction.axis
+        with plain_torch():
+            index, self._call = self._call, self._call + 1
+            if index == len(self._calls):  # a placeholder keeps the later calls' indexes the prior's
+                self._calls.append(CallStatistics(len(self.boxes), n, 1, z.device))
+            if self._shared:
+                self._profiles[index] = z.mean(axis, dtype=torch.float64)
+                return None
+            if self.origins is None:
+                return None
+            kept = 5 - axis
+            scale = z.shape[kept] / self.size[kept - 2]
+            offsets = [round(self.origins[tile][kept - 2] * scale) for tile in self._batch]
+            profile = self.prior.profiles.get(index) if self.prior is not None and self.prior.full_scale else None
+            if profile is None and len(self._batch) == len(self.boxes):
+                across, along = (self._cols, self._rows) if axis == 3 else (self._rows, self._cols)
+                profile = pooled_profile(z, n, axis, self._batch, offsets, across, along)
+            value = None if profile is None else tile_slices(profile.to(z.device), z, n, axis, offsets,
+                                                             reduction.keepdim)
+            if value is None:
+                return None
+            if reduction.kind == "sum":  # the whole image's mean times the tile's extent, as for whole maps
+                value = value * z.shape[axis]
+            return value.to(reduction.dtype or z.dtype)
 
     def _whole_count(self, height: int, width: int) -> int:
         """Pixels of a map ``height`` x ``width`` of a tile, over all tiles' owned parts: the whole image's map."""

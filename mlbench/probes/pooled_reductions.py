@@ -14,9 +14,11 @@ prior for tiles that have not run yet), the way it pools the norms' statistics. 
 ``mean``, ``sum`` (the whole image's mean times the tile's pixel count, so that a sum divided by
 the tile's size gives the whole image's mean, as SimAM does), ``var`` and ``std`` (with their
 correction), ``amax`` and ``F.adaptive_avg_pool2d`` / ``F.adaptive_max_pool2d`` to 1 x 1, as
-functions or tensor methods. Anything else runs unchanged on the tile: a reduction over one
-spatial axis (MA-ResUNet's triplet attention), over a flattened map (``x.flatten(2).mean(-1)``)
-or an attention over all positions.
+functions or tensor methods. A ``mean`` or ``sum`` over one spatial axis (MA-ResUNet's triplet
+attention, ``adaptive_avg_pool2d(x, (None, 1))`` in coordinate attention) is recognised too, as a
+row or column profile (:mod:`mlbench.probes.pooled_profiles`). Anything else runs unchanged on the
+tile: a maximum or variance over one axis, a reduction over a flattened map
+(``x.flatten(2).mean(-1)``) or an attention over all positions.
 """
 
 from __future__ import annotations
@@ -49,11 +51,15 @@ class Reduction(NamedTuple):
     correction: float = 0.0
     """Subtracted from the pixel count in the variance's denominator (``var``, ``std``)."""
     dtype: torch.dtype | None = None
+    axis: int | None = None
+    """None: over H and W; 2 or 3: a ``mean`` or ``sum`` over that axis alone, a row or column
+    profile (:mod:`mlbench.probes.pooled_profiles`)."""
 
 
 def spatial_reduction(func, args: tuple, kwargs: dict) -> Reduction | None:
     """The call ``func(*args, **kwargs)`` as a :class:`Reduction` if it reduces a floating
-    (B, C, H, W) map over exactly H and W; None for anything else (which then runs unchanged)."""
+    (B, C, H, W) map over exactly H and W, or averages or sums it over one of them; None for
+    anything else (which then runs unchanged)."""
     kind = _KINDS.get(func)
     if kind is None or not args or not isinstance(args[0], torch.Tensor):
         return None
@@ -62,10 +68,19 @@ def spatial_reduction(func, args: tuple, kwargs: dict) -> Reduction | None:
         return None
     if kind in ("avg_pool", "max_pool"):
         size = args[1] if len(args) > 1 else kwargs.get("output_size")
-        if size not in (1, (1, 1), [1, 1]) or args[2:] or kwargs.get("return_indices"):
+        if args[2:] or kwargs.get("return_indices"):
             return None
-        return Reduction("mean" if kind == "avg_pool" else "max", z, True)
+        if size in (1, (1, 1), [1, 1]):
+            return Reduction("mean" if kind == "avg_pool" else "max", z, True)
+        axis = _profile_axis(size, z) if kind == "avg_pool" else None
+        return None if axis is None else Reduction("mean", z, True, axis=axis)
     dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    one_axis = dim if isinstance(dim, int) else dim[0] if isinstance(dim, (tuple, list)) and len(dim) == 1 else None
+    if isinstance(one_axis, int) and one_axis % 4 in (2, 3) and kind in ("mean", "sum"):
+        keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+        if args[3:] or set(kwargs) - {"dim", "keepdim", "dtype"}:
+            return None
+        return Reduction(kind, z, bool(keepdim), dtype=kwargs.get("dtype"), axis=one_axis % 4)
     if not isinstance(dim, (tuple, list)) or sorted(d % 4 if isinstance(d, int) else d for d in dim) != [2, 3]:
         return None
     if kind in ("var", "std"):
@@ -80,6 +95,19 @@ def spatial_reduction(func, args: tuple, kwargs: dict) -> Reduction | None:
     if args[3:] or set(kwargs) - {"dim", "keepdim", "dtype"} or (kind == "max" and "dtype" in kwargs):
         return None
     return Reduction(kind, z, bool(keepdim), dtype=kwargs.get("dtype"))
+
+
+def _profile_axis(size, z: torch.Tensor) -> int | None:
+    """The axis an ``adaptive_avg_pool2d(z, size)`` averages away entirely while keeping the other
+    (``(None, 1)``: 3, the width; ``(1, None)``: 2); None for any other output size."""
+    if not isinstance(size, (tuple, list)) or len(size) != 2:
+        return None
+    rows, cols = size
+    if cols == 1 and rows in (None, z.shape[-2]) and z.shape[-2] != 1:
+        return 3
+    if rows == 1 and cols in (None, z.shape[-1]) and z.shape[-1] != 1:
+        return 2
+    return None
 
 
 class SpatialReductions(TorchFunctionMode):

@@ -11,9 +11,10 @@ memory :mod:`mlbench.probes.tile_oom` (free, halve the batch, then the tile, ret
 ``mb.record_memory``). Their public names are importable from here too. Bilinear resizes with
 ``align_corners=True`` (HRNet's) are computed on the whole image's grid
 (:mod:`mlbench.probes.tile_grid`). Norms that average over their input (``InstanceNorm``,
-``GroupNorm``) and reductions of a whole map (a squeeze-and-excitation's mean, SimAM) use
-statistics of the whole image by default (``norm_stats="image"``,
-:mod:`mlbench.probes.pooled_norms`, :mod:`mlbench.probes.pooled_reductions`).
+``GroupNorm``), reductions of a whole map (a squeeze-and-excitation's mean, SimAM) and means
+over one axis (triplet attention's row and column profiles) use statistics of the whole image by
+default (``norm_stats="image"``, :mod:`mlbench.probes.pooled_norms`,
+:mod:`mlbench.probes.pooled_reductions`, :mod:`mlbench.probes.pooled_profiles`).
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def _image_stats(run: TilePass, x: torch.Tensor, tile: int, norm_stats: str, max
         prior = _record_prior(run, x, prior_side(tile, run.tile_batch))
         note(f"norm statistics of the whole {prior.size[0]}x{prior.size[1]} image (it fits in a batch)" if prior.full_scale
              else f"norm statistics prior from a {prior.size[0]}x{prior.size[1]} copy of the image")
-    pooled = PooledNorms(run.model, boxes, size, prior)
+    pooled = PooledNorms(run.model, boxes, size, prior, [(top, left) for top, left, _ in run.tiling.places])
     previous, change = None, float("inf")
     for done in range(1, max_passes + 1):
         out = blend_pass(run, x, pooled)
@@ -200,8 +201,10 @@ def predict_tiled(model: nn.Module, x: torch.Tensor, tile: int = 512, overlap: i
     norm_stats : {"image", "tile", "pooled"}
         How ``InstanceNorm``/``GroupNorm`` layers, which normalise by the statistics of what they
         see, and reductions of a whole map (``x.mean((2, 3))``, ``nn.AdaptiveAvgPool2d(1)``,
-        ``amax``, ``var``, ``std``: squeeze-and-excitation, channel attention, SimAM) treat a tile
-        (:mod:`mlbench.probes.pooled_norms`, :mod:`mlbench.probes.pooled_reductions`):
+        ``amax``, ``var``, ``std``: squeeze-and-excitation, channel attention, SimAM) and means
+        over one axis (``x.mean(dim=3)``: triplet attention's row profile) treat a tile
+        (:mod:`mlbench.probes.pooled_norms`, :mod:`mlbench.probes.pooled_reductions`,
+        :mod:`mlbench.probes.pooled_profiles`):
 
         - ``"image"`` (default): statistics of the whole image, one pass. Each tile contributes
           its owned part's statistics. With every tile in one batch they are exact; otherwise a
@@ -247,34 +250,38 @@ def predict_tiled(model: nn.Module, x: torch.Tensor, tile: int = 512, overlap: i
     - 384 px tiles (4 tiles, one batch), ``"image"``: IoU 0.988 to 1.0 at 2.0 to 2.8 times
       the whole-image forward (``"tile"``: 0.59 to 0.999).
     - 256 px tiles (9 tiles, at 0, 128 and 256 px a side), ``"image"`` in batches of 4: 0.885
-      to 1.0 at 2.8 to 4.4 times (CBAM-ResUNet 0.9993 and more, MA-ResUNet 0.9936 and more,
+      to 1.0 at 3.1 to 4.4 times (CBAM-ResUNet 0.9993 and more, MA-ResUNet 0.9977 and more,
       HRNet 0.885 to 0.996; the prior is the image itself here, it fits in a batch's pixels,
       and its statistics serve every tile); with ``tile_batch=9`` (exact pooling of the tiles'
       own statistics): 0.871 to 1.0 at 2.7 to 3.2 times; ``"pooled"`` is ``"image"`` here (one
       pass); ``"tile"``: 0.35 to 0.999.
     - 1024 px images (``--size 1024``), 512 px tiles (9, at 0, 256 and 512 px a side) in
-      batches of 4, ``"image"``: 0.986 to 1.0 at 2.9 to 4.1 times (CBAM-ResUNet 0.9999 and more,
-      MA-ResUNet 0.9973 and more, HRNet 0.986 to 0.9998; the prior is the image itself); with
-      ``tile_batch=9``: 0.9835 to 1.0 at 2.1 to 3.6 times.
+      batches of 4, ``"image"``: 0.986 to 1.0 at 3.1 to 4.1 times (CBAM-ResUNet 0.9999 and more,
+      MA-ResUNet 0.9989 and more, HRNet 0.986 to 0.9998; the prior is the image itself); with
+      ``tile_batch=9``: 0.9835 to 1.0 at 2.2 to 3.6 times. MA-ResUNet's rows are with its
+      triplet attention's means over one axis given the whole image's profiles (0.9936 and
+      0.9973 without them, which cost 4 to 8 % of the tiled pass here).
 
     The tiles are spread evenly (:func:`~mlbench.probes.tile_geometry.tile_starts`): as many as
     ``overlap`` needs, overlapping their neighbours by as much as their count allows, so a tile's
     owned part lies further from its inner edges at the same cost. Stepping by ``tile - overlap``
     and shifting the last tile back put 1024 px in 512 px tiles at 0, 448 and 512, 32 px from an
     edge: HRNet's 1024 px nuclei were 0.920, its spheroids 0.996 to 0.998 (now 0.986 and 0.9989
-    to 0.9998); MA-ResUNet's nuclei 0.9983 (now 0.9973: its attention over all positions sees the
-    whole tile, of which the owned part is a smaller share). Starts are multiples of
-    ``TILE_ALIGN`` (32) and the model's ``input_multiple`` where the spread allows, so strided
-    layers see the whole image's pixel phase.
+    to 0.9998); MA-ResUNet's nuclei 0.9983 (0.9973 at first: its attention sees the whole tile, of
+    which the owned part is a smaller share; 0.9989 with the whole image's profiles). Starts are
+    multiples of ``TILE_ALIGN`` (32) and the model's ``input_multiple`` where the spread allows,
+    so strided layers see the whole image's pixel phase.
 
     Pooled are the norms' moments and the whole-map reductions over the spatial dims (means,
     sums, variances, maxima, ``adaptive_*_pool2d(x, 1)``: CBAM's channel attention, SimAM,
-    squeeze-and-excitation). They are exact in one pass with every tile in one batch: raise
+    squeeze-and-excitation), and means over one spatial axis (triplet attention's profiles: each
+    tile gets its slice of the whole image's, where all tiles share a batch or the prior ran the
+    image itself). They are exact in one pass with every tile in one batch: raise
     ``tile_batch`` to the number of tiles where memory allows, else use ``"pooled"`` where the
     prior is not close enough (cluttered images far larger than a batch, where the prior is a
     small copy: HRNet's nuclei with 512 px tiles gave 0.84 against all tiles in one batch from a
-    prior at half their scale, with the stepped tiles). On this CPU a batch of tiles costs more than the same tiles one by one
-    (cache), which the ratios above include.
+    prior at half their scale, with the stepped tiles). On this CPU a batch of tiles costs more
+    than the same tiles one by one (cache), which the ratios above include.
 
     What remains after exact statistics is context: a tile sees less of the image than the
     whole (HRNet's 1/32 branch is 8 x 8 positions in a 256 px tile: 0.83 on the cluttered

@@ -219,3 +219,7 @@ def test_a_format_without_a_signature_is_named_by_its_suffix(tmp_path):
         mb.read_image(tmp_path / "scan.TGA")
     with pytest.raises(mb.ImageError, match="first bytes"):
         mb.read_image(buffer.getvalue())
+    (tmp_path / "run.tga").mkdir()
+    (tmp_path / "run.tga" / "scan").write_bytes(buffer.getvalue())  # the folder's suffix is not the file's
+    with pytest.raises(mb.ImageError, match="first bytes"):
+        mb.read_image(tmp_path / "run.tga" / "scan")

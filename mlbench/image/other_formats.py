@@ -11,6 +11,7 @@ are read (:data:`HEAD_BYTES` at most): no parsing, nothing decoded.
 from __future__ import annotations
 
 import re
+from pathlib import PurePath
 
 __all__ = ["HEAD_BYTES", "file_kind", "identify", "identified_name", "identify_by_name"]
 
@@ -131,7 +132,7 @@ _BY_SUFFIX = {
 
 def identify_by_name(name: str) -> str | None:
     """What a file whose bytes matched no signature is, by its suffix (``.tga``, ``.raw``); None otherwise."""
-    return _BY_SUFFIX.get(name[name.rfind("."):].lower() if "." in name else "")
+    return _BY_SUFFIX.get(PurePath(name).suffix.lower())
 
 
 def identified_name(head: bytes) -> str | None:

@@ -254,8 +254,7 @@ class PooledNorms:
         z, axis = reduction.input, reduction.axis
         with plain_torch():
             index, self._call = self._call, self._call + 1
-            if index == len(self._calls):  # a placeholder keeps the later calls' indexes the prior's
-                self._calls.append(CallStatistics(len(self.boxes), n, 1, z.device))
+            self._record(index, n, 1, z)  # unused statistics: they keep the later calls' indexes the prior's
             if self._shared:
                 self._profiles[index] = z.mean(axis, dtype=torch.float64)
                 return None

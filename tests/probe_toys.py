@@ -140,3 +140,36 @@ class ReduceNet(nn.Module):
         variance = centred.square().sum(dim=(2, 3), keepdim=True) / (y.shape[2] * y.shape[3])
         y = y * torch.sigmoid(centred / (variance + 1e-4).sqrt()) + torch.var(y, (2, 3), keepdim=True)
         return self.head(y / y.std(dim=(2, 3), keepdim=True))
+
+
+class AttentionNet(nn.Module):
+    """A stride-8 map with an ``InstanceNorm``, then self-attention over its positions whose softmax is
+    written by hand (``exp`` over its sum over the last axis, of an (N, 1, P, P) matrix) or not
+    (``manual=False``: ``torch.softmax``), and a mean over the channels of the map in channels-last
+    layout. Neither is a reduction of a feature map, though both are means or sums over the last axis
+    of a 4-D tensor: tiled, both variants must compute the same."""
+
+    input_multiple = 8
+
+    def __init__(self, manual: bool = True) -> None:
+        super().__init__()
+        self.manual = manual
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(6)
+            self.down, self.norm = nn.Conv2d(3, 8, 8, stride=8), nn.InstanceNorm2d(8)
+            self.head = nn.Conv2d(8, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.norm(self.down(x))
+        n, c, h, w = z.shape
+        q = z.flatten(2).transpose(1, 2)[:, None]  # (N, 1, P, C)
+        scores = q @ q.transpose(-1, -2) / c ** 0.5
+        if self.manual:
+            scores = (scores - scores.amax(-1, keepdim=True)).exp()
+            weights = scores / scores.sum(-1, keepdim=True)
+        else:
+            weights = torch.softmax(scores, -1)
+        z = z + (weights @ q)[:, 0].transpose(1, 2).reshape(n, c, h, w)
+        last = z.permute(0, 2, 3, 1)  # (N, H, W, C)
+        z = (last - last.mean(-1, keepdim=True)).permute(0, 3, 1, 2)
+        return nn.functional.interpolate(self.head(z), scale_factor=8)

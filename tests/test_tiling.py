@@ -20,7 +20,7 @@ from mlbench.probes.tile_grid import WholeImageGrid
 from mlbench.probes.tile_geometry import blend_ramp
 from mlbench.probes.tiling import (TilingOutOfMemory, owned_spans, pad_to_multiple, predict_tiled, run_tiled,
                                    tile_starts)
-from probe_toys import FlakyNet, FlakyNormNet, LocalNet, NormNet, ProfileNet, ReduceNet, StridedNet
+from probe_toys import AttentionNet, FlakyNet, FlakyNormNet, LocalNet, NormNet, ProfileNet, ReduceNet, StridedNet
 
 
 def test_tile_starts_cover_with_overlap():
@@ -371,6 +371,37 @@ def test_means_over_one_axis_take_the_whole_images_profile():
         in_batches = predict_tiled(model, x, tile=48, overlap=16, tile_batch=4)  # 2 x 3 tiles; 96 px a side hold the image
     assert [label for _, label in timeline.marks] == ["norm statistics of the whole 80x90 image (it fits in a batch)"]
     assert torch.allclose(in_batches, whole, atol=1e-5)
+
+
+def test_reductions_of_other_4d_tensors_run_on_the_tile():
+    """A hand-written softmax over an attention matrix (N, 1, P, P) and a channel mean in channels-last
+    layout reduce the last axis of a 4-D tensor as a row profile does; with square tiles the matrix
+    even has a full-resolution map's shape. Pooled as one, the tiles' logits were 1e13; a probe
+    forward at another height and width tells them apart, so they run on the tile, as
+    ``torch.softmax`` does."""
+    x = torch.rand(1, 3, 192, 192, generator=torch.Generator().manual_seed(0))
+    by_hand, builtin = AttentionNet(), AttentionNet(manual=False)
+    for tile_batch in (4, 16):  # a prior of the image itself, and all tiles in one batch
+        tiled = predict_tiled(by_hand, x, tile=64, overlap=16, tile_batch=tile_batch)
+        expected = predict_tiled(builtin, x, tile=64, overlap=16, tile_batch=tile_batch)
+        assert torch.allclose(tiled, expected, atol=1e-5), float((tiled - expected).abs().max())
+
+
+def test_a_model_that_fails_the_probe_keeps_its_reductions_on_the_tile():
+    """A model that refuses the probe's small input still tiles, norms pooled, with a warning that its
+    whole-map reductions see their own tile."""
+
+    class Fixed(ReduceNet):
+        def forward(self, x):
+            if x.shape[-1] < 100:
+                raise RuntimeError("this model needs at least 100 px")
+            return super().forward(x)
+
+    x, _ = _norm_case()
+    model = Fixed()
+    with pytest.warns(RuntimeWarning, match=r"failed on a \d+x\d+ probe input .*saw their own tile only"):
+        tiled = predict_tiled(model, torch.nn.functional.interpolate(x, size=(128, 128)), tile=112, overlap=16)
+    assert torch.isfinite(tiled).all()
 
 
 class AlignedNet(torch.nn.Module):

@@ -65,6 +65,7 @@ from mlbench.probes._hooks import plain_torch
 from mlbench.probes.pooled_moments import MASKED_ELEMENTS, CallStatistics, group_moments, masked_moments, mean_var
 from mlbench.probes.pooled_profiles import pooled_profile, tile_slices
 from mlbench.probes.pooled_reductions import Reduction, SpatialReductions
+from mlbench.probes.spatial_maps import MapProbe
 
 __all__ = ["Box", "NormPrior", "PooledNorms", "pooled_norm_modules"]
 
@@ -123,17 +124,23 @@ class PooledNorms:
     origins : sequence of (int, int), optional
         Per tile, its (top, left) in the image: where its slice of a row or column profile lies
         (without them a mean over one axis sees the tile only).
+    maps : MapProbe, optional
+        Which recognised reductions reduce a feature map (:mod:`mlbench.probes.spatial_maps`):
+        only those are pooled. Without it every recognised reduction of a map no larger than a
+        tile is taken for one.
     """
 
     def __init__(self, model: nn.Module, boxes: Sequence[Box] = ((0, 1, 0, 1),), size: tuple[int, int] = (1, 1),
-                 prior: NormPrior | None = None, origins: Sequence[tuple[int, int]] | None = None) -> None:
+                 prior: NormPrior | None = None, origins: Sequence[tuple[int, int]] | None = None,
+                 maps: MapProbe | None = None) -> None:
         self.norms = pooled_norm_modules(model)
-        self.boxes, self.size, self.prior = list(boxes), size, prior
+        self.boxes, self.size, self.prior, self.maps = list(boxes), size, prior, maps
         self.origins = None if origins is None else list(origins)
         self._profiles: dict[int, torch.Tensor] = {}
         self._calls: list[CallStatistics] = []
         self._batch: list[int] = []
         self._call = 0
+        self._reduction = 0  # recognised reductions so far in this forward, the index into ``maps``
         self._shared = False  # True: the tiles of a batch are parts of one input, not stacked inputs
         self.reduces: bool | None = None if prior is None else prior.reduces
         """Whether the model reduces whole maps (None: not known until a batch has run)."""
@@ -144,7 +151,7 @@ class PooledNorms:
         """Pool the norms and whole-map reductions while the tiles ``indices`` run as one batch,
         tile-major: the model's input is (len(indices) * N, C, H, W), tile ``indices[j]``'s N
         images at ``j * N``."""
-        self._batch, self._call = list(indices), 0
+        self._batch, self._call, self._reduction = list(indices), 0, 0
         saved = [(norm, norm.__dict__.get("forward")) for norm in self.norms]
         for norm in self.norms:
             norm.forward = partial(self._pooled_forward, norm)
@@ -163,12 +170,13 @@ class PooledNorms:
 
     @classmethod
     def record(cls, model: nn.Module, x: torch.Tensor, boxes: Sequence[tuple[float, float, float, float]],
-               forward: Callable[[torch.Tensor], object] | None = None, full_scale: bool = False) -> NormPrior:
+               forward: Callable[[torch.Tensor], object] | None = None, full_scale: bool = False,
+               maps: MapProbe | None = None) -> NormPrior:
         """Run ``model`` on ``x`` once (through ``forward``, default the model itself; the output is
         discarded) and keep every norm call's statistics over each of ``boxes`` (parts of ``x`` in
         its pixels, which should partition it), as the prior of tiles owning those parts of a
         larger image, or, ``full_scale``, of the image ``x`` itself."""
-        pooled = cls(model, boxes, tuple(x.shape[-2:]))
+        pooled = cls(model, boxes, tuple(x.shape[-2:]), maps=maps)
         pooled._shared = True
         with pooled.tiles(range(len(pooled.boxes))):
             (forward or model)(x)
@@ -221,8 +229,12 @@ class PooledNorms:
         """What a whole-map reduction of the running tiles' maps gives over the whole image, the
         same for every tile, (tiles * N, C) (keepdim: (tiles * N, C, 1, 1)). None (the call runs
         as it is): while recording a prior (the parts make up this one map), and where the map is
-        not a stack of the tiles' maps (another batch size, larger than a tile) or no part has pixels."""
+        not a stack of the tiles' maps (another batch size, larger than a tile, not a feature map by
+        ``maps``) or no part has pixels."""
         z = reduction.input
+        ordinal, self._reduction = self._reduction, self._reduction + 1
+        if self.maps is not None and not self.maps.spatial(ordinal, tuple(z.shape), self.size):
+            return None  # not a feature map: it takes no call index, here and in the prior alike
         n = self._samples(z)
         if n is None or z.shape[-2] > self.size[0] or z.shape[-1] > self.size[1]:
             return None

@@ -18,7 +18,9 @@ functions or tensor methods. A ``mean`` or ``sum`` over one spatial axis (MA-Res
 attention, ``adaptive_avg_pool2d(x, (None, 1))`` in coordinate attention) is recognised too, as a
 row or column profile (:mod:`mlbench.probes.pooled_profiles`). Anything else runs unchanged on the
 tile: a maximum or variance over one axis, a reduction over a flattened map
-(``x.flatten(2).mean(-1)``) or an attention over all positions.
+(``x.flatten(2).mean(-1)``) or an attention over all positions. Which recognised calls reduce a
+feature map, not another 4-D tensor (an attention matrix, a channels-last map), is the caller's to
+check (:mod:`mlbench.probes.spatial_maps`).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from mlbench.errors import OptionsError
 from mlbench.probes.pooled_norms import NormPrior, PooledNorms, pooled_norm_modules
 from mlbench.probes._hooks import check_module
 from mlbench.probes.memory import note
+from mlbench.probes.spatial_maps import MapProbe, probe_maps
 from mlbench.probes.tile_geometry import lay_out_tiles, owned_spans, pad_to_multiple, tile_starts
 from mlbench.probes.tile_grid import WholeImageGrid
 from mlbench.probes.tile_oom import Attempt, TilingOutOfMemory, after_oom, free_memory, is_oom
@@ -93,12 +94,7 @@ def prior_side(tile: int, tile_batch: int) -> int:
     return int(tile * tile_batch ** 0.5)
 
 
-DETECTION_SIDE = 64
-"""Side of the copy of the image that a model without norms runs once to show whether it reduces
-whole maps (a squeeze-and-excitation's mean): only then does it need a prior (:func:`prior_side`)."""
-
-
-def _record_prior(run: TilePass, x: torch.Tensor, side: int) -> NormPrior:
+def _record_prior(run: TilePass, x: torch.Tensor, side: int, maps: MapProbe) -> NormPrior:
     """The statistics of one forward of ``x`` downsampled to ``side`` over each tile's part of it;
     of ``x`` itself, where it fits in ``side``, over the whole image (one part: all that is used)."""
     small, (height, width) = _prior_input(run.model, x, side)
@@ -108,7 +104,7 @@ def _record_prior(run: TilePass, x: torch.Tensor, side: int) -> NormPrior:
     parts = [(0, height, 0, width)] if full_scale else [
         ((top + t) * rows, (top + b) * rows, (left + l) * cols, (left + r) * cols) for top, left, (t, b, l, r) in run.tiling.places]
     return PooledNorms.record(run.model, small, parts, partial(call_model, run.model, state=run.state),
-                              full_scale=full_scale)
+                              full_scale=full_scale, maps=maps)
 
 
 def _image_stats(run: TilePass, x: torch.Tensor, tile: int, norm_stats: str, max_passes: int,
@@ -123,14 +119,27 @@ def _image_stats(run: TilePass, x: torch.Tensor, tile: int, norm_stats: str, max
     boxes = [box for _, _, box in run.tiling.places]
     multiple = int(getattr(run.model, "input_multiple", 1))
     size = tuple(-(-side // multiple) * multiple for side in run.tiling.size)  # as padded for the model
+    maps = probe_maps(partial(call_model, run.model, state=run.state), x, run.device, size, multiple)
+    if maps.shapes is not None and not pooled_norm_modules(run.model) and not any(
+            maps.spatial(index, shape, maps.size) for index, shape in enumerate(maps.shapes)):
+        return blend_pass(run, x), 1, True  # no norm and no whole-map reduction of a feature map: nothing to pool
     prior = None
     if len(boxes) > run.tile_batch:
-        if not pooled_norm_modules(run.model) and not _record_prior(run, x, min(tile, DETECTION_SIDE)).calls:
-            return blend_pass(run, x), 1, True  # no norm and no whole-map reduction: nothing to pool
-        prior = _record_prior(run, x, prior_side(tile, run.tile_batch))
+        prior = _record_prior(run, x, prior_side(tile, run.tile_batch), maps)
         note(f"norm statistics of the whole {prior.size[0]}x{prior.size[1]} image (it fits in a batch)" if prior.full_scale
              else f"norm statistics prior from a {prior.size[0]}x{prior.size[1]} copy of the image")
-    pooled = PooledNorms(run.model, boxes, size, prior, [(top, left) for top, left, _ in run.tiling.places])
+    pooled = PooledNorms(run.model, boxes, size, prior, [(top, left) for top, left, _ in run.tiling.places], maps)
+    result = _passes(run, x, pooled, tile, norm_stats, max_passes, tolerance)
+    if maps.shapes is None and pooled.reduces:
+        warnings.warn(maps.unknown_warning(type(run.model).__name__), RuntimeWarning, stacklevel=4)
+    return result
+
+
+def _passes(run: TilePass, x: torch.Tensor, pooled: PooledNorms, tile: int, norm_stats: str, max_passes: int,
+            tolerance: float) -> tuple[torch.Tensor, int, bool]:
+    """The tiled passes of :func:`_image_stats` under ``pooled``: one, or for ``"pooled"`` after a
+    downsampled prior as many as it takes to settle."""
+    prior = pooled.prior
     previous, change = None, float("inf")
     for done in range(1, max_passes + 1):
         out = blend_pass(run, x, pooled)
@@ -146,7 +155,7 @@ def _image_stats(run: TilePass, x: torch.Tensor, tile: int, norm_stats: str, max
         warnings.warn(f"predict_tiled(norm_stats='pooled'): the last of {max_passes} passes at tile {tile} still "
                       f"changed the output by {change:.3g} (> {tolerance}), so it may differ from the whole "
                       "image; raise max_passes or use a larger tile (mb.tile_fidelity measures both).",
-                      RuntimeWarning, stacklevel=4)
+                      RuntimeWarning, stacklevel=5)
     return out, max_passes, False
 
 
@@ -276,7 +285,10 @@ def predict_tiled(model: nn.Module, x: torch.Tensor, tile: int = 512, overlap: i
     sums, variances, maxima, ``adaptive_*_pool2d(x, 1)``: CBAM's channel attention, SimAM,
     squeeze-and-excitation), and means over one spatial axis (triplet attention's profiles: each
     tile gets its slice of the whole image's, where all tiles share a batch or the prior ran the
-    image itself). They are exact in one pass with every tile in one batch: raise
+    image itself). Only reductions of feature maps are pooled, told from other 4-D tensors
+    reduced the same way (an attention matrix normalised by hand, a channels-last map) by one
+    forward of a small input of another height and width (:mod:`mlbench.probes.spatial_maps`);
+    those run on the tile. They are exact in one pass with every tile in one batch: raise
     ``tile_batch`` to the number of tiles where memory allows, else use ``"pooled"`` where the
     prior is not close enough (cluttered images far larger than a batch, where the prior is a
     small copy: HRNet's nuclei with 512 px tiles gave 0.84 against all tiles in one batch from a

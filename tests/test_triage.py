@@ -913,3 +913,71 @@ def test_a_pretty_printed_422_names_its_field():
     body = '{\n  "detail": [\n    {\n      "loc": [\n        "body",\n        "file"\n      ],\n      "msg": "field required"\n    }\n  ]\n}'
     d = triage("HTTP/1.1 422 Unprocessable Entity\n" + body, casebook=False)
     assert (d.failure_class, d.numbers["status"], d.numbers["fields"]) == ("validation_error", 422, ["body,file"])
+
+
+# ---- round 6: threads found by symptom, in other wordings (Windows, musl, MPS, NCCL, curl -v, locales) -----------
+REAL6 = _load("triage_real6")
+
+
+def test_real_set_round6_is_new_labelled_and_sourced():
+    assert len(REAL6) >= 80
+    _assert_new_and_sourced(REAL6, REAL + REAL2 + REAL3 + REAL4 + REAL5 + CORPUS)
+
+
+def test_real_issue_texts_round6_accuracy():
+    _assert_accurate_with_held_out_third(REAL6)
+
+
+@pytest.mark.parametrize("text, expected, cause, says", [
+    ('OSError: [WinError 1455] The paging file is too small for this operation to complete. Error loading '
+     '"C:\\env\\lib\\site-packages\\torch\\lib\\cudnn_cnn_infer64_8.dll" or one of its dependencies.',
+     "cuda_oom", "windows_paging_file", "paging file"),
+    ('OSError: [WinError 1455] 页面文件太小，无法完成操作。 Error loading "D:\\a\\torch\\lib\\cublas64_11.dll"',
+     "cuda_oom", "windows_paging_file", "paging file"),
+    ('OSError: [WinError 126] The specified module could not be found. Error loading '
+     '"C:\\Python310\\lib\\site-packages\\torch\\lib\\c10.dll" or one of its dependencies.',
+     "missing_dependency", "windows_dll", "Visual C++ Redistributable"),
+    ("NotImplementedError: The operator 'aten::roll' is not currently implemented for the MPS device. As a temporary fix, "
+     "you can set the environment variable", "device_mismatch", "mps_missing_op", "PYTORCH_ENABLE_MPS_FALLBACK=1"),
+    ("RuntimeError: NCCL error in: /opt/conda/ProcessGroupNCCL.cpp:518, unhandled system error, NCCL version 2.7.8",
+     "device_mismatch", "nccl", "NCCL_DEBUG=INFO"),
+    ("Error loading shared library libGL.so.1: No such file or directory (needed by /usr/bin/app)",
+     "missing_dependency", "system_library", "libgl1"),
+])
+def test_causes_in_other_wordings_get_their_own_fix_and_account(text, expected, cause, says):
+    """The cause's fix, and its account of what happened in place of the class's most common one."""
+    d = triage(text, casebook=False)
+    assert (d.failure_class, d.numbers.get("cause")) == (expected, cause)
+    assert says in d.fix and "pip install" not in d.fix
+
+
+def test_a_full_disk_is_not_explained_as_a_device():
+    d = triage("safetensors_rust.SafetensorError: Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+               "message: \"No space left on device\" })", casebook=False)
+    assert d.numbers["cause"] == "disk_full" and "a disk is full" in d.explanation
+    assert "different devices" not in d.explanation
+
+
+def test_small_size_pairs_read_as_channels_and_the_final_http_status():
+    rgba = triage("RuntimeError: The size of tensor a (4) must match the size of tensor b (3) at non-singleton dimension 0",
+                  casebook=False)
+    assert "RGBA" in rgba.explanation and "multiple of" not in rgba.fix and "convert('RGB')" in rgba.fix
+    skip = triage("RuntimeError: The size of tensor a (64) must match the size of tensor b (63) at non-singleton dimension 3",
+                  casebook=False)
+    assert "multiples of 16" in skip.fix
+    curl = triage("> POST /predict HTTP/1.1\n< HTTP/1.1 100 Continue\n< HTTP/1.1 504 Gateway Timeout\n", casebook=False)
+    assert curl.numbers["status"] == 504
+
+
+def test_a_missing_submodule_is_a_version_not_a_missing_package():
+    """Python names the first part of a dotted name that is missing: timm.layers missing means timm is there."""
+    d = triage("ModuleNotFoundError: No module named 'timm.layers'", casebook=False)
+    assert "timm is installed" in d.explanation and "version" in d.fix
+    old_abi = triage("ImportError: numpy.core.multiarray failed to import", casebook=False)
+    assert "None" not in old_abi.explanation and "NumPy" in old_abi.fix
+
+
+def test_info_log_lines_do_not_outrank_the_error():
+    text = ("2025-06-04 16:18:38,972 [INFO] normalization checked: computing saturation levels\n"
+            "2025-06-04 16:18:39,000 [ERROR] RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert triage(text, casebook=False).failure_class == "cuda_oom"

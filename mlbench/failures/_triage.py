@@ -37,7 +37,7 @@ from typing import IO, Any, Union
 
 from mlbench.failures import numbers as triage_numbers
 from mlbench.failures.case_index import similar_cases
-from mlbench.failures.causes import find_cause
+from mlbench.failures.causes import cause_meaning, find_cause
 from mlbench.errors import OptionsError
 from mlbench.failures.blocks import TB_START, cut_blocks, fit_block, within_budget
 from mlbench.failures.library_rules import LIBRARY_RULES, whole_input_diagnoses
@@ -229,11 +229,16 @@ def make_diagnosis(failure_class: str, evidence: str = "") -> Diagnosis:
 
 
 # ---- blocks and classification ------------------------------------------------------------
+_INFO_LINE = re.compile(r"^\W{0,3}(?:\d{4}-\d\d-\d\d[\d:,.T ]{0,16}\W{0,3})?(?:\w{1,20}_)?(?:INFO|DEBUG|TRACE)\b")
+
+
 def _line_factor(line: str, previous: str, has_message: bool) -> float:
     """How much a match on ``line`` counts: the exception line most, stack frames least (but more
     when the traceback was cut before its message, so the frames are all there is)."""
     if exception_name(line):
         return 1.25
+    if _INFO_LINE.match(line):
+        return 0.4  # a log line at INFO or DEBUG level reports progress, not the failure
     if is_frame(line):
         return 0.3 if has_message else 0.6
     if previous and is_frame_header(previous):
@@ -287,10 +292,11 @@ def _make(cls: str, evidence: str, text: str, score: float, line: int, exc_type:
     title, meaning, fix, notebook = CLASS_INFO[cls]
     numbers = triage_numbers.extract(cls, text)
     detail = triage_numbers.describe(cls, numbers)
-    explanation = f"{title}: {meaning}" + (f"; {detail}" if detail else "")
     cause = find_cause(cls, text)
-    if cause is not None:
+    if cause is not None:  # the cause's own account replaces the class's most common one
         numbers = {**numbers, "cause": cause[0]}
+        meaning = cause_meaning(cause[1])
+    explanation = f"{title}: {meaning}" + (f"; {detail}" if detail else "")
     fix = triage_numbers.specific_fix(cls, numbers) or (cause[1] if cause else fix)
     return Diagnosis(cls, evidence, explanation, fix, notebook, numbers, round(score, 2), line, 1, exc_type)
 

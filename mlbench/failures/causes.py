@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["CAUSES", "find_cause"]
+__all__ = ["CAUSES", "cause_meaning", "find_cause"]
 
 CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
     # (failure class or classes, cause, pattern, fix); the first match of the class wins
@@ -30,6 +30,11 @@ CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
      "the kernel's OOM killer stopped the process: host RAM or the container's memory limit ran out, not the GPU; "
      "raise the memory limit, lower the batch, the input size or the number of workers, and check the need with "
      "mb.estimate_memory(model, input_shape, device='cpu')"),
+    ("cuda_oom", "windows_paging_file", r"WinError 1455|paging file is too small|页面文件太小"
+     r"|fichier de pagination est insuffisant|Файл подкачки слишком мал",
+     "Windows ran out of virtual memory (its paging file) while loading torch's CUDA DLLs, not GPU memory: raise "
+     "the paging file (System > Advanced system settings > Performance > Virtual memory, or let Windows manage it "
+     "on a drive with free space) and lower num_workers, since every DataLoader worker loads the DLLs again"),
     ("weights_missing", "not_a_torch_archive", r"locating file data\.pkl",
      "the file is a zip archive but not one torch.save wrote (another tool's archive, or damaged): "
      "mb.check_weights(path) says what it holds; fetch the checkpoint the model was saved to"),
@@ -87,6 +92,15 @@ CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
      "cuDNN has no kernel for this call: make the input contiguous (x.contiguous()), use float32 where half "
      "precision is not supported, or split an input too large for one call (mb.predict_tiled); "
      "torch.backends.cudnn.enabled = False confirms it is cuDNN"),
+    ("device_mismatch", "mps_missing_op", r"not currently implemented for the MPS device",
+     "this operator has no Apple-GPU (MPS) kernel in this torch: set PYTORCH_ENABLE_MPS_FALLBACK=1 before Python "
+     "starts (the operator then runs on the CPU), upgrade torch (MPS gains operators with each release), or run the "
+     "model on the CPU (device='cpu')"),
+    ("device_mismatch", "nccl", r"NCCL (error|WARN)|nccl(System|Internal|UnhandledCuda)Error|ncclInvalidUsage"
+     r"|ProcessGroupNCCL|NCCL failure",
+     "NCCL, the multi-GPU communication library, failed: rerun with NCCL_DEBUG=INFO to see why; in a container raise "
+     "the shared memory (docker run --shm-size=2g or --ipc=host); without InfiniBand set NCCL_IB_DISABLE=1, and "
+     "pick the network interface with NCCL_SOCKET_IFNAME; an inference on one GPU needs no torch.distributed at all"),
     ("device_mismatch", "disk_full", r"No space left on device|\[Errno 28\]|ENOSPC|disk quota exceeded"
      r"|PytorchStreamWriter failed writing|unexpected pos \d+ vs \d+",
      "a disk is full (the container's writable layer, /tmp, a cache or the output folder), not a compute device: "
@@ -105,7 +119,7 @@ CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
      "cv2.findContours takes a single-channel uint8 mask: pass (probabilities > threshold).astype(np.uint8), not "
      "the float probabilities or a bool array"),
     ("dtype_mismatch", "index_type", r"tensors used as indices must be",
-     "index with an integer or a boolean tensor: labels.long(), or a boolean mask such as probabilities > threshold"),
+     "an index must be an integer or a boolean tensor: labels.long(), or a boolean mask such as probabilities > threshold"),
     ("dtype_mismatch", "unsigned_array", r"type numpy\.uint(16|32|64)\b",
      "torch.from_numpy cannot take this unsigned NumPy type: convert first (image.astype(np.float32) / 65535 for "
      "16-bit), or read with mb.read_image and let the pipeline scale by the image's bit depth"),
@@ -137,10 +151,16 @@ CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
      r"|LimitRequestBody",
      "a proxy in front of the service (nginx: client_max_body_size, 1 MB by default; Apache: LimitRequestBody) "
      "refused the upload before the service saw it: raise the proxy's limit to at least the service's"),
-    ("missing_dependency", "system_library", r"lib[\w.+-]{1,60}\.so[\d.]{0,12}: cannot open shared object file",
+    ("missing_dependency", "system_library", r"lib[\w.+-]{1,60}\.so[\d.]{0,12}: cannot open shared object file"
+     r"|Error loading shared library lib[\w.+-]{1,60}\.so",
      "a system library is missing, not a Python package: install it with the OS package manager (libGL: "
      "apt-get install libgl1, or use opencv-python-headless; libgthread/libglib: apt-get install libglib2.0-0; "
      "libSM, libXext, libXrender: opencv-python-headless); `ldd` on the failing .so lists what else is missing"),
+    ("missing_dependency", "windows_dll", r"WinError 126|DLL load failed|Error loading \"[^\"\n]{1,300}\.dll\"",
+     "a DLL that the package (most often torch's c10.dll or its CUDA DLLs) needs did not load: install the Microsoft "
+     "Visual C++ Redistributable (x64, 2015-2022), then reinstall torch in a fresh environment with the command "
+     "from pytorch.org/get-started (a conda and a pip torch in one environment, or a CUDA build without a driver, "
+     "also do it); `mlbench doctor` shows what loads"),
     ("queue_timeout", "model_loading", r"is currently loading|Loading model|model is loading",
      "the model is still loading on the server: wait the estimated time it gives and retry (with a backoff); "
      "for your own service, send requests only after its health check says the model is loaded"),
@@ -159,6 +179,17 @@ CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
 
 _COMPILED = [((cls,) if isinstance(cls, str) else cls, name, re.compile(pattern, re.I | re.M | re.ASCII), fix)
              for cls, name, pattern, fix in CAUSES]
+
+
+def cause_meaning(fix: str) -> str:
+    """What a cause's fix says happened: its text up to the first ``": "`` outside parentheses (each
+    fix is written "what happened: what to do")."""
+    depth = 0
+    for i, char in enumerate(fix):
+        depth += (char == "(") - (char == ")")
+        if depth == 0 and fix.startswith(": ", i):
+            return fix[:i]
+    return fix
 
 
 def find_cause(failure_class: str, text: str) -> tuple[str, str] | None:

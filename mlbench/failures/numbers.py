@@ -115,11 +115,14 @@ def _dependency(text: str) -> dict[str, Any]:
     m = re.search(r"cannot import name ['\"]?(\w+)['\"]? from ['\"]?([\w.]+)", text)
     if m:
         out.update(name=m.group(1), module=m.group(2))
-    m = re.search(r"(?<![\w.+-])([\w.+-]+\.so(?:\.[\d.]+)?): cannot open shared object file", text)
+    m = (re.search(r"(?<![\w.+-])([\w.+-]+\.so(?:\.[\d.]+)?): cannot open shared object file", text)
+         or re.search(r"Error loading shared library ([\w.+-]+\.so(?:\.[\d.]+)?)", text))
     if m:
         out["library"] = m.group(1)
-    if re.search(r"NumPy 1\.x cannot be run in|_ARRAY_API not found|numpy\.dtype size changed|multiarray failed to import|compiled against API version", text):
+    if re.search(r"NumPy 1\.x cannot be run in|_ARRAY_API not found|NumPy 2", text):
         out["abi"] = "numpy 1.x/2.x"
+    elif re.search(r"numpy\.dtype size changed|multiarray failed to import|compiled against API version", text):
+        out["abi"] = "NumPy C API"
     package = _broken_extension(text)
     if package:
         out.update(module=package, pip_package=PIP_NAMES.get(package, package), broken_extension=True)
@@ -197,7 +200,10 @@ def _dtypes(text: str) -> dict[str, Any]:
 
 def _http(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    m = re.search(r"(?:HTTP/[\d.]+\"?\s+|status(?:[ _]?code)?\W{0,3})([1-5]\d\d)\b", text) or re.search(r"\b(4[0-2]\d|50[0-4])\s+[A-Z][a-z]", text)
+    final = [m for m in re.finditer(r"(?:HTTP/[\d.]+\"?\s+|status(?:[ _]?code)?\W{0,3})([1-5]\d\d)\b", text)
+             if not m.group(1).startswith("1")]  # 100 Continue is not the answer
+    m = (final[-1] if final and text[final[-1].start():final[-1].start() + 5] == "HTTP/" else final[0] if final else None
+         ) or re.search(r"\b(4[0-2]\d|50[0-4])\s+[A-Z][a-z]", text)
     if m:
         out["status"] = int(m.group(1))
     fields = re.findall(r"\"loc\": ?\[([^\]]{0,300})\]", text) or re.findall(r"'loc': ?\(([^)]{0,300})\)", text)
@@ -240,7 +246,9 @@ def describe(failure_class: str, numbers: dict[str, Any]) -> str:
             text += f", {n['size_mismatch_count']} size mismatch(es), first {first['key']}: checkpoint {first['checkpoint']} vs model {first['model']}"
         return text + (f"; pickled global {n['unsafe_global']} is not allowed" if "unsafe_global" in n else "")
     if failure_class == "shape_mismatch" and "size_a" in n:
-        why = " (input sides not a multiple of the model's downsampling?)" if _off_by_downsampling(n["size_a"], n["size_b"]) else ""
+        why = (" (input sides not a multiple of the model's downsampling?)" if _off_by_downsampling(n["size_a"], n["size_b"])
+               else f" ({_CHANNELS[frozenset((n['size_a'], n['size_b']))]}?)" if frozenset((n["size_a"], n["size_b"])) in _CHANNELS
+               else "")
         return f"size {n['size_a']} vs {n['size_b']} at dimension {n['dimension']}{why}"
     if failure_class == "shape_mismatch" and "expected_channels" in n:
         return f"the model expects {n['expected_channels']} channels, the input has {n['got_channels']}"
@@ -249,7 +257,10 @@ def describe(failure_class: str, numbers: dict[str, Any]) -> str:
     if failure_class == "missing_dependency" and "missing_attribute" in n:
         return f"{n['module']}.{n['missing_attribute']} does not exist in the installed version (removed or renamed)"
     if failure_class == "missing_dependency" and ("module" in n or "library" in n or "abi" in n):
-        what = n.get("library") or n.get("module")
+        what = n.get("library") or n.get("module") or "a compiled extension"
+        if "." in str(n.get("module", "")) and "library" not in n and "name" not in n:
+            top = n["module"].split(".")[0]
+            return f"{n['module']} cannot be imported: {top} is installed (Python names the first part missing) but not the version with {n['module']}"
         return f"{what} cannot be imported" + (f" (a {n['abi']} ABI clash)" if "abi" in n else "")
     if failure_class == "weights_missing" and ("file_is" in n or "path" in n):
         return ", ".join(filter(None, [f"the file is {n['file_is']}" if "file_is" in n else "", f"path {n['path']}" if "path" in n else ""]))
@@ -276,10 +287,18 @@ def specific_fix(failure_class: str, numbers: dict[str, Any]) -> str | None:
     if failure_class == "missing_dependency" and "missing_attribute" in n:
         return (f"{n['module']}.{n['missing_attribute']} was removed in the installed version: pin the version the code was written "
                 f"for or update the call to the new API")
+    if failure_class == "missing_dependency" and "." in str(n.get("module", "")) and "pip_package" in n and "name" not in n:
+        top = n["module"].split(".")[0]
+        return (f"{top} is installed but is another version than the code (or the pickled model) was written for, one "
+                f"without {n['module']}: install the version it needs (pip install -U {n['pip_package']}, or pin the "
+                "older one the code names); for a pickled model, re-save its state_dict where it loads")
     if failure_class == "missing_dependency" and "pip_package" in n:
         return f"pip install {n['pip_package']} (into the same environment as the kernel/service), then `mlbench doctor`"
-    if failure_class == "missing_dependency" and "abi" in n:
+    if failure_class == "missing_dependency" and n.get("abi") == "numpy 1.x/2.x":
         return "reinstall the package that failed against the installed NumPy (or pin numpy<2 until it ships a NumPy 2 build)"
+    if failure_class == "missing_dependency" and "abi" in n:
+        return ("the failing extension was built against another NumPy than the installed one: reinstall it "
+                "(pip install --force-reinstall --no-cache-dir PACKAGE) or install the NumPy it was built for")
     if failure_class == "missing_dependency" and str(n.get("library", "")).startswith("libGL"):
         return "use opencv-python-headless instead of opencv-python (or apt-get install libgl1)"
     if failure_class == "weights_mismatch" and n.get("prefix") == "module.":
@@ -290,13 +309,23 @@ def specific_fix(failure_class: str, numbers: dict[str, Any]) -> str | None:
                 "better, re-save only the state_dict as safetensors")
     if failure_class == "shape_mismatch" and "size_a" in n and _off_by_downsampling(n["size_a"], n["size_b"]):
         return "resize or pad the input so height and width are multiples of 16 (or 32), or use a model with a size guard"
+    if failure_class == "shape_mismatch" and "size_a" in n and frozenset((n["size_a"], n["size_b"])) in _CHANNELS:
+        return ("give every image the channels the model takes: drop an alpha channel (Image.open(p).convert('RGB'), "
+                "x[:, :3]) and repeat a grey one (convert('RGB'), x.expand(-1, 3, -1, -1)); mb.read_image reports them")
     return _FIXES[failure_class](n) if failure_class in _FIXES else None
+
+
+_CHANNELS = {frozenset((3, 4)): "an RGBA image where RGB is expected, or the reverse",
+             frozenset((1, 3)): "a grey image where RGB is expected, or the reverse",
+             frozenset((1, 4)): "a grey image where RGBA is expected, or the reverse"}
+"""Size pairs that are channel counts of images far more often than map sides."""
 
 
 def _off_by_downsampling(a: int, b: int) -> bool:
     """Whether two sizes differ as a skip connection's do when the input side is not a multiple of
-    the downsampling: by a pixel or two, not by a factor (a doubled batch or sequence)."""
-    return 0 < abs(a - b) <= max(2, min(a, b) // 16)
+    the downsampling: by a pixel or two, not by a factor (a doubled batch or sequence), and not as
+    the channel counts of images do (3 vs 4: RGB and RGBA)."""
+    return 0 < abs(a - b) <= max(2, min(a, b) // 16) and frozenset((a, b)) not in _CHANNELS
 
 
 def _weights_file_fix(n: dict[str, Any]) -> str | None:

@@ -45,6 +45,8 @@ RULES: tuple[tuple[str, float, str], ...] = (
     ("cuda_oom", 4, r"CUDA_ERROR_OUT_OF_MEMORY|cudaErrorMemoryAllocation|RESOURCE_EXHAUSTED"),
     ("cuda_oom", 3, r"(GPU|VRAM|memory) (is )?(full|exhausted)"),
     ("cuda_oom", 3, r"PYTORCH_CUDA_ALLOC_CONF|expandable_segments"),
+    ("cuda_oom", 7, r"WinError 1455|paging file is too small|页面文件太小|fichier de pagination est insuffisant"
+     r"|Файл подкачки слишком мал"),  # Windows' virtual memory, hit while the CUDA DLLs load
     # ---- weights_missing: file absent, empty, truncated, corrupt --------------------------
     ("weights_missing", 6.5, r"Unable to load weights from|Unable to load (the )?(checkpoint|state dict)|could not (load|find) (the )?(weights|checkpoint)( file)?"),
     ("weights_missing", 5, r"PytorchStreamReader failed" + _G + r"(zip archive|central directory|reading file)"),

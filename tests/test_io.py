@@ -63,7 +63,8 @@ def test_truncated_jpeg_that_cv2_accepts_is_refused(tmp_path):
 
 def test_truncated_tiff_raises():
     data = _tiff(np.zeros((128, 128), np.uint16))
-    with pytest.raises(mb.ImageError, match="the TIFF cannot be decoded.*export it again"):
+    with pytest.raises(mb.ImageError, match=r"the TIFF is truncated: .* ends at byte 33,024, but the file has 16,512 "
+                                             r"bytes \(16,512 missing\).*export the file again"):
         mb.read_image(data[: len(data) // 2])
 
 
@@ -215,9 +216,40 @@ def test_rgba_tiff_alpha_is_dropped():
 
 
 def test_binary_tiff_becomes_0_255_and_is_flagged():
-    image, report = mb.read_image(_tiff(_gradient() > 100))
+    """tifffile stores a bool array as MinIsWhite bits, which PIL (the service's reader) inverts: so does read_image."""
+    mask = _gradient() > 100
+    image, report = mb.read_image(_tiff(mask))
     assert image.dtype == np.uint8 and set(np.unique(image)) == {0, 255}
-    assert [p.code for p in report.problems] == ["binary"] and "looks like a mask" in report.problems[0].message
+    assert np.array_equal(image == 0, mask)
+    assert [p.code for p in report.problems] == ["min_is_white", "binary"]
+    assert "looks like a mask" in report.problems[1].message
+
+
+def test_tiff_colour_as_pil_reads_it_and_a_padded_last_strip_is_valid():
+    """MinIsWhite inverted, CMYK converted and the Orientation tag applied, as for other formats; a
+    palette's indices said; a last strip padded to a full one read, not refused."""
+    grey = _gradient().astype(np.uint8)
+    image, report = mb.read_image(_tiff(grey, photometric="miniswhite"))
+    assert np.array_equal(image, 255 - grey) and report.problems[0].code == "min_is_white"
+    cmyk = np.stack([grey, grey // 2, 255 - grey, grey // 4], -1)
+    image, report = mb.read_image(_tiff(cmyk, photometric="separated"))
+    with Image.open(io.BytesIO(_tiff(cmyk, photometric="separated"))) as pil:
+        assert np.array_equal(image, np.asarray(pil.convert("RGB")))
+    assert [p.code for p in report.problems] == ["cmyk"]
+    image, report = mb.read_image(_tiff(grey, extratags=[(274, "H", 1, 6, True)]))
+    assert image.shape == grey.shape[::-1] and "Orientation tag 6 applied" in report.problems[0].message
+    _, report = mb.read_image(_tiff(grey, photometric="palette", colormap=np.tile(np.arange(256, dtype=np.uint16) * 257, (3, 1))))
+    assert [p.code for p in report.problems] == ["palette"]
+    data = bytearray(_tiff(grey[:42], rowsperstrip=16))  # strips of 16, 16 and 10 rows
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
+        tag, counts = tif.pages[0].tags["StripByteCounts"], tif.pages[0].databytecounts
+    full = 16 * grey.shape[1]
+    assert counts[-1] == 10 * grey.shape[1]
+    data += b"\0" * (full - counts[-1])  # bytes for the larger count to cover
+    fmt = "<I" if tag.dtype == 4 else "<H"
+    struct.pack_into(fmt, data, tag.valueoffset + struct.calcsize(fmt) * (len(counts) - 1), full)
+    image, report = mb.read_image(bytes(data))
+    assert np.array_equal(image, grey[:42]) and not report.problems
 
 
 def test_nan_pixels_and_constant_image_are_flagged():

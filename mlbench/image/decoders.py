@@ -228,6 +228,7 @@ def decode_tiff(source: bytes | BinaryIO, name: str, page: int, limits: Budgets)
             pages = info["planes"]
             compression = tif.pages[0].compression.name.lower()
             info["alpha"] = _tiff_has_alpha(tif.pages[0])
+            colour = _tiff_colour(tif.pages[0])
     except ImageError:
         raise
     except Exception as exc:  # tifffile raises many types for damaged files
@@ -243,17 +244,67 @@ def decode_tiff(source: bytes | BinaryIO, name: str, page: int, limits: Budgets)
     if pages > 1:
         problems.append(Problem("multi_page", f"{pages} pages; page {page} used, the others ignored"))
     array = _to_channels_last(np.asarray(array), info["axes"])
+    array = _as_stored_colour(array, colour, problems)
+    orientation = colour["orientation"] if 1 <= colour["orientation"] <= 8 else 1
+    if orientation != 1:
+        array = np.ascontiguousarray(_apply_orientation(array, orientation))
+        problems.append(Problem("exif_rotated", f"TIFF Orientation tag {orientation} applied; the service ignores it "
+                                "and sees the image as stored"))
     array, alpha = _drop_alpha(array, known_alpha=info["alpha"])
     if alpha:
         problems.append(Problem("alpha_dropped", "an alpha channel was present and dropped"))
     array = _keep_first_channel(array, problems)
-    if array.ndim == 3 and array.shape[2] == 3 and "C" in info["axes"].upper():
+    if array.ndim == 3 and array.shape[2] == 3 and "C" in info["axes"].upper() and \
+            not any(p.code == "channels_as_rgb" for p in problems):
         problems.append(Problem("channels_as_rgb", "3 channels stored as separate planes (axes "
                                 f"{info['axes']}: stains or fluorescence channels, not a colour photo) go to the model "
                                 "as red, green and blue; check that their order is the one the model was trained on, "
                                 "or pass one channel"))
     return array, {"pages": pages, "page_used": page, "mode": info["axes"], "axes": info["axes"],
-                   "compression": compression, "orientation": 1, "alpha": alpha, "problems": problems}
+                   "compression": compression, "orientation": orientation, "alpha": alpha, "problems": problems}
+
+
+def _tiff_colour(page) -> dict:
+    """What a TIFF page says about the meaning of its samples: photometric interpretation, colour
+    map, samples per pixel and the Orientation tag (1: as stored)."""
+    photometric = getattr(page.photometric, "name", str(page.photometric))
+    tag = page.tags.get(274)
+    colormap = page.colormap if photometric == "PALETTE" else None
+    return {"photometric": photometric, "samples": int(page.samplesperpixel), "colormap": colormap,
+            "orientation": int(tag.value) if tag is not None and isinstance(tag.value, int) else 1,
+            "extra": len(tuple(getattr(page, "extrasamples", ()) or ()))}
+
+
+def _as_stored_colour(array: np.ndarray, colour: dict, problems: list[Problem]) -> np.ndarray:
+    """The pixels as PIL (the service's reader) sees them where the photometric interpretation is not
+    plain grey or RGB: MinIsWhite inverted, CMYK converted to RGB; a palette's indices kept and
+    said, as for PNG; three samples that are not RGB (MinIsBlack, CIELab, YCbCr) said."""
+    photometric = colour["photometric"]
+    if photometric == "MINISWHITE" and np.issubdtype(array.dtype, np.integer) and array.ndim == 2:
+        problems.append(Problem("min_is_white", "stored MinIsWhite (0 is white): inverted, so that 0 is black, as "
+                                "PIL and the service read it"))
+        return np.iinfo(array.dtype).max - array
+    if photometric == "MINISWHITE" and array.dtype == np.bool_:
+        problems.append(Problem("min_is_white", "stored MinIsWhite (0 is white): inverted, as PIL reads it"))
+        return ~array
+    if photometric == "PALETTE":
+        entries = colour["colormap"].shape[-1] if colour["colormap"] is not None else 0
+        problems.append(Problem("palette", f"palette image: the {entries} palette indices are returned; as served, "
+                                "convert('RGB') maps them to colours"))
+    elif photometric == "SEPARATED" and array.ndim == 3 and array.shape[2] - colour["extra"] == 4:
+        if array.dtype == np.uint8:  # PIL's conversion: each of R, G, B is (255 - C, M, Y) * (255 - K) / 255, rounded
+            cmy, k = array[..., :3].astype(np.uint32), array[..., 3:4].astype(np.uint32)
+            product = (255 - cmy) * (255 - k) + 128
+            problems.append(Problem("cmyk", "CMYK converted to RGB"))
+            return ((product + (product >> 8)) >> 8).astype(np.uint8)
+        problems.append(Problem("cmyk", f"{array.dtype} CMYK (ink amounts, not light): channel 0 is cyan, not grey; "
+                                "export the image as RGB or as the single channel the model was trained on"))
+    elif photometric in ("MINISBLACK", "CIELAB", "ICCLAB", "ITULAB", "YCBCR") and array.ndim == 3 \
+            and array.shape[2] == 3:
+        kind = "grey channels (MinIsBlack: stains or fluorescence)" if photometric == "MINISBLACK" else f"{photometric} colour"
+        problems.append(Problem("channels_as_rgb", f"3 samples of {kind}, not RGB, go to the model as red, green and "
+                                "blue; convert to RGB, or check that their order is the one the model was trained on"))
+    return array
 
 
 def _to_channels_last(array: np.ndarray, axes: str) -> np.ndarray:
@@ -261,7 +312,7 @@ def _to_channels_last(array: np.ndarray, axes: str) -> np.ndarray:
     axes = axes.upper()
     if array.ndim == 3 and axes[0] in "SC" and array.shape[0] <= 4:
         return np.ascontiguousarray(np.moveaxis(array, 0, -1))
-    if array.ndim == 3 and array.shape[0] <= 4 < array.shape[2]:  # channels read as pages, axes lost
+    if array.ndim == 3 and axes[-1:] not in ("S", "C") and array.shape[0] <= 4 < array.shape[2]:  # channels read as pages, axes lost
         return np.ascontiguousarray(np.moveaxis(array, 0, -1))
     return array
 
@@ -390,6 +441,10 @@ def decode_pil(source: bytes | BinaryIO, name: str, limits: Budgets) -> tuple[np
         mode = "LA;16" if array.shape[-1] == 2 else "RGB;16"
     else:
         orientation = int(image.getexif().get(0x0112, 1) or 1)
+        if not 1 <= orientation <= 8:
+            problems.append(Problem("exif_invalid", f"EXIF orientation {orientation} is no valid value (1..8): ignored, "
+                                    "the image is used as stored, as the service does"))
+            orientation = 1
         if orientation != 1:
             image = ImageOps.exif_transpose(image)
         if mode == "P":

@@ -123,6 +123,17 @@ def _tiff_raw_bytes(page) -> int:
     return page.imagelength * -(-page.imagewidth * samples * bits // 8) * planes * page.imagedepth
 
 
+def _full_strips_bytes(page) -> int:
+    """Bytes of an uncompressed stripped page whose last strip (of each plane) is padded to a full
+    strip, as some writers store it (a valid file: PIL and tifffile read it); for tiles, 0."""
+    if page.is_tiled:
+        return 0
+    contig = int(page.planarconfig) != 2
+    bits = int(np.max(page.bitspersample)) if np.ndim(page.bitspersample) else int(page.bitspersample)
+    row = -(-page.imagewidth * (page.samplesperpixel if contig else 1) * bits // 8)
+    return len(page.dataoffsets) * min(int(page.rowsperstrip), page.imagelength) * row * page.imagedepth
+
+
 def tiff_damage(tif, name: str) -> None:
     """Raise when a TIFF page has fewer or more strips/tiles than its size needs, an empty one, or
     (uncompressed) fewer or more bytes of pixel data than its header describes: a changed header."""
@@ -131,11 +142,18 @@ def tiff_damage(tif, name: str) -> None:
         needed, present = int(np.prod(page.chunked)), len(page.dataoffsets)
         counts = [int(c) for c in page.databytecounts]
         raw = _tiff_raw_bytes(page) if int(page.compression) == 1 else None
+        ends = [int(o) + c for o, c in zip(page.dataoffsets, counts)]
+        size = int(tif.filehandle.size)
+        if ends and max(ends) > size:
+            last = ends.index(max(ends))
+            raise ImageError(f"{name}: the TIFF is truncated: page {page.index}'s strip or tile {last} ends at byte "
+                             f"{max(ends):,}, but the file has {size:,} bytes ({max(ends) - size:,} missing), so its "
+                             "last rows would be invented; copy or export the file again")
         if needed != present:
             found = f"needs {needed:,} strips or tiles, but the file lists {present:,}"
         elif 0 in counts:
             found = f"lists an empty strip or tile (number {counts.index(0)})"
-        elif raw is not None and not raw <= sum(counts) <= raw + len(counts):
+        elif raw is not None and not raw <= sum(counts) <= max(raw, _full_strips_bytes(page)) + len(counts):
             found = f"needs {raw:,} bytes of uncompressed pixel data, but its strips or tiles hold {sum(counts):,}"
         else:
             continue

@@ -130,7 +130,7 @@ def effective_bit_depth(array: np.ndarray, top: float | None = None) -> int:
     if array.dtype == np.bool_:
         return 1
     if np.issubdtype(array.dtype, np.floating):
-        return 32 if array.dtype == np.float32 else 64
+        return array.dtype.itemsize * 8  # 16, 32 or 64
     top = (int(array.max()) if array.size else 0) if top is None else int(top)
     container = array.dtype.itemsize * 8
     return min(container, max(8, int(np.ceil(np.log2(top + 1))) if top > 0 else 8))

@@ -317,3 +317,27 @@ def test_a_checkpoint_of_another_model_is_named_so(tmp_path):
         assert "shares no key with any registered architecture" in text and "bert.embeddings" in text
         assert "0/" not in text
     assert codes(against) == ["no_keys_match"]
+
+
+def test_a_users_model_whose_attribute_is_a_wrapper_name_loads_as_saved(tmp_path):
+    """``net.`` and ``model.`` are stripped as wrappers only where the keys do not already fit the model."""
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Conv2d(3, 1, 1)
+
+    saved = Wrapped()
+    path = tmp_path / "own.pth"
+    torch.save(saved.state_dict(), path)
+    loaded = mb.load_model(path, model=Wrapped())
+    assert torch.equal(loaded.net.weight, saved.net.weight)
+    with pytest.raises(mb.WeightsError, match="no entry 'ema'.*pass no key"):
+        mb.load_model(path, model=Wrapped(), key="ema")
+
+
+def test_value_classes_are_not_code_and_pagers_are():
+    from mlbench.models.checkpoint_formats import is_code_global
+
+    assert not any(map(is_code_global, ["pathlib.PosixPath", "types.SimpleNamespace", "argparse.Namespace"]))
+    assert all(map(is_code_global, ["pydoc.pipepager", "numpy.testing._private.utils.runstring", "os.system"]))

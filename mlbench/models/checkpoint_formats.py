@@ -59,12 +59,13 @@ _CODE_ROOTS = frozenset({
     "telnetlib", "requests", "distutils", "setuptools", "pip", "posixpath", "ntpath", "zipimport", "pkgutil",
     "ensurepip", "venv", "sysconfig", "cProfile", "profile", "trace", "doctest", "unittest", "inspect", "gc",
     "_posixsubprocess", "_winapi", "_ctypes", "imp", "_imp", "_operator", "_functools", "_signal", "_socket", "ssl",
-    "socketserver", "xmlrpc", "asyncore",
+    "socketserver", "xmlrpc", "asyncore", "pydoc",
 })
 _CODE_NAMES = frozenset({"eval", "exec", "execfile", "compile", "system", "popen", "__import__", "getattr", "setattr",
                          "delattr", "open", "apply", "import_module", "attrgetter", "methodcaller", "spawn",
                          "spawnl", "spawnv", "execv", "execve", "Popen", "call", "check_call", "check_output",
-                         "run", "load", "loads", "runcode", "run_path", "run_module", "interact"})
+                         "run", "load", "loads", "runcode", "run_path", "run_module", "interact", "runstring",
+                         "pipepager", "tempfilepager", "pipe", "system_call"})
 """Modules, and names in any module, whose globals run code or reach the system: ``code_execution``."""
 _DATA_BUILTINS = frozenset({"set", "frozenset", "slice", "range", "complex", "bytearray", "bytes", "dict", "list",
                             "tuple", "int", "float", "bool", "str", "object"})
@@ -72,12 +73,19 @@ _DATA_BUILTINS = frozenset({"set", "frozenset", "slice", "range", "complex", "by
 buffers), which is not on torch's allowlist but runs nothing (``unsafe_globals``, not ``code_execution``)."""
 
 
+_DATA_CLASSES = frozenset({"pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.PurePosixPath", "pathlib.PureWindowsPath",
+                           "pathlib.Path", "pathlib._local.PosixPath", "pathlib._local.WindowsPath", "types.SimpleNamespace",
+                           "argparse.Namespace"})
+"""Classes whose pickled instances only hold values (a path in the hyper-parameters, a namespace of
+options): not on torch's allowlist (``unsafe_globals``), but building one runs nothing."""
+
+
 def is_code_global(name: str) -> bool:
     """True for a global that runs code or reaches the system (``os.system``, ``builtins.eval``, ...); not
-    for a builtin that only builds a value (``builtins.set``)."""
+    for a builtin that only builds a value (``builtins.set``) or a class of values (``pathlib.PosixPath``)."""
     root, _, rest = name.partition(".")
     computed = name.startswith("<")  # a name computed while unpickling, or a copyreg extension code
-    if root in ("builtins", "__builtin__") and rest in _DATA_BUILTINS:
+    if (root in ("builtins", "__builtin__") and rest in _DATA_BUILTINS) or name in _DATA_CLASSES:
         return False
     return computed or root in _CODE_ROOTS or rest.rpartition(".")[2] in _CODE_NAMES
 

@@ -147,6 +147,9 @@ def unwrap(obj: Any, key: str | None = None) -> tuple[Mapping[str, torch.Tensor]
     weights (``ema_state_dict``, ``state_dict_ema``, ``model_ema``, ``ema``) when those are all
     there is. The description names what else the dict holds (an EMA copy that was *not* used, too).
     """
+    if _is_state_dict(obj) and key is not None:
+        return None, (f"a plain state dict, with no entry {key!r} (its {len(obj)} tensors are the weights themselves): "
+                      "pass no key")
     if _is_state_dict(obj):
         return obj, "a plain state dict"
     if not isinstance(obj, Mapping):
@@ -179,12 +182,17 @@ def strip_prefix(state_dict: Mapping[str, Any], known_keys: Collection[str] = ()
     """A copy of ``state_dict`` without the prefix every key shares, and that prefix.
 
     The usual wrappers (``module.``, ``model.``, ``net.``, ``_orig_mod.``) are stripped whenever
-    every key has them; any other first segment every key shares (``encoder_decoder.``) only when
+    every key has them, unless the keys with them fit ``known_keys`` at least as well (a user's
+    model whose own attribute is ``net``); any other first segment every key shares (``encoder_decoder.``) only when
     stripping it turns the keys into ``known_keys`` (those of the registered architectures).
     """
     out, removed = OrderedDict(state_dict), ""
+    known = set(known_keys)
     while out:
         prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in out)), None)
+        fit = sum(k in known for k in out) if prefix is not None and known else 0
+        if fit and fit >= sum(k[len(prefix):] in known for k in out):
+            break  # the keys fit the model as they are (its own attribute is called net or model)
         if prefix is None and known_keys:
             prefix = _shared_wrapper(out, known_keys)
         if prefix is None:

@@ -136,8 +136,12 @@ def budgets(given: Budgets | None = None, **overrides: float) -> Budgets:
     Raises
     ------
     OptionsError
-        When an environment variable is not a number, or a value is not positive.
+        When ``given`` is not a :class:`Budgets`, an environment variable is not a number, or a value
+        is not positive.
     """
+    if given is not None and not isinstance(given, Budgets):
+        raise OptionsError(f"budgets must be a mlbench.budgets.Budgets, got {type(given).__name__} {given!r:.80}; "
+                           "e.g. budgets=Budgets(max_pixels=4 * 10**8), or leave it out for the defaults")
     if given is None:
         found = {}
         for item in fields(Budgets):

@@ -144,7 +144,13 @@ def test_nan_and_fp16(tmp_path, state_dict):
     half = OrderedDict((k, v.half() if v.is_floating_point() else v) for k, v in state_dict.items())
     torch.save(half, tmp_path / "half.pth")
     report = check_weights(tmp_path / "half.pth", model="ma_resunet")
-    assert codes(report) == ["dtype_mismatch"] and "float16" in report.dtypes
+    assert codes(report) == [] and "float16" in report.dtypes  # into float32: exact, no problem
+    report = check_weights(tmp_path / "half.pth", model=mb.build_model("ma_resunet", "small").double())
+    assert codes(report) == []
+    full = OrderedDict((k, v.float()) for k, v in state_dict.items())
+    torch.save(full, tmp_path / "full.pth")
+    report = check_weights(tmp_path / "full.pth", model=mb.build_model("ma_resunet", "small").half())
+    assert codes(report) == ["dtype_mismatch"] and "losing precision" in report.problems[0].message
 
 
 def test_saved_on_cuda_detected_on_cpu(tmp_path, state_dict):
@@ -341,3 +347,43 @@ def test_value_classes_are_not_code_and_pagers_are():
 
     assert not any(map(is_code_global, ["pathlib.PosixPath", "types.SimpleNamespace", "argparse.Namespace"]))
     assert all(map(is_code_global, ["pydoc.pipepager", "numpy.testing._private.utils.runstring", "os.system"]))
+
+
+def test_valid_files_of_other_protocols_and_exports_are_named_not_called_damaged(tmp_path, state_dict):
+    torch.save(state_dict, tmp_path / "p4.pth", pickle_protocol=4)
+    report = check_weights(tmp_path / "p4.pth")
+    assert codes(report) == ["load_failed"]
+    assert "pickle protocol 4" in report.problems[0].message and "damaged" not in report.problems[0].message
+    for module, suffix, says in [("bz2", "bz2", "bunzip2"), ("lzma", "xz", "unxz")]:
+        data = __import__(module).compress((tmp_path / "p4.pth").read_bytes()[:4096])
+        (tmp_path / f"w.pth.{suffix}").write_bytes(data)
+        assert says in check_weights(tmp_path / f"w.pth.{suffix}").problems[0].message
+
+
+def test_a_torch_export_archive_is_named(tmp_path):
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 1, 1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    torch.export.save(torch.export.export(Tiny(), (torch.zeros(1, 3, 8, 8),)), tmp_path / "m.pt2")
+    report = check_weights(tmp_path / "m.pt2")
+    assert codes(report) == ["not_a_checkpoint"] and "torch.export archive" in report.problems[0].message
+
+
+def test_bad_arguments_get_clear_errors(tmp_path):
+    from mlbench.models.loading import weights_path
+
+    with pytest.raises(mb.OptionsError, match="path must be the checkpoint's path"):
+        check_weights(None)
+    with pytest.raises(mb.OptionsError, match="budgets must be a mlbench.budgets.Budgets, got dict"):
+        check_weights(weights_path("hrnet"), budgets={})
+    with pytest.raises(mb.OptionsError, match="device='gpu0' cannot be used.*Invalid device string"):
+        mb.load_model("hrnet", device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(mb.OptionsError, match="device='cuda' cannot be used.*pass device='cpu'"):
+            mb.load_model("hrnet", device="cuda")
+    assert check_weights(weights_path("hrnet"), "hrnet").ok  # float16 weights into a float32 model: exact

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
@@ -158,7 +159,7 @@ def _fit_findings(diff: dict[str, list[str]], n_expected: int, fits: tuple[Fit, 
                                 f"{fits[0] if fits else '?'}"))
     if diff["dtype"]:
         problems.append(Problem("dtype_mismatch", f"{len(diff['dtype'])} tensors differ in dtype (first: "
-                                f"{diff['dtype'][0]}); load_state_dict casts silently"))
+                                f"{diff['dtype'][0]}); load_state_dict casts silently, losing precision or range"))
     return problems
 
 
@@ -208,6 +209,10 @@ def _unread(path: Path, code: str, words: str, base: dict[str, str], size: int =
 def _inspect(path: str | Path, model: Any, limits: Budgets | None) -> tuple[WeightsReport, Mapping | None]:
     if model is not None and not isinstance(model, (str, torch.nn.Module)):
         raise OptionsError(f"model must be a model name or an nn.Module, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise OptionsError(f"path must be the checkpoint's path (str or pathlib.Path), got {type(path).__name__} "
+                           f"{path!r:.80}; for a state dict already in memory, save it first or pass the model to "
+                           "model.load_state_dict(state_dict, strict=True)")
     code, words = describe_file(path)  # before Path(): Path("") is "."
     path, limits = Path(path), budgets_in_force(limits)
     base = {"path": str(path), "absolute_path": str(path.absolute()), "cwd": str(Path.cwd())}

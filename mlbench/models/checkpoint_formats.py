@@ -19,8 +19,10 @@ import argparse
 import io
 import json
 import os
+import re
 import struct
 import tarfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +138,11 @@ def _refuse_foreign_zip(names: list[str]) -> None:
                       "torch.save(torch.jit.load(path, map_location='cpu').state_dict(), 'weights.pth') and check that")
     if any(name.endswith("data.pkl") for name in names):
         return
+    if any(name.endswith(("/archive_format", "/serialized_exported_program.json")) or "/models/" in name and
+           name.endswith(".json") for name in names):
+        raise refusal("not_a_checkpoint", "this is a torch.export archive (torch.export.save, a .pt2 file), not a "
+                      "torch.save checkpoint: it was not loaded. If you trust it, take its weights with "
+                      "torch.save(torch.export.load(path).module().state_dict(), 'weights.pth') and check that")
     listed = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "") if names else "no members"
     if names and all(name.endswith(".npy") for name in names):
         raise refusal("not_a_checkpoint", f"this is a NumPy .npz archive ({listed}), not a PyTorch checkpoint: convert "
@@ -279,6 +286,29 @@ def _torch_message(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text[:200]}"
 
 
+_PROTOCOL_OPCODES = {149: "FRAME, pickle protocol 4 or 5", 142: "BINBYTES8, pickle protocol 4", 140: "SHORT_BINUNICODE, "
+                     "pickle protocol 4", 148: "MEMOIZE, pickle protocol 4", 150: "BYTEARRAY8, pickle protocol 5",
+                     76: "LONG, pickle protocol 0", 73: "INT, pickle protocol 0 or 1", 70: "FLOAT, pickle protocol 0",
+                     86: "UNICODE, pickle protocol 0", 83: "STRING, pickle protocol 0", 100: "DICT, pickle protocol 0",
+                     108: "LIST, pickle protocol 0", 116: "TUPLE, pickle protocol 0", 112: "PUT, pickle protocol 0",
+                     103: "GET, pickle protocol 0"}
+"""Opcodes that torch's weights-only unpickler does not read, though the scan (all protocols) did:
+a file written with ``torch.save(..., pickle_protocol=N)`` or plain ``pickle.dump``, not damaged."""
+
+
+def _why_load_failed(exc: Exception) -> str:
+    """The reason torch's weights-only load failed after the scan passed: a pickle protocol it does
+    not read (the opcode named), else damage."""
+    found = re.search(r"Unsupported operand (\d+)", str(exc))
+    opcode = int(found.group(1)) if found else None
+    if opcode in _PROTOCOL_OPCODES:
+        return (f"opcode {opcode} ({_PROTOCOL_OPCODES[opcode]}) is one torch's safe loader does not read, though the "
+                "file may be intact: it was written with torch.save(..., pickle_protocol=...) or pickle.dump. If you "
+                "trust it, load it once with weights_only=False and re-save the state dict with torch.save(state_dict) "
+                "(the default protocol) or as safetensors")
+    return "the file is damaged. Restore a good copy"
+
+
 def _torch_load(handle: BinaryIO, facts: FileFacts) -> Any:
     """``torch.load(weights_only=True)``, allowlisted globals by name, recording saved devices."""
     locations: list[str] = []
@@ -290,12 +320,13 @@ def _torch_load(handle: BinaryIO, facts: FileFacts) -> Any:
     allow = [ALLOWED_GLOBALS[g] for g in facts.unsafe_globals if g in ALLOWED_GLOBALS]
     handle.seek(0)
     try:
-        with torch.serialization.safe_globals(allow):
+        with torch.serialization.safe_globals(allow), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's note on a pickle protocol: the failure says it
             obj = torch.load(handle, map_location=to_cpu, weights_only=True)
     except Exception as exc:
         facts.load = f"weights_only=True failed: {type(exc).__name__}"
         facts.problems.append(("load_failed", f"torch.load(weights_only=True) failed ({_torch_message(exc)}) after "
-                               "the scan passed; the file is damaged. Restore a good copy"))
+                               f"the scan passed; {_why_load_failed(exc)}"))
         return None
     names = [g for g in facts.unsafe_globals if g in ALLOWED_GLOBALS]
     facts.load = "weights_only=True" + (f" with the named allowlist {names}" if names else "")

@@ -73,6 +73,9 @@ _AS_WEIGHTS = {
             "was exported from",
     "npy": "this is a NumPy array (.npy), not a checkpoint: a state dict maps each parameter's name to a tensor",
     "gzip": "this is gzip-compressed: decompress it (gunzip) and pass the checkpoint inside",
+    "bzip2": "this is bzip2-compressed: decompress it (bunzip2) and pass the checkpoint inside",
+    "xz": "this is xz-compressed: decompress it (unxz) and pass the checkpoint inside",
+    "7z": "this is a 7-Zip archive: unpack it (7z x) and pass the checkpoint inside",
 }
 """What to say of a file of these kinds (:func:`mlbench.image.other_formats.file_kind`) passed as weights."""
 

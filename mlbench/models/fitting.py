@@ -74,13 +74,15 @@ def expected_shapes(model: str | torch.nn.Module, state_dict: Mapping[str, torch
 
 
 def diff_keys(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
-    """Missing, unexpected, shape- and dtype-mismatched keys of ``state_dict`` against ``expected``."""
+    """Missing, unexpected, shape- and dtype-mismatched keys of ``state_dict`` against ``expected``; a
+    dtype mismatch is one that loses precision or range on loading (float32 into float16), not a
+    widening (float16 weights into a float32 model: exact)."""
     common = [k for k in expected if k in state_dict]
     return {
         "missing": [k for k in expected if k not in state_dict],
         "unexpected": [k for k in state_dict if k not in expected],
         "shape": [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}" for k in common
                   if tuple(state_dict[k].shape) != tuple(expected[k].shape)],
-        "dtype": [f"{k}: {state_dict[k].dtype} vs {expected[k].dtype}" for k in common
-                  if state_dict[k].dtype != expected[k].dtype],
+        "dtype": [f"{k}: {state_dict[k].dtype} vs {expected[k].dtype}" for k in common  # a lossless widening is none
+                  if torch.promote_types(state_dict[k].dtype, expected[k].dtype) != expected[k].dtype],
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import warnings
 from collections import OrderedDict
@@ -130,8 +131,22 @@ def load_model(source: str | Path, *, model: str | torch.nn.Module | None = None
             raise ModelError(f"model= and key= apply to checkpoint files; {source!r} is a bundled model: "
                              f"call mb.load_model({source!r}) without them, or pass the path of your checkpoint")
         net = load_trained(name, data_dir() / "weights")
-        return attach_card(net, mb_card(net).merged(card)).to(device)
-    return load_checkpoint(source, model=model, card=card, key=key).to(device)
+        return _to_device(attach_card(net, mb_card(net).merged(card)), device)
+    return _to_device(load_checkpoint(source, model=model, card=card, key=key), device)
+
+
+def _to_device(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
+    """``model.to(device)``, with an error that names the device and what this machine has instead
+    of torch's (``AssertionError: Torch not compiled with CUDA enabled``, ``Invalid device string``)."""
+    try:
+        return model.to(device)
+    except (AssertionError, RuntimeError) as exc:
+        if not re.search(r"not compiled with|Invalid device|invalid device ordinal|no CUDA GPUs|Expected one of", str(exc)):
+            raise  # out of memory on the device, a driver error: not the argument's fault
+        have = (f"pass device='cpu' or one of cuda:0..cuda:{torch.cuda.device_count() - 1}" if torch.cuda.is_available()
+                else "this machine has no usable GPU: pass device='cpu'")
+        raise OptionsError(f"device={device!r} cannot be used ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                           f"{have} (`mlbench doctor` shows what is visible)") from exc
 
 
 mb_card = card  # the accessor, under a name the ``card`` argument does not hide

@@ -387,3 +387,17 @@ def test_bad_arguments_get_clear_errors(tmp_path):
         with pytest.raises(mb.OptionsError, match="device='cuda' cannot be used.*pass device='cpu'"):
             mb.load_model("hrnet", device="cuda")
     assert check_weights(weights_path("hrnet"), "hrnet").ok  # float16 weights into a float32 model: exact
+
+
+def test_a_few_keys_outside_the_wrapper_are_named_and_left_out(tmp_path, state_dict):
+    """A Lightning module's loss buffer beside its ``model.`` weights, SWA's ``n_averaged`` beside
+    ``module.``: the weights load, and the keys left out are said."""
+    lightning = OrderedDict(("model." + k, v) for k, v in state_dict.items())
+    lightning["criterion.pos_weight"] = torch.tensor([3.0])
+    torch.save({"state_dict": lightning}, tmp_path / "l.ckpt")
+    averaged = torch.optim.swa_utils.AveragedModel(mb.build_model("ma_resunet", "small"))
+    torch.save(averaged.state_dict(), tmp_path / "swa.pth")
+    for name, outside in [("l.ckpt", "criterion.pos_weight"), ("swa.pth", "n_averaged")]:
+        report = check_weights(tmp_path / name, model="ma_resunet")
+        assert codes(report) == ["outside_wrapper", "prefix"] and outside in report.problems[0].message
+        mb.load_model(tmp_path / name, model="ma_resunet")

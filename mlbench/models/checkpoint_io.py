@@ -28,7 +28,7 @@ from mlbench.models.checkpoint_formats import ALLOWED_GLOBALS, FileFacts, load_p
 from mlbench.models.pickle_scan import scan_pickle
 
 __all__ = ["ALLOWED_GLOBALS", "BLOCKING", "FileFacts", "sniff_checkpoint", "inspect_file", "unwrap", "strip_prefix",
-           "StateDictRead", "read_state_dict"]
+           "split_wrapper", "StateDictRead", "read_state_dict"]
 
 _WRAPPERS = ("model_state_dict", "state_dict", "model", "net", "weights")
 _EMA_WRAPPERS = ("ema_state_dict", "state_dict_ema", "model_ema", "ema")
@@ -205,6 +205,26 @@ def strip_prefix(state_dict: Mapping[str, Any], known_keys: Collection[str] = ()
     return out, removed
 
 
+OUTSIDE_WRAPPER_MOST = 8
+"""The most keys that may lie outside a wrapper prefix all others share (:func:`split_wrapper`)."""
+
+
+def split_wrapper(state_dict: Mapping[str, Any], known_keys: Collection[str] = ()) -> tuple[Mapping[str, Any], list[str]]:
+    """``state_dict`` split into the keys under a usual wrapper prefix (``model.``, ``module.`` ...)
+    and the few that are not (at most :data:`OUTSIDE_WRAPPER_MOST`, under a tenth: a Lightning
+    module's loss or metric buffers, ``AveragedModel``'s ``n_averaged``), where the wrapped keys
+    stripped fit ``known_keys`` better than all keys as they are; else ``(state_dict, [])``."""
+    known = set(known_keys)
+    for prefix in _PREFIXES:
+        outside = [k for k in state_dict if not k.startswith(prefix)]
+        if not outside or len(outside) > min(OUTSIDE_WRAPPER_MOST, len(state_dict) // 10):
+            continue
+        inside = OrderedDict((k, v) for k, v in state_dict.items() if k.startswith(prefix))
+        if sum(k[len(prefix):] in known for k in inside) > sum(k in known for k in state_dict):
+            return inside, outside
+    return state_dict, []
+
+
 def _shared_wrapper(state_dict: Mapping[str, Any], known_keys: Collection[str]) -> str | None:
     """The first key segment every key shares, if without it most keys become known ones."""
     first = {key.split(".", 1)[0] for key in state_dict}
@@ -253,7 +273,12 @@ def read_state_dict(path: Path, size: int, known_keys: Collection[str] = (), key
         facts.problems.append(("no_state_dict", f"the file holds {read.container}; expected a state dict or a "
                                "training dict with 'model_state_dict'"))
         return read
-    read.state_dict, read.prefix = strip_prefix(state_dict, known_keys)
+    inside, outside = split_wrapper(state_dict, known_keys)
+    if outside:
+        facts.problems.append(("outside_wrapper", f"{len(outside)} of {len(state_dict)} keys lie outside the wrapper "
+                               f"the others share and were left out: {outside[:6]} (a loss's or metric's buffers saved "
+                               "with a Lightning module, SWA's n_averaged); the model's weights are the rest"))
+    read.state_dict, read.prefix = strip_prefix(inside, known_keys)
     _tensor_checks(read.state_dict, facts)
     return read
 

@@ -401,3 +401,14 @@ def test_a_few_keys_outside_the_wrapper_are_named_and_left_out(tmp_path, state_d
         report = check_weights(tmp_path / name, model="ma_resunet")
         assert codes(report) == ["outside_wrapper", "prefix"] and outside in report.problems[0].message
         mb.load_model(tmp_path / name, model="ma_resunet")
+
+
+def test_without_a_model_the_keys_that_keep_the_best_fit_are_named(tmp_path):
+    weights = OrderedDict(mb.build_model("cbam_resunet", "small").state_dict())
+    head = next(k for k in reversed(weights) if k.endswith(".weight") and weights[k].dim() == 4)
+    weights[head] = torch.zeros(2, *weights[head].shape[1:])  # a two-class head
+    del weights[next(iter(weights))]
+    torch.save(weights, tmp_path / "two_classes.pth")
+    message = check_weights(tmp_path / "two_classes.pth").problems[0].message
+    assert "best: cbam_resunet" in message and "1 missing" in message
+    assert f"1 of another shape ['{head}: (2," in message

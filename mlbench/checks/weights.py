@@ -187,8 +187,18 @@ def _analyse(read: StateDictRead, model: Any) -> tuple[dict[str, Any], list[Prob
         problems += _fit_findings(fields_["diff"], len(expected), fits, model)
     elif fits and fits[0].score < 1.0:
         problems.append(Problem("no_exact_fit", "no registered architecture fits every key; "
-                                + _best_fit(fits, list(state_dict))))
+                                + _best_fit(fits, list(state_dict)) + _against_best(fits[0], state_dict)))
     return fields_, problems
+
+
+def _against_best(fit: Fit, state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Which keys keep the best-fitting architecture from fitting: the first few of each kind."""
+    if not fit.matched:
+        return ""
+    diff = diff_keys(state_dict, expected_shapes(fit.model, state_dict))
+    parts = [f"{len(diff[kind])} {label} {diff[kind][:3]}" for kind, label in
+             (("missing", "missing"), ("unexpected", "unexpected"), ("shape", "of another shape")) if diff[kind]]
+    return f"; against it: {', '.join(parts)}" if parts else ""
 
 
 def _unread(path: Path, code: str, words: str, base: dict[str, str], size: int = 0) -> WeightsReport:

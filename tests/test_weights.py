@@ -11,6 +11,7 @@ import warnings
 import zipfile
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -412,3 +413,11 @@ def test_without_a_model_the_keys_that_keep_the_best_fit_are_named(tmp_path):
     message = check_weights(tmp_path / "two_classes.pth").problems[0].message
     assert "best: cbam_resunet" in message and "1 missing" in message
     assert f"1 of another shape ['{head}: (2," in message
+
+
+def test_numpy_numbers_in_a_training_dict_load(tmp_path, state_dict):
+    """best_iou=np.float64(...) beside the weights is a value, not code: the file loads."""
+    torch.save({"state_dict": state_dict, "best_iou": np.float64(0.81), "epoch": np.int64(40)}, tmp_path / "t.pth")
+    report = check_weights(tmp_path / "t.pth", model="ma_resunet")
+    assert report.ok and "numpy.dtype" in report.load
+    mb.load_model(tmp_path / "t.pth", model="ma_resunet")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 
 from mlbench.budgets import Budgets, Deadline, budget_error
@@ -37,8 +38,17 @@ from mlbench.models.pickle_scan import PickleScan, scan_pickle
 __all__ = ["ALLOWED_GLOBALS", "FileFacts", "is_code_global", "scan_zip", "scan_legacy", "check_safetensors", "refusal",
            "load_safetensors", "load_pickled"]
 
-ALLOWED_GLOBALS: dict[str, Any] = {"argparse.Namespace": argparse.Namespace}
-"""Globals a checkpoint may hold beyond tensors: loaded only when named here."""
+_NUMPY_SCALAR = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+ALLOWED_GLOBALS: dict[str, Any] = {
+    "argparse.Namespace": argparse.Namespace,
+    # a NumPy number saved in a training dict (best_iou=np.float64(...)): its dtype and bytes, nothing run
+    "numpy._core.multiarray.scalar": (_NUMPY_SCALAR, "numpy._core.multiarray.scalar"),
+    "numpy.core.multiarray.scalar": (_NUMPY_SCALAR, "numpy.core.multiarray.scalar"),  # written by NumPy 1.x
+    "numpy.dtype": np.dtype,
+}
+"""Globals a checkpoint may hold beyond tensors: loaded only when named here (with the name a pickle
+of another NumPy version uses, where it differs)."""
+_NUMPY_DTYPE_CLASSES = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
 
 
 @dataclass
@@ -318,6 +328,8 @@ def _torch_load(handle: BinaryIO, facts: FileFacts) -> Any:
         return storage
 
     allow = [ALLOWED_GLOBALS[g] for g in facts.unsafe_globals if g in ALLOWED_GLOBALS]
+    if "numpy.dtype" in facts.unsafe_globals:  # a dtype is rebuilt as an instance of its class (Float64DType)
+        allow += _NUMPY_DTYPE_CLASSES
     handle.seek(0)
     try:
         with torch.serialization.safe_globals(allow), warnings.catch_warnings():

@@ -421,3 +421,13 @@ def test_numpy_numbers_in_a_training_dict_load(tmp_path, state_dict):
     report = check_weights(tmp_path / "t.pth", model="ma_resunet")
     assert report.ok and "numpy.dtype" in report.load
     mb.load_model(tmp_path / "t.pth", model="ma_resunet")
+
+
+def test_a_zip_bomb_is_refused_before_it_is_inflated(tmp_path, state_dict):
+    torch.save(state_dict, tmp_path / "w.pth")
+    with zipfile.ZipFile(tmp_path / "w.pth") as archive:
+        prefix = archive.namelist()[0].split("/")[0]
+    with zipfile.ZipFile(tmp_path / "bomb.pth", "w") as bomb:
+        bomb.writestr(f"{prefix}/data.pkl", b"\x80\x02" + b"\0" * (64 * 2**20), compress_type=zipfile.ZIP_DEFLATED)
+    message = check_weights(tmp_path / "bomb.pth").problems[0].message
+    assert "inflates" in message and "zip bomb" in message and "it was not inflated" in message

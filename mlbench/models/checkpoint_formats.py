@@ -136,7 +136,20 @@ def _members(archive: zipfile.ZipFile, limits: Budgets) -> list[zipfile.ZipInfo]
         raise budget_error(WeightsError, "max_decompressed_bytes", limits.max_decompressed_bytes,
                            f"the zip members declare (largest: {largest.filename}, {largest.file_size:,} bytes "
                            f"from {largest.compress_size:,} compressed) in all", declared, " bytes")
+    bomb = next((info for info in infos if info.compress_type != zipfile.ZIP_STORED and info.file_size > BOMB_BYTES
+                 and info.file_size > BOMB_RATIO * max(info.compress_size, 1)), None)
+    if bomb is not None:
+        raise refusal("not_a_checkpoint", f"zip member {bomb.filename} inflates {bomb.compress_size:,} compressed bytes "
+                      f"to {bomb.file_size:,} ({bomb.file_size // max(bomb.compress_size, 1):,}x): torch.save stores its "
+                      "members uncompressed and weights do not compress like that, so this is a zip bomb or another "
+                      "tool's archive; it was not inflated. Get the checkpoint from its source again")
     return infos
+
+
+BOMB_BYTES = 16 * 2**20
+BOMB_RATIO = 100
+"""A compressed zip member over ``BOMB_BYTES`` inflated that inflates over ``BOMB_RATIO`` times is refused
+before it is read: torch.save writes members stored, and tensor data compresses by a few percent."""
 
 
 def _refuse_foreign_zip(names: list[str]) -> None:

@@ -189,15 +189,15 @@ def _jpeg_luma(data: bytes, image: np.ndarray) -> np.ndarray:
 
 def _filled_mcus(luma: np.ndarray, mcu_h: int, mcu_w: int) -> tuple[int, int]:
     """How many MCUs at the end of the scan (raster order) are exact mid-grey, and the MCU row where they start."""
-    columns = -(-luma.shape[1] // mcu_w)
-    count = 0
-    for top in range((luma.shape[0] - 1) // mcu_h * mcu_h, -1, -mcu_h):
-        flat = [bool(np.all(luma[top:top + mcu_h, c * mcu_w:(c + 1) * mcu_w] == 128)) for c in range(columns)]
-        trailing = next((i for i, f in enumerate(reversed(flat)) if not f), columns)
-        count += trailing
-        if trailing < columns:
-            return count, top + mcu_h
-    return count, 0
+    rows, columns = -(-luma.shape[0] // mcu_h), -(-luma.shape[1] // mcu_w)
+    grey = np.pad(luma == 128, ((0, rows * mcu_h - luma.shape[0]), (0, columns * mcu_w - luma.shape[1])),
+                  constant_values=True)  # the padding of partial MCUs counts as fill: only their pixels decide
+    flat = grey.reshape(rows, mcu_h, columns, mcu_w).all(axis=(1, 3)).ravel()  # per MCU, in raster order
+    unfilled = np.flatnonzero(~flat)
+    if not unfilled.size:
+        return flat.size, 0
+    last = int(unfilled[-1])  # the last MCU the scan decoded; the fill starts after it
+    return flat.size - last - 1, (last // columns + 1) * mcu_h
 
 
 def _may_end_in_fill(image: np.ndarray) -> bool:

@@ -406,3 +406,24 @@ def test_a_16_bit_grey_and_alpha_png_stays_grey():
     image, report = mb.read_image(data)
     assert image.dtype == np.uint16 and np.array_equal(image, grey) and report.channels == 1
     assert [p.code for p in report.problems] == ["alpha_dropped"]
+
+
+def test_damaged_png_headers_and_cut_or_packed_stacks_are_named():
+    """A bit depth or colour type no PNG has is named; a shaped stack cut after its second page says
+    how many pages are left; a stack of N x 1 planes, which tifffile packs into one page, reads plane by plane."""
+    png = bytearray(cv2.imencode(".png", _gradient().astype(np.uint8))[1].tobytes())
+    png[24] = 7  # bit depth
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    with pytest.raises(mb.ImageError, match="bit depth 7 with colour type 0, which no PNG has"):
+        mb.read_image(bytes(png))
+    stack = (np.arange(20 * 32 * 40) % 251).astype(np.uint8).reshape(20, 32, 40)
+    data = _tiff(stack, metadata={"axes": "ZYX"})
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        cut = int(tif.pages[2].offset)  # where the third page's directory starts
+    with pytest.raises(mb.ImageError, match=r"truncated: it describes 20 pages and only the first 2 can be read; pass page=0\.\.1"):
+        mb.read_image(data[:cut], page=19)
+    image, report = mb.read_image(data[:cut], page=1)
+    assert np.array_equal(image, stack[1]) and report.problems[0].code == "pages_missing"
+    columns = (np.arange(5 * 64) % 200).astype(np.uint8).reshape(5, 64, 1)
+    image, _ = mb.read_image(_tiff(columns, metadata={"axes": "ZYX"}), page=3)
+    assert np.array_equal(image, columns[3])

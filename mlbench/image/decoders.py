@@ -148,9 +148,20 @@ def _read_tiff(tif, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, 
         axes, shape = series.axes, series.shape
         channel, others = _plane_layout(axes, shape)
         planes = int(np.prod(others)) if others else 1
+        described, readable = len(series.pages), len(tif.pages)
+        if planes > 1 and readable < described:  # the pages after the cut are lost
+            usable = readable * planes // described
+            if not 0 <= page < usable:
+                raise ImageError(f"{name}: page {page} requested, but the TIFF is truncated: it describes {planes} pages "
+                                 f"and only the first {usable} can be read; pass page=0..{max(usable - 1, 0)}, or copy "
+                                 "or export the file again for the rest")
+            problems.append(Problem("pages_missing", f"the file describes {planes} pages but only the first {usable} "
+                                    "can be read: it is truncated after them; copy or export it again"))
+            planes = usable
     if not 0 <= page < planes:
         raise ImageError(f"{name}: page {page} requested but the file has {planes} page(s); pass page=0..{planes - 1}")
-    whole = planes == 1 or len(tif.series) > 1
+    together = len(tif.series) == 1 and len(series.pages) < int(np.prod([n for a, n in zip(axes, shape) if a not in "YXS"]))
+    whole = planes == 1 or len(tif.series) > 1 or together  # planes stored together are decoded together
     _check_plane(tif, name, [(a, n) for a, n in zip(axes, shape) if whole or a in "YXS" or a == channel], limits)
     if len(tif.series) > 1:
         array, axes = tif.pages[full[page]].asarray(), tif.pages[full[page]].axes
@@ -172,6 +183,9 @@ def _series_plane(series, axes: str, shape: tuple[int, ...], channel: str | None
     other_shape = [n for a, n in zip(page_axes, page_shape) if a != channel]
     index = dict(zip([a for a in page_axes if a != channel], np.unravel_index(page, other_shape)))
     n_channels = shape[axes.index(channel)] if channel in page_axes else 1
+    if len(series.pages) < int(np.prod(page_shape)):  # planes stored together in fewer pages (a stack of N x 1 planes)
+        where = tuple(int(index[a]) if a in index else slice(None) for a in axes)
+        return series.asarray()[where]
     keys = []
     for c in range(n_channels):
         coords = [c if a == channel else int(index[a]) for a in page_axes]

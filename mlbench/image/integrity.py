@@ -87,6 +87,10 @@ def _inflated_size(idat: list[memoryview], limit: int, deadline: Deadline,
     return got, inflater.eof
 
 
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+"""The bit depths the PNG specification allows per colour type."""
+
+
 def check_png(data: bytes, name: str, deadline: Deadline) -> None:
     """Raise when a PNG's chunks fail their CRC, or its rows inflate to more or fewer bytes than its
     IHDR announces (a changed header invents rows, or drops them)."""
@@ -94,6 +98,11 @@ def check_png(data: bytes, name: str, deadline: Deadline) -> None:
     if len(header) < 13 or not idat:
         return  # no header or no data: the decoder reports it
     width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header)
+    if depth not in _PNG_DEPTHS.get(colour, ()):
+        kind = (f"colour type {colour} allows bit depths {'/'.join(map(str, _PNG_DEPTHS[colour]))}" if colour in _PNG_DEPTHS
+                else "colour types are 0 (grey), 2 (RGB), 3 (palette), 4 (grey+alpha) and 6 (RGBA)")
+        raise ImageError(f"{name}: the PNG header says bit depth {depth} with colour type {colour}, which no PNG has "
+                         f"({kind}): the header is damaged or was changed; export the image again")
     expected = _png_raw_bytes(width, height, depth, colour, interlace == 1)
     try:
         got, ended = _inflated_size(idat, expected, deadline)

@@ -129,13 +129,16 @@ def _manifest_note(path: Path, digest: str) -> tuple[str, list[Problem]]:
     return "", []
 
 
+_WRAPPERS = {"module.": "DataParallel/DistributedDataParallel", "_orig_mod.": "a torch.compile'd model",
+             "model.": "a wrapper module (a Lightning module's model)", "net.": "a wrapper module (its net)"}
+"""What each usual segment of a key prefix was saved from, outermost first in the prefix."""
+
+
 def _tensor_findings(prefix: str, devices: tuple[str, ...]) -> list[Problem]:
     problems = []
     if prefix:
-        origin = ("saved from a torch.compile'd model" if prefix.endswith("_orig_mod.") and prefix.count(".") == 1
-                  else "saved from DataParallel around a torch.compile'd model" if "_orig_mod." in prefix
-                  else "saved from DataParallel/DistributedDataParallel" if prefix == "module."
-                  else "saved from a wrapper module, e.g. a Lightning module")
+        origin = "saved from " + " around ".join(_WRAPPERS.get(part + ".", f"a wrapper module's {part!r}")
+                                                 for part in prefix.rstrip(".").split("."))
         problems.append(Problem("prefix", f"every key starts with {prefix!r} ({origin}): "
                                 "load_state_dict(strict=False) would load nothing and keep a random network; strip it "
                                 "(mb.read_checkpoint and mb.load_model do)"))

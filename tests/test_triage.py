@@ -981,3 +981,10 @@ def test_info_log_lines_do_not_outrank_the_error():
     text = ("2025-06-04 16:18:38,972 [INFO] normalization checked: computing saturation levels\n"
             "2025-06-04 16:18:39,000 [ERROR] RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB")
     assert triage(text, casebook=False).failure_class == "cuda_oom"
+
+
+def test_a_pydantic_model_refusing_values_is_not_told_to_send_the_services_fields():
+    d = triage("pydantic_core._pydantic_core.ValidationError: 3 validation errors for StationSummary\nmean\n"
+               "  Input should be a valid number [type=float_type, input_value=None, input_type=NoneType]", casebook=False)
+    assert d.failure_class == "validation_error" and d.numbers["cause"] == "model_validation"
+    assert "multipart" not in d.fix and "Optional" in d.fix

@@ -229,13 +229,15 @@ def make_diagnosis(failure_class: str, evidence: str = "") -> Diagnosis:
 
 
 # ---- blocks and classification ------------------------------------------------------------
-_INFO_LINE = re.compile(r"^\W{0,3}(?:\d{4}-\d\d-\d\d[\d:,.T ]{0,16}\W{0,3})?(?:\w{1,20}_)?(?:INFO|DEBUG|TRACE)\b")
+_LOG_LEVEL = r"^\W{0,3}(?:\d{4}-\d\d-\d\d[\d:,.T ]{0,16}\W{0,3})?(?:\w{1,20}_)?"
+_INFO_LINE = re.compile(_LOG_LEVEL + r"(?:INFO|DEBUG|TRACE)\b")
+_ERROR_LINE = re.compile(_LOG_LEVEL + r"(?:ERROR|CRITICAL|FATAL)\b")
 
 
 def _line_factor(line: str, previous: str, has_message: bool) -> float:
     """How much a match on ``line`` counts: the exception line most, stack frames least (but more
     when the traceback was cut before its message, so the frames are all there is)."""
-    if exception_name(line):
+    if exception_name(line) or _ERROR_LINE.match(line):
         return 1.25
     if _INFO_LINE.match(line):
         return 0.4  # a log line at INFO or DEBUG level reports progress, not the failure

@@ -151,6 +151,11 @@ CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
      r"|LimitRequestBody",
      "a proxy in front of the service (nginx: client_max_body_size, 1 MB by default; Apache: LimitRequestBody) "
      "refused the upload before the service saw it: raise the proxy's limit to at least the service's"),
+    ("validation_error", "model_validation", r"(?<!\d)\d{1,5} validation errors? for [A-Za-z_]",
+     "a pydantic model (named after 'for') refused the values listed under it, each field with the input it got "
+     "(input_value=None where a number was required): where that model is built, give each field the type it names or "
+     "make it Optional where None is valid; raised inside a server on its response model, it is a server bug (an "
+     "HTTP 500), not the client's request"),
     ("missing_dependency", "system_library", r"lib[\w.+-]{1,60}\.so[\d.]{0,12}: cannot open shared object file"
      r"|Error loading shared library lib[\w.+-]{1,60}\.so",
      "a system library is missing, not a Python package: install it with the OS package manager (libGL: "

@@ -163,7 +163,10 @@ def read_image(source: ImageSource, *, page: int = 0, max_pixels: int | None = N
     Returns
     -------
     image : (H, W) or (H, W, 3) array
-        Container dtype kept (uint8, uint16, float32 ...); alpha dropped; orientation applied.
+        Container dtype kept (uint8, uint16, float32 ...); alpha dropped; orientation applied (EXIF,
+        or a TIFF's Orientation tag); samples as PIL, the service's reader, takes them where they
+        are not plain grey or RGB (a MinIsWhite TIFF inverted, CMYK converted to RGB; a palette's
+        indices kept): each of these is a problem in the report.
     report : ImageReport
         Format, dtype, effective bit depth, pages and every problem found.
 

@@ -526,3 +526,27 @@ def test_evenly_spread_tiles_give_hrnet_the_context_it_lacked():
     run = run_tiled(model, x, tile=512, overlap=64)
     assert (run.tile, run.tile_batch, run.passes) == (512, 4, 1)
     assert _iou(whole, run.output) >= 0.98
+
+
+def test_the_probe_sees_the_image_and_a_path_taken_at_one_size_only_is_said():
+    """A model that skips a blank input still has its reductions pooled (the probe is the image
+    resized, not zeros); one whose forward adds a reduction at tile size says that the calls were
+    matched in order."""
+
+    class SkipsBlank(ReduceNet):
+        def forward(self, x):
+            return torch.zeros_like(x[:, :1]) if not x.any() else super().forward(x)
+
+    class GrowsAtSize(ReduceNet):
+        def forward(self, x):
+            out = super().forward(x)
+            return out * torch.sigmoid(out.mean((2, 3), keepdim=True)) if x.shape[-1] >= 100 else out
+
+    x, _ = _norm_case()
+    x = torch.nn.functional.interpolate(x, size=(160, 160))
+    model = SkipsBlank()
+    with torch.no_grad():
+        whole = model(x)
+    assert torch.allclose(predict_tiled(model, x, tile=112, overlap=16, tile_batch=16), whole, atol=1e-5)
+    with pytest.warns(RuntimeWarning, match=r"made \d+ whole-map reductions per tile but \d+ on the \d+x\d+ probe"):
+        predict_tiled(GrowsAtSize(), x, tile=112, overlap=16, tile_batch=16)

@@ -142,6 +142,8 @@ class PooledNorms:
         self._call = 0
         self._reduction = 0  # recognised reductions so far in this forward, the index into ``maps``
         self._shared = False  # True: the tiles of a batch are parts of one input, not stacked inputs
+        self.reductions_seen: int | None = None
+        """Recognised reductions in the first batch of tiles' forward (None before it has run)."""
         self.reduces: bool | None = None if prior is None else prior.reduces
         """Whether the model reduces whole maps (None: not known until a batch has run)."""
         self._mask_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
@@ -161,6 +163,8 @@ class PooledNorms:
                 yield
             if self.reduces is None:  # later batches skip the mode's cost per op where there is nothing to pool
                 self.reduces = mode.recognised > 0
+            if isinstance(mode, SpatialReductions) and not self._shared and self.reductions_seen is None:
+                self.reductions_seen = self._reduction
         finally:
             for norm, forward in saved:
                 if forward is None:

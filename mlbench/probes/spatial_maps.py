@@ -10,8 +10,8 @@ such a reduction, a tile computes nonsense (a hand-written softmax over a 4 x 4 
 logits of 1e13). The shape of one tile does not tell them apart: with square tiles an attention
 over 16 x 16 positions of a 256 px tile is a 256 x 256 matrix, the shape of a full-resolution map.
 
-:func:`probe_maps` runs the model once on a small input of another height and width (zeros,
-smaller than a tile: 64 x 96 beside tiles over 96 px) and keeps the shape of every recognised
+:func:`probe_maps` runs the model once on the image resized to another height and width
+(smaller than a tile: 64 x 96 beside tiles over 96 px) and keeps the shape of every recognised
 reduction's input, in call order. :meth:`MapProbe.spatial` then compares a call's shape in the
 tiles' forward with the same call's in the probe: a feature map's height follows the input's height
 alone and its width the input's width alone (to the rounding of strided layers), where an
@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from mlbench.probes.pooled_reductions import Reduction, SpatialReductions
 from mlbench.probes.tile_oom import is_oom
@@ -35,9 +36,10 @@ from mlbench.probes.tile_oom import is_oom
 __all__ = ["MapProbe", "PROBE_SIDE", "probe_maps", "probe_size"]
 
 PROBE_SIDE = 96
-"""The probe's larger side at most: its width is the largest multiple of ``lcm(input_multiple, 8)``
-up to this and below the tile's shorter side, its height one near two thirds of that (64 x 96
-beside tiles over 96 px), so the probe costs a fraction of one tile and never needs more memory."""
+"""The probe's larger side at most where the tile allows: its width is the largest accepted side up
+to this and below the tile's shorter side, its height one near two thirds of that (64 x 96 beside
+tiles over 96 px), so the probe costs a fraction of one tile; beside tiles of 96 px and less it
+may be larger than a tile (the sides must differ from the tile's)."""
 
 
 class MapProbe(NamedTuple):
@@ -49,6 +51,13 @@ class MapProbe(NamedTuple):
     """Per recognised reduction, its input's shape; None when the probe's forward failed."""
     failure: str = ""
     """What the probe's forward raised, if it failed."""
+
+    def path_warning(self, model_name: str, seen: int) -> str:
+        """What it means that the tiles' forward made another number of recognised reductions than the probe's."""
+        return (f"predict_tiled: {model_name} made {seen} whole-map reductions per tile but {len(self.shapes or ())} on "
+                f"the {self.size[0]}x{self.size[1]} probe input (its forward takes another path at another size), so "
+                "they were matched to the probe's in order and those whose shapes did not line up saw their own tile "
+                "only (the norms were pooled)")
 
     def unknown_warning(self, model_name: str) -> str:
         """What a failed probe means for a model whose forward turned out to have recognised reductions."""
@@ -74,32 +83,38 @@ class MapProbe(NamedTuple):
         return True
 
 
-def probe_size(tile: tuple[int, int], multiple: int) -> tuple[int, int]:
-    """The probe's (H, W), two different sides that the model accepts (multiples of
-    ``lcm(multiple, 8)``) and that differ from the tile's: below its shorter side where two fit
-    (:data:`PROBE_SIDE`), else the smallest that do not equal a side of it."""
-    step = math.lcm(max(int(multiple), 1), 8)
-    below = [side for side in range(step, PROBE_SIDE + 1, step) if side < min(tile)]
-    if len(below) >= 2:  # the height about two thirds of the width: the axes' scales far apart
-        return max((side for side in below[:-1] if 3 * side <= 2 * below[-1]), default=below[-2]), below[-1]
-    sides = [side for side in range(step, step * (max(tile) // step + 3), step) if side not in tile]
+def probe_size(tile: tuple[int, int], multiple: int, minimum: int = 1) -> tuple[int, int]:
+    """The probe's (H, W): two different sides that the model accepts (multiples of its declared
+    ``multiple`` and of 8; of 32 first where it declares none, as a stride-32 network needs; at
+    least ``minimum``, its ``min_input_size``) and that differ from the tile's: below its shorter
+    side where two fit (:data:`PROBE_SIDE`), else the smallest that do not equal a side of it
+    (then larger than a small tile)."""
+    steps = [math.lcm(int(multiple), 8)] if int(multiple) > 1 else [32, 8]
+    for step in steps:
+        lowest = -(-max(int(minimum), step) // step) * step
+        below = [side for side in range(lowest, PROBE_SIDE + 1, step) if side < min(tile)]
+        if len(below) >= 2:  # the height about two thirds of the width: the axes' scales far apart
+            return max((side for side in below[:-1] if 3 * side <= 2 * below[-1]), default=below[-2]), below[-1]
+    sides = [side for side in range(lowest, lowest + step * (max(tile) // step + 3), step) if side not in tile]
     return sides[0], sides[1]
 
 
-def probe_maps(forward: Callable[[torch.Tensor], object], like: torch.Tensor, device: torch.device,
-               tile: tuple[int, int], multiple: int) -> MapProbe:
-    """Run ``forward`` once on zeros of ``like``'s channels and dtype on ``device`` at :func:`probe_size`
-    and record every recognised reduction's input shape."""
-    size = probe_size(tile, multiple)
+def probe_maps(forward: Callable[[torch.Tensor], object], x: torch.Tensor, device: torch.device,
+               tile: tuple[int, int], multiple: int, minimum: int = 1) -> MapProbe:
+    """Run ``forward`` once on the first image of ``x`` resized to :func:`probe_size` (the image
+    itself, not zeros: a model may skip a blank input) and record every recognised reduction's
+    input shape."""
+    size = probe_size(tile, multiple, minimum)
     shapes: list[tuple[int, ...]] = []
 
     def record(reduction: Reduction) -> None:
         shapes.append(tuple(reduction.input.shape))
 
-    x = torch.zeros(1, like.shape[1], *size, dtype=like.dtype, device=device)
+    small = F.interpolate(x[:1].to(device, torch.float32), size=size, mode="bilinear", align_corners=False)
+    small = small.round().to(x.dtype) if not x.is_floating_point() else small.to(x.dtype)
     try:
         with torch.no_grad(), SpatialReductions(record):
-            forward(x)
+            forward(small)
     except Exception as exc:  # the model may refuse this size only: the tiles' forward will raise what is general
         if is_oom(exc):
             raise

@@ -119,7 +119,8 @@ def _image_stats(run: TilePass, x: torch.Tensor, tile: int, norm_stats: str, max
     boxes = [box for _, _, box in run.tiling.places]
     multiple = int(getattr(run.model, "input_multiple", 1))
     size = tuple(-(-side // multiple) * multiple for side in run.tiling.size)  # as padded for the model
-    maps = probe_maps(partial(call_model, run.model, state=run.state), x, run.device, size, multiple)
+    maps = probe_maps(partial(call_model, run.model, state=run.state), x, run.device, size, multiple,
+                      int(getattr(run.model, "min_input_size", 1)))
     if maps.shapes is not None and not pooled_norm_modules(run.model) and not any(
             maps.spatial(index, shape, maps.size) for index, shape in enumerate(maps.shapes)):
         return blend_pass(run, x), 1, True  # no norm and no whole-map reduction of a feature map: nothing to pool
@@ -132,6 +133,8 @@ def _image_stats(run: TilePass, x: torch.Tensor, tile: int, norm_stats: str, max
     result = _passes(run, x, pooled, tile, norm_stats, max_passes, tolerance)
     if maps.shapes is None and pooled.reduces:
         warnings.warn(maps.unknown_warning(type(run.model).__name__), RuntimeWarning, stacklevel=4)
+    elif pooled.reductions_seen not in (None, len(maps.shapes or ())):
+        warnings.warn(maps.path_warning(type(run.model).__name__, pooled.reductions_seen), RuntimeWarning, stacklevel=4)
     return result
 
 

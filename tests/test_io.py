@@ -427,3 +427,23 @@ def test_damaged_png_headers_and_cut_or_packed_stacks_are_named():
     columns = (np.arange(5 * 64) % 200).astype(np.uint8).reshape(5, 64, 1)
     image, _ = mb.read_image(_tiff(columns, metadata={"axes": "ZYX"}), page=3)
     assert np.array_equal(image, columns[3])
+
+
+def test_each_page_is_read_with_its_own_tags_and_a_cut_stack_keeps_its_whole_pages():
+    grey = (np.arange(64 * 48) % 200).astype(np.uint8).reshape(64, 48)
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as writer:
+        writer.write(grey, photometric="miniswhite", extratags=[(274, 3, 1, 6, True)])  # page 0: inverted, turned
+        writer.write(grey, photometric="minisblack")  # page 1: as stored
+    image, report = mb.read_image(buf.getvalue(), page=1)
+    assert np.array_equal(image, grey) and [p.code for p in report.problems] == ["multi_page"]
+    image, report = mb.read_image(buf.getvalue(), page=0)
+    assert image.shape == grey.shape[::-1] and {"min_is_white", "exif_rotated"} <= {p.code for p in report.problems}
+    stack = (np.arange(20 * 64 * 64) % 251).astype(np.uint8).reshape(20, 64, 64)
+    data = _tiff(stack)
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        cut = int(tif.pages[10].dataoffsets[0]) + 100  # inside page 10's pixels
+    image, report = mb.read_image(data[:cut], page=0)
+    assert np.array_equal(image, stack[0]) and report.problems[0].code == "pages_missing"
+    with pytest.raises(mb.ImageError, match="page 15 requested, but the TIFF is truncated"):
+        mb.read_image(data[:cut], page=15)

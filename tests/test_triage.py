@@ -988,3 +988,11 @@ def test_a_pydantic_model_refusing_values_is_not_told_to_send_the_services_field
                "  Input should be a valid number [type=float_type, input_value=None, input_type=NoneType]", casebook=False)
     assert d.failure_class == "validation_error" and d.numbers["cause"] == "model_validation"
     assert "multipart" not in d.fix and "Optional" in d.fix
+
+
+def test_fastapis_request_model_keeps_the_request_fix_and_a_sentences_full_stop_is_no_submodule():
+    request = triage("pydantic.error_wrappers.ValidationError: 1 validation error for Request\nbody -> file\n"
+                     "  field required (type=value_error.missing)", casebook=False)
+    assert "cause" not in request.numbers and "multipart" in request.fix
+    d = triage("ModuleNotFoundError: No module named skimage.", casebook=False)
+    assert d.numbers["module"] == "skimage" and "pip install scikit-image" in d.fix

@@ -151,7 +151,7 @@ CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
      r"|LimitRequestBody",
      "a proxy in front of the service (nginx: client_max_body_size, 1 MB by default; Apache: LimitRequestBody) "
      "refused the upload before the service saw it: raise the proxy's limit to at least the service's"),
-    ("validation_error", "model_validation", r"(?<!\d)\d{1,5} validation errors? for [A-Za-z_]",
+    ("validation_error", "model_validation", r"(?<!\d)\d{1,5} validation errors? for (?!Request\b|Body_)[A-Za-z_]",  # not FastAPI's request models
      "a pydantic model (named after 'for') refused the values listed under it, each field with the input it got "
      "(input_value=None where a number was required): where that model is built, give each field the type it names or "
      "make it Optional where None is valid; raised inside a server on its response model, it is a server bug (an "

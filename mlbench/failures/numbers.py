@@ -109,7 +109,7 @@ def _dependency(text: str) -> dict[str, Any]:
          or re.search(r"requires the ['\"]?([\w-]+)['\"]? (?:package|library)", text)
          or re.search(r"requires ['\"]([\w-]+)['\"] to be installed", text))
     if m:
-        module = m.group(1)
+        module = m.group(1).rstrip(".")  # "No module named skimage." ends a sentence
         out["module"] = module
         out["pip_package"] = PIP_NAMES.get(module.split(".")[0], module.split(".")[0].replace("_", "-"))
     m = re.search(r"cannot import name ['\"]?(\w+)['\"]? from ['\"]?([\w.]+)", text)

@@ -15,7 +15,7 @@ import re
 import struct
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import BinaryIO
@@ -97,8 +97,10 @@ def _plane_layout(axes: str, shape: tuple[int, ...]) -> tuple[str | None, list[i
     return channel, others
 
 
-def _check_plane(tif, name: str, plane: list[tuple[str, int]], limits: Budgets) -> None:
-    """The budgets and the header's own consistency, for the plane (``(axis, size)`` pairs) about to be decoded."""
+def _check_plane(tif, name: str, plane: list[tuple[str, int]], limits: Budgets,
+                 decoded: Collection[int] | None = None) -> list[int]:
+    """The budgets and the header's own consistency, for the plane (``(axis, size)`` pairs) about to be
+    decoded from pages ``decoded`` (None: all); the other pages that the end of the file cuts."""
     first = tif.pages[0]
     if first.dtype is None:
         raise ImageError(f"{name}: BitsPerSample {first.bitspersample} with SampleFormat {int(first.sampleformat)} "
@@ -107,7 +109,7 @@ def _check_plane(tif, name: str, plane: list[tuple[str, int]], limits: Budgets) 
     sizes = dict(plane)
     channels = int(np.prod([n for a, n in plane if a not in "YX"]))
     check_header(name, ImageHeader(sizes["Y"], sizes["X"], max(channels, 1), first.dtype.itemsize), limits)
-    tiff_damage(tif, name)
+    return tiff_damage(tif, name, decoded)
 
 
 def _check_first_page(tif, name: str, limits: Budgets) -> None:
@@ -140,7 +142,7 @@ def _read_tiff(tif, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, 
         if len(full) < len(tif.pages):
             problems.append(Problem("reduced_pages_skipped", f"{len(tif.pages) - len(full)} reduced-resolution page(s) "
                                     "(a thumbnail or a pyramid's levels) skipped; the pages counted are the full images"))
-        pages = len(full)
+        pages, single = len(full), False
         first = tif.pages[full[min(page, pages - 1)]]
         axes, shape = first.axes, first.shape
         channel, planes = _plane_layout(axes, shape)[0], pages
@@ -148,9 +150,11 @@ def _read_tiff(tif, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, 
         axes, shape = series.axes, series.shape
         channel, others = _plane_layout(axes, shape)
         planes = int(np.prod(others)) if others else 1
-        described, readable = len(series.pages), len(tif.pages)
-        if planes > 1 and readable < described:  # the pages after the cut are lost
-            usable = readable * planes // described
+        single = planes == 1  # as the file describes it, before any cut
+        needed = int(np.prod([n for a, n in zip(axes, shape) if a not in "YXS"]))
+        readable = min(len(series.pages), len(tif.pages))
+        if planes > 1 and readable < needed and not _holds_planes(tif.pages[0], axes, shape, channel):
+            usable = readable * planes // needed  # the pages after the cut are lost
             if not 0 <= page < usable:
                 raise ImageError(f"{name}: page {page} requested, but the TIFF is truncated: it describes {planes} pages "
                                  f"and only the first {usable} can be read; pass page=0..{max(usable - 1, 0)}, or copy "
@@ -160,38 +164,54 @@ def _read_tiff(tif, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, 
             planes = usable
     if not 0 <= page < planes:
         raise ImageError(f"{name}: page {page} requested but the file has {planes} page(s); pass page=0..{planes - 1}")
-    together = len(tif.series) == 1 and len(series.pages) < int(np.prod([n for a, n in zip(axes, shape) if a not in "YXS"]))
-    whole = planes == 1 or len(tif.series) > 1 or together  # planes stored together are decoded together
-    _check_plane(tif, name, [(a, n) for a, n in zip(axes, shape) if whole or a in "YXS" or a == channel], limits)
+    packed = len(tif.series) == 1 and not single and _holds_planes(tif.pages[0], axes, shape, channel)
+    whole = single or len(tif.series) > 1 or packed  # planes stored together are decoded together
+    decoded = ([full[page]] if len(tif.series) > 1 else None if whole else
+               [series.pages[key].index for key in _plane_keys(axes, shape, channel, page)])
+    cut = _check_plane(tif, name, [(a, n) for a, n in zip(axes, shape) if whole or a in "YXS" or a == channel], limits,
+                       decoded)
+    if cut:
+        problems.append(Problem("pages_cut", f"the end of the file cuts page(s) {cut[:8]}, whose pixels are lost: the "
+                                "file is truncated; the page read is whole; copy or export it again for the rest"))
     if len(tif.series) > 1:
         array, axes = tif.pages[full[page]].asarray(), tif.pages[full[page]].axes
-    elif planes == 1:
+    elif single:
         array = series.asarray()
+    elif packed:  # a stack of N x 1 planes that tifffile packs into one page
+        index = _plane_index(axes, shape, channel, page)
+        array = series.asarray()[tuple(int(index[a]) if a in index else slice(None) for a in axes)]
+        axes = "".join(a for a in axes if a in "YXS" or a == channel)
     else:
-        array = _series_plane(series, axes, shape, channel, page)
+        keys = _plane_keys(axes, shape, channel, page)
+        array = series.asarray(key=keys if len(keys) > 1 else keys[0])
         axes = "".join(a for a in axes if a in "YXS" or a == channel)
     if channel == "C" and axes.index("C") < axes.index("Y"):
         problems.append(Problem("channels_first", f"{array.shape[axes.index('C')]} channels stored first (axes "
                                 f"{series.axes}), moved last; PIL and the service see only the first channel"))
-    return array, {"axes": axes, "planes": planes}, problems
+    return array, {"axes": axes, "planes": planes, "page_index": full[page] if len(tif.series) > 1 else 0}, problems
 
 
-def _series_plane(series, axes: str, shape: tuple[int, ...], channel: str | None, page: int) -> np.ndarray:
-    """Decode only the pages of one plane (all its channels) of a shaped series."""
+def _plane_index(axes: str, shape: tuple[int, ...], channel: str | None, page: int) -> dict[str, int]:
+    """Plane ``page``'s index along each axis of a shaped series that is neither Y, X, S nor the channel."""
+    others = [(a, n) for a, n in zip(axes, shape) if a not in "YXS" and a != channel]
+    return dict(zip([a for a, _ in others], map(int, np.unravel_index(page, [n for _, n in others]))))
+
+
+def _plane_keys(axes: str, shape: tuple[int, ...], channel: str | None, page: int) -> list[int]:
+    """The indexes, in the series' pages, of plane ``page``'s pages (one per channel stored as pages)."""
     page_axes = [a for a in axes if a not in "YXS"]
     page_shape = [shape[axes.index(a)] for a in page_axes]
-    other_shape = [n for a, n in zip(page_axes, page_shape) if a != channel]
-    index = dict(zip([a for a in page_axes if a != channel], np.unravel_index(page, other_shape)))
+    index = _plane_index(axes, shape, channel, page)
     n_channels = shape[axes.index(channel)] if channel in page_axes else 1
-    if len(series.pages) < int(np.prod(page_shape)):  # planes stored together in fewer pages (a stack of N x 1 planes)
-        where = tuple(int(index[a]) if a in index else slice(None) for a in axes)
-        return series.asarray()[where]
-    keys = []
-    for c in range(n_channels):
-        coords = [c if a == channel else int(index[a]) for a in page_axes]
-        keys.append(int(np.ravel_multi_index(coords, page_shape)))
-    array = series.asarray(key=keys if len(keys) > 1 else keys[0])
-    return array
+    return [int(np.ravel_multi_index([c if a == channel else index[a] for a in page_axes], page_shape))
+            for c in range(n_channels)]
+
+
+def _holds_planes(first, axes: str, shape: tuple[int, ...], channel: str | None) -> bool:
+    """Whether a shaped series' first page holds more than one plane (tifffile packs a stack of
+    N x 1 planes into one page): more samples than a plane of the series has."""
+    plane = int(np.prod([n for a, n in zip(axes, shape) if a in "YXS" or a == channel]))
+    return int(np.prod(first.shape)) > plane
 
 
 class _TifffileLog(logging.Filter):
@@ -242,7 +262,7 @@ def decode_tiff(source: bytes | BinaryIO, name: str, page: int, limits: Budgets)
             pages = info["planes"]
             compression = tif.pages[0].compression.name.lower()
             info["alpha"] = _tiff_has_alpha(tif.pages[0])
-            colour = _tiff_colour(tif.pages[0])
+            colour = _tiff_colour(tif.pages[info["page_index"]])
     except ImageError:
         raise
     except Exception as exc:  # tifffile raises many types for damaged files
@@ -294,13 +314,18 @@ def _as_stored_colour(array: np.ndarray, colour: dict, problems: list[Problem]) 
     plain grey or RGB: MinIsWhite inverted, CMYK converted to RGB; a palette's indices kept and
     said, as for PNG; three samples that are not RGB (MinIsBlack, CIELab, YCbCr) said."""
     photometric = colour["photometric"]
-    if photometric == "MINISWHITE" and np.issubdtype(array.dtype, np.integer) and array.ndim == 2:
+    if photometric == "MINISWHITE" and np.issubdtype(array.dtype, np.unsignedinteger) and array.ndim == 2:
         problems.append(Problem("min_is_white", "stored MinIsWhite (0 is white): inverted, so that 0 is black, as "
                                 "PIL and the service read it"))
         return np.iinfo(array.dtype).max - array
     if photometric == "MINISWHITE" and array.dtype == np.bool_:
         problems.append(Problem("min_is_white", "stored MinIsWhite (0 is white): inverted, as PIL reads it"))
         return ~array
+    if photometric == "MINISWHITE":
+        problems.append(Problem("min_is_white", f"stored MinIsWhite (0 is white) as {array.dtype} with "
+                                f"{1 if array.ndim == 2 else array.shape[2]} sample(s): returned as stored, not inverted "
+                                "(there is no maximum to invert from); bright means dark here"))
+        return array
     if photometric == "PALETTE":
         entries = colour["colormap"].shape[-1] if colour["colormap"] is not None else 0
         problems.append(Problem("palette", f"palette image: the {entries} palette indices are returned; as served, "
@@ -309,7 +334,8 @@ def _as_stored_colour(array: np.ndarray, colour: dict, problems: list[Problem]) 
         if array.dtype == np.uint8:  # PIL's conversion: each of R, G, B is (255 - C, M, Y) * (255 - K) / 255, rounded
             cmy, k = array[..., :3].astype(np.uint32), array[..., 3:4].astype(np.uint32)
             product = (255 - cmy) * (255 - k) + 128
-            problems.append(Problem("cmyk", "CMYK converted to RGB"))
+            extra = f"; its {array.shape[2] - 4} extra sample(s) dropped" if array.shape[2] > 4 else ""
+            problems.append(Problem("cmyk", f"CMYK converted to RGB{extra}"))
             return ((product + (product >> 8)) >> 8).astype(np.uint8)
         problems.append(Problem("cmyk", f"{array.dtype} CMYK (ink amounts, not light): channel 0 is cyan, not grey; "
                                 "export the image as RGB or as the single channel the model was trained on"))

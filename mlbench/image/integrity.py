@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Collection
 
 import numpy as np
 
@@ -143,9 +144,12 @@ def _full_strips_bytes(page) -> int:
     return len(page.dataoffsets) * min(int(page.rowsperstrip), page.imagelength) * row * page.imagedepth
 
 
-def tiff_damage(tif, name: str) -> None:
+def tiff_damage(tif, name: str, decoded: Collection[int] | None = None) -> list[int]:
     """Raise when a TIFF page has fewer or more strips/tiles than its size needs, an empty one, or
-    (uncompressed) fewer or more bytes of pixel data than its header describes: a changed header."""
+    (uncompressed) fewer or more bytes of pixel data than its header describes: a changed header;
+    or when a page to be decoded (``decoded``, None: every page) ends past the end of the file.
+    Returns the other pages that the end of the file cuts (their pixels are lost)."""
+    cut = []
     for index in range(min(16, len(tif.pages))):
         page = tif.pages[index].aspage()  # a TiffFrame holds only offsets and counts
         needed, present = int(np.prod(page.chunked)), len(page.dataoffsets)
@@ -153,6 +157,9 @@ def tiff_damage(tif, name: str) -> None:
         raw = _tiff_raw_bytes(page) if int(page.compression) == 1 else None
         ends = [int(o) + c for o, c in zip(page.dataoffsets, counts)]
         size = int(tif.filehandle.size)
+        if ends and max(ends) > size and decoded is not None and page.index not in decoded:
+            cut.append(page.index)
+            continue
         if ends and max(ends) > size:
             last = ends.index(max(ends))
             raise ImageError(f"{name}: the TIFF is truncated: page {page.index}'s strip or tile {last} ends at byte "
@@ -169,6 +176,7 @@ def tiff_damage(tif, name: str) -> None:
         raise ImageError(f"{name}: TIFF page {page.index} is {page.imagewidth}x{page.imagelength} pixels of "
                          f"{page.bitspersample}-bit samples, which {found}: decoding would invent or drop rows. "
                          "The header was changed or the file is damaged; export it again")
+    return cut
 
 
 def _jpeg_mcu(data: bytes) -> tuple[int, int, int] | None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import pickle
+import struct
 import unittest.mock
 import warnings
 import zipfile
@@ -415,13 +417,31 @@ def test_without_a_model_the_keys_that_keep_the_best_fit_are_named(tmp_path):
     assert f"1 of another shape ['{head}: (2," in message
 
 
-def test_numpy_numbers_in_a_training_dict_load(tmp_path, state_dict):
-    """best_iou=np.float64(...) beside the weights is a value, not code: the file loads."""
-    torch.save({"state_dict": state_dict, "best_iou": np.float64(0.81), "epoch": np.int64(40)}, tmp_path / "t.pth")
-    report = check_weights(tmp_path / "t.pth", model="ma_resunet")
-    assert report.ok and "numpy.dtype" in report.load
-    mb.load_model(tmp_path / "t.pth", model="ma_resunet")
 
+def test_numpy_numbers_are_refused_unloaded_even_a_crafted_object_scalar(tmp_path, state_dict):
+    """NumPy's scalar reconstructor and dtype are not allowlisted: a crafted object-dtype scalar whose
+    bytes are read as a pointer crashes the process that unpickles it, so such a file is never loaded,
+    and the report says how to re-save the numbers."""
+    torch.save({"state_dict": state_dict, "best_iou": np.float64(0.81)}, tmp_path / "t.pth")
+    report = check_weights(tmp_path / "t.pth")
+    assert codes(report) == ["unsafe_globals"] and "nothing was unpickled" in report.load
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "best": 1.5}, buffer)
+    source = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    name = next(n for n in source.namelist() if n.endswith("data.pkl"))
+
+    def text(value: str) -> bytes:
+        return b"X" + struct.pack("<I", len(value.encode())) + value.encode()
+
+    crafted = (b"cnumpy._core.multiarray\nscalar\ncnumpy\ndtype\n" + text("O8") + b"\x89\x88\x87R"
+               + b"(K\x03" + text("|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+               + b"c_codecs\nencode\n" + text("\x41" * 8) + text("latin1") + b"\x86R\x86R")
+    pickled = source.read(name).replace(b"G" + struct.pack(">d", 1.5), crafted)
+    with zipfile.ZipFile(tmp_path / "crafted.pth", "w") as target:
+        for info in source.infolist():
+            target.writestr(info.filename, pickled if info.filename == name else source.read(info.filename))
+    report = check_weights(tmp_path / "crafted.pth")  # a crash here would kill the test process
+    assert "unsafe_globals" in codes(report) and "nothing was unpickled" in report.load
 
 def test_a_zip_bomb_is_refused_before_it_is_inflated(tmp_path, state_dict):
     torch.save(state_dict, tmp_path / "w.pth")
@@ -431,3 +451,12 @@ def test_a_zip_bomb_is_refused_before_it_is_inflated(tmp_path, state_dict):
         bomb.writestr(f"{prefix}/data.pkl", b"\x80\x02" + b"\0" * (64 * 2**20), compress_type=zipfile.ZIP_DEFLATED)
     message = check_weights(tmp_path / "bomb.pth").problems[0].message
     assert "inflates" in message and "zip bomb" in message and "it was not inflated" in message
+
+
+def test_float8_weights_are_checked_not_crashed_on(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 1, 1))
+    torch.save({k: v.to(torch.float8_e4m3fn) for k, v in model.state_dict().items()}, tmp_path / "fp8.pth")
+    report = check_weights(tmp_path / "fp8.pth", model=model)
+    assert "dtype_mismatch" not in codes(report) and "float8_e4m3fn" in report.dtypes
+    torch.save({k: v.long() for k, v in model.state_dict().items()}, tmp_path / "int.pth")
+    assert "dtype_mismatch" in codes(check_weights(tmp_path / "int.pth", model=model))  # integers into floats

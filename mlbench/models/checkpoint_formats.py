@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
 import torch
 
 from mlbench.budgets import Budgets, Deadline, budget_error
@@ -38,17 +37,8 @@ from mlbench.models.pickle_scan import PickleScan, scan_pickle
 __all__ = ["ALLOWED_GLOBALS", "FileFacts", "is_code_global", "scan_zip", "scan_legacy", "check_safetensors", "refusal",
            "load_safetensors", "load_pickled"]
 
-_NUMPY_SCALAR = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
-ALLOWED_GLOBALS: dict[str, Any] = {
-    "argparse.Namespace": argparse.Namespace,
-    # a NumPy number saved in a training dict (best_iou=np.float64(...)): its dtype and bytes, nothing run
-    "numpy._core.multiarray.scalar": (_NUMPY_SCALAR, "numpy._core.multiarray.scalar"),
-    "numpy.core.multiarray.scalar": (_NUMPY_SCALAR, "numpy.core.multiarray.scalar"),  # written by NumPy 1.x
-    "numpy.dtype": np.dtype,
-}
-"""Globals a checkpoint may hold beyond tensors: loaded only when named here (with the name a pickle
-of another NumPy version uses, where it differs)."""
-_NUMPY_DTYPE_CLASSES = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+ALLOWED_GLOBALS: dict[str, Any] = {"argparse.Namespace": argparse.Namespace}
+"""Globals a checkpoint may hold beyond tensors: loaded only when named here."""
 
 
 @dataclass
@@ -311,6 +301,7 @@ def _torch_message(exc: Exception) -> str:
 
 _PROTOCOL_OPCODES = {149: "FRAME, pickle protocol 4 or 5", 142: "BINBYTES8, pickle protocol 4", 140: "SHORT_BINUNICODE, "
                      "pickle protocol 4", 148: "MEMOIZE, pickle protocol 4", 150: "BYTEARRAY8, pickle protocol 5",
+                     66: "BINBYTES, pickle protocol 3", 67: "SHORT_BINBYTES, pickle protocol 3",
                      76: "LONG, pickle protocol 0", 73: "INT, pickle protocol 0 or 1", 70: "FLOAT, pickle protocol 0",
                      86: "UNICODE, pickle protocol 0", 83: "STRING, pickle protocol 0", 100: "DICT, pickle protocol 0",
                      108: "LIST, pickle protocol 0", 116: "TUPLE, pickle protocol 0", 112: "PUT, pickle protocol 0",
@@ -341,8 +332,6 @@ def _torch_load(handle: BinaryIO, facts: FileFacts) -> Any:
         return storage
 
     allow = [ALLOWED_GLOBALS[g] for g in facts.unsafe_globals if g in ALLOWED_GLOBALS]
-    if "numpy.dtype" in facts.unsafe_globals:  # a dtype is rebuilt as an instance of its class (Float64DType)
-        allow += _NUMPY_DTYPE_CLASSES
     handle.seek(0)
     try:
         with torch.serialization.safe_globals(allow), warnings.catch_warnings():

@@ -288,6 +288,10 @@ _FLOAT_NAMES = frozenset({"weight", "bias", "running_mean", "running_var", "weig
 """Names of parameters and buffers that are floating point in any model (not ``num_batches_tracked``)."""
 
 
+_FINITE_CHECKED = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+"""Floating types ``torch.isfinite`` takes as they are (the float8 types it does not)."""
+
+
 def _tensor_checks(state_dict: Mapping[str, torch.Tensor], facts: FileFacts) -> None:
     """Tensors a model cannot take (meta, sparse, quantized), then NaN/Inf in the plain ones."""
     odd = {k: v for k, v in state_dict.items() if v.layout != torch.strided or v.is_meta or v.is_quantized}
@@ -306,7 +310,8 @@ def _tensor_checks(state_dict: Mapping[str, torch.Tensor], facts: FileFacts) -> 
                                f"{str(tensor.dtype).replace('torch.', '')}): quantised weights without their scales; "
                                "load_state_dict would cast the raw integers to float and the model output garbage. "
                                "Load them with the quantisation tool that wrote them, or save the float weights"))
-    counts = {k: int((~torch.isfinite(v)).sum()) for k, v in state_dict.items() if v.is_floating_point() and k not in odd}
+    counts = {k: int((~torch.isfinite(v if v.dtype in _FINITE_CHECKED else v.float())).sum())  # float8: via float32
+              for k, v in state_dict.items() if v.is_floating_point() and k not in odd}
     bad = {k: n for k, n in counts.items() if n}
     if bad:
         facts.problems.append(("nonfinite", f"{len(bad)} tensor(s) hold NaN or Inf, e.g. {next(iter(bad))} "

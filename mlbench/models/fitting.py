@@ -73,6 +73,19 @@ def expected_shapes(model: str | torch.nn.Module, state_dict: Mapping[str, torch
     return _shapes(name, config)
 
 
+def _widens(saved: torch.dtype, wanted: torch.dtype) -> bool:
+    """Whether loading ``saved`` into ``wanted`` is exact: the same dtype, or a floating type into a
+    wider one (float16 or float8 into float32); not an integer into a float."""
+    if saved == wanted:
+        return True
+    if not (saved.is_floating_point and wanted.is_floating_point):
+        return False
+    try:
+        return torch.promote_types(saved, wanted) == wanted
+    except RuntimeError:  # "Promotion for Float8 Types is not supported": every float8 value fits 16 bits and more
+        return torch.finfo(saved).bits < torch.finfo(wanted).bits
+
+
 def diff_keys(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
     """Missing, unexpected, shape- and dtype-mismatched keys of ``state_dict`` against ``expected``; a
     dtype mismatch is one that loses precision or range on loading (float32 into float16), not a
@@ -83,6 +96,6 @@ def diff_keys(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, tor
         "unexpected": [k for k in state_dict if k not in expected],
         "shape": [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}" for k in common
                   if tuple(state_dict[k].shape) != tuple(expected[k].shape)],
-        "dtype": [f"{k}: {state_dict[k].dtype} vs {expected[k].dtype}" for k in common  # a lossless widening is none
-                  if torch.promote_types(state_dict[k].dtype, expected[k].dtype) != expected[k].dtype],
+        "dtype": [f"{k}: {state_dict[k].dtype} vs {expected[k].dtype}" for k in common
+                  if not _widens(state_dict[k].dtype, expected[k].dtype)],
     }

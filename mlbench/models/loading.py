@@ -140,8 +140,9 @@ def _to_device(model: torch.nn.Module, device: str | torch.device) -> torch.nn.M
     of torch's (``AssertionError: Torch not compiled with CUDA enabled``, ``Invalid device string``)."""
     try:
         return model.to(device)
-    except (AssertionError, RuntimeError) as exc:
-        if not re.search(r"not compiled with|Invalid device|invalid device ordinal|no CUDA GPUs|Expected one of", str(exc)):
+    except (AssertionError, RuntimeError, ModuleNotFoundError) as exc:
+        if not re.search(r"not compiled with|not linked with|Invalid device|invalid device ordinal|no CUDA GPUs|"
+                         r"Expected one of|Cannot access accelerator|No module named", str(exc)):
             raise  # out of memory on the device, a driver error: not the argument's fault
         have = (f"pass device='cpu' or one of cuda:0..cuda:{torch.cuda.device_count() - 1}" if torch.cuda.is_available()
                 else "this machine has no usable GPU: pass device='cpu'")

@@ -460,3 +460,9 @@ def test_float8_weights_are_checked_not_crashed_on(tmp_path):
     assert "dtype_mismatch" not in codes(report) and "float8_e4m3fn" in report.dtypes
     torch.save({k: v.long() for k, v in model.state_dict().items()}, tmp_path / "int.pth")
     assert "dtype_mismatch" in codes(check_weights(tmp_path / "int.pth", model=model))  # integers into floats
+
+
+def test_a_plain_pickle_is_named_not_called_damaged(tmp_path):
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"w": [1.0]}, protocol=2))
+    message = check_weights(tmp_path / "plain.pkl").problems[0].message
+    assert "plain pickle (pickle.dump, joblib)" in message and "Restore a good copy" not in message

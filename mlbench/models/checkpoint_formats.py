@@ -76,7 +76,8 @@ buffers), which is not on torch's allowlist but runs nothing (``unsafe_globals``
 
 
 _DATA_CLASSES = frozenset({"pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.PurePosixPath", "pathlib.PureWindowsPath",
-                           "pathlib.Path", "pathlib._local.PosixPath", "pathlib._local.WindowsPath", "types.SimpleNamespace",
+                           "pathlib.Path", "pathlib._local.PosixPath", "pathlib._local.WindowsPath",
+                           "pathlib._local.PurePosixPath", "pathlib._local.PureWindowsPath", "types.SimpleNamespace",
                            "argparse.Namespace"})
 """Classes whose pickled instances only hold values (a path in the hyper-parameters, a namespace of
 options): not on torch's allowlist (``unsafe_globals``), but building one runs nothing."""
@@ -313,6 +314,10 @@ a file written with ``torch.save(..., pickle_protocol=N)`` or plain ``pickle.dum
 def _why_load_failed(exc: Exception) -> str:
     """The reason torch's weights-only load failed after the scan passed: a pickle protocol it does
     not read (the opcode named), else damage."""
+    if "Invalid magic number" in str(exc):
+        return ("it is a plain pickle (pickle.dump, joblib), not a file torch.save wrote, which torch.load does not "
+                "read (or an old torch.save file whose first bytes are damaged): if you trust it, unpickle it once and re-save the state dict with torch.save(state_dict) or "
+                "as safetensors")
     found = re.search(r"Unsupported operand (\d+)", str(exc))
     opcode = int(found.group(1)) if found else None
     if opcode in _PROTOCOL_OPCODES:

@@ -27,7 +27,7 @@ from mlbench.budgets import Budgets, budget_error, describe_file
 from mlbench.budgets import budgets as budgets_in_force
 from mlbench.errors import OptionsError, WeightsError
 from mlbench.findings import Problem, ReportText
-from mlbench.models.checkpoint_io import BLOCKING, StateDictRead, read_state_dict
+from mlbench.models.checkpoint_io import BLOCKING, PREFIX_ORIGINS, StateDictRead, read_state_dict
 from mlbench.models.fitting import Fit, diff_keys, expected_shapes, known_keys, rank_architectures
 from mlbench.paths import data_dir, sha256_file
 
@@ -129,15 +129,10 @@ def _manifest_note(path: Path, digest: str) -> tuple[str, list[Problem]]:
     return "", []
 
 
-_WRAPPERS = {"module.": "DataParallel/DistributedDataParallel", "_orig_mod.": "a torch.compile'd model",
-             "model.": "a wrapper module (a Lightning module's model)", "net.": "a wrapper module (its net)"}
-"""What each usual segment of a key prefix was saved from, outermost first in the prefix."""
-
-
 def _tensor_findings(prefix: str, devices: tuple[str, ...]) -> list[Problem]:
     problems = []
     if prefix:
-        origin = "saved from " + " around ".join(_WRAPPERS.get(part + ".", f"a wrapper module's {part!r}")
+        origin = "saved from " + " around ".join(PREFIX_ORIGINS.get(part + ".", f"a wrapper module's {part!r}")
                                                  for part in prefix.rstrip(".").split("."))
         problems.append(Problem("prefix", f"every key starts with {prefix!r} ({origin}): "
                                 "load_state_dict(strict=False) would load nothing and keep a random network; strip it "

@@ -142,7 +142,7 @@ def _read_tiff(tif, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, 
         if len(full) < len(tif.pages):
             problems.append(Problem("reduced_pages_skipped", f"{len(tif.pages) - len(full)} reduced-resolution page(s) "
                                     "(a thumbnail or a pyramid's levels) skipped; the pages counted are the full images"))
-        pages, single = len(full), False
+        pages, single, packed = len(full), False, False
         first = tif.pages[full[min(page, pages - 1)]]
         axes, shape = first.axes, first.shape
         channel, planes = _plane_layout(axes, shape)[0], pages
@@ -151,9 +151,10 @@ def _read_tiff(tif, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, 
         channel, others = _plane_layout(axes, shape)
         planes = int(np.prod(others)) if others else 1
         single = planes == 1  # as the file describes it, before any cut
+        packed = not single and _holds_planes(tif.pages[0], axes, shape, channel)
         needed = int(np.prod([n for a, n in zip(axes, shape) if a not in "YXS"]))
         readable = min(len(series.pages), len(tif.pages))
-        if planes > 1 and readable < needed and not _holds_planes(tif.pages[0], axes, shape, channel):
+        if planes > 1 and readable < needed and not packed:
             usable = readable * planes // needed  # the pages after the cut are lost
             if not 0 <= page < usable:
                 raise ImageError(f"{name}: page {page} requested, but the TIFF is truncated: it describes {planes} pages "
@@ -164,7 +165,6 @@ def _read_tiff(tif, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, 
             planes = usable
     if not 0 <= page < planes:
         raise ImageError(f"{name}: page {page} requested but the file has {planes} page(s); pass page=0..{planes - 1}")
-    packed = len(tif.series) == 1 and not single and _holds_planes(tif.pages[0], axes, shape, channel)
     whole = single or len(tif.series) > 1 or packed  # planes stored together are decoded together
     decoded = ([full[page]] if len(tif.series) > 1 else None if whole else
                [series.pages[key].index for key in _plane_keys(axes, shape, channel, page)])

@@ -122,15 +122,20 @@ def check_png(data: bytes, name: str, deadline: Deadline) -> None:
                          "export the image again")
 
 
+def _row_bytes(page, width: int) -> int:
+    """Bytes of one row ``width`` samples wide of an uncompressed TIFF page's strip or tile: the
+    samples of a pixel packed together, or one sample per plane (PlanarConfiguration 2)."""
+    samples = page.samplesperpixel if int(page.planarconfig) != 2 else 1
+    bits = int(np.max(page.bitspersample)) if np.ndim(page.bitspersample) else int(page.bitspersample)
+    return -(-width * samples * bits // 8)
+
+
 def _tiff_raw_bytes(page) -> int:
     """Bytes an uncompressed TIFF page needs: its rows (or tiles) of packed samples."""
-    contig = int(page.planarconfig) != 2
-    samples = page.samplesperpixel if contig else 1
-    bits = int(np.max(page.bitspersample)) if np.ndim(page.bitspersample) else int(page.bitspersample)
     if page.is_tiled:
-        return len(page.dataoffsets) * page.tilelength * -(-page.tilewidth * samples * bits // 8) * page.tiledepth
-    planes = 1 if contig else page.samplesperpixel
-    return page.imagelength * -(-page.imagewidth * samples * bits // 8) * planes * page.imagedepth
+        return len(page.dataoffsets) * page.tilelength * _row_bytes(page, page.tilewidth) * page.tiledepth
+    planes = 1 if int(page.planarconfig) != 2 else page.samplesperpixel
+    return page.imagelength * _row_bytes(page, page.imagewidth) * planes * page.imagedepth
 
 
 def _full_strips_bytes(page) -> int:
@@ -138,10 +143,8 @@ def _full_strips_bytes(page) -> int:
     strip, as some writers store it (a valid file: PIL and tifffile read it); for tiles, 0."""
     if page.is_tiled:
         return 0
-    contig = int(page.planarconfig) != 2
-    bits = int(np.max(page.bitspersample)) if np.ndim(page.bitspersample) else int(page.bitspersample)
-    row = -(-page.imagewidth * (page.samplesperpixel if contig else 1) * bits // 8)
-    return len(page.dataoffsets) * min(int(page.rowsperstrip), page.imagelength) * row * page.imagedepth
+    rows = min(int(page.rowsperstrip), page.imagelength)
+    return len(page.dataoffsets) * rows * _row_bytes(page, page.imagewidth) * page.imagedepth
 
 
 def tiff_damage(tif, name: str, decoded: Collection[int] | None = None) -> list[int]:
@@ -149,14 +152,13 @@ def tiff_damage(tif, name: str, decoded: Collection[int] | None = None) -> list[
     (uncompressed) fewer or more bytes of pixel data than its header describes: a changed header;
     or when a page to be decoded (``decoded``, None: every page) ends past the end of the file.
     Returns the other pages that the end of the file cuts (their pixels are lost)."""
-    cut = []
+    cut, size = [], int(tif.filehandle.size)
     for index in range(min(16, len(tif.pages))):
         page = tif.pages[index].aspage()  # a TiffFrame holds only offsets and counts
         needed, present = int(np.prod(page.chunked)), len(page.dataoffsets)
         counts = [int(c) for c in page.databytecounts]
         raw = _tiff_raw_bytes(page) if int(page.compression) == 1 else None
         ends = [int(o) + c for o, c in zip(page.dataoffsets, counts)]
-        size = int(tif.filehandle.size)
         if ends and max(ends) > size and decoded is not None and page.index not in decoded:
             cut.append(page.index)
             continue

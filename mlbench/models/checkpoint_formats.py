@@ -316,8 +316,8 @@ def _why_load_failed(exc: Exception) -> str:
     not read (the opcode named), else damage."""
     if "Invalid magic number" in str(exc):
         return ("it is a plain pickle (pickle.dump, joblib), not a file torch.save wrote, which torch.load does not "
-                "read (or an old torch.save file whose first bytes are damaged): if you trust it, unpickle it once and re-save the state dict with torch.save(state_dict) or "
-                "as safetensors")
+                "read (or an old torch.save file whose first bytes are damaged): if you trust it, unpickle it once "
+                "and re-save the state dict with torch.save(state_dict) or as safetensors")
     found = re.search(r"Unsupported operand (\d+)", str(exc))
     opcode = int(found.group(1)) if found else None
     if opcode in _PROTOCOL_OPCODES:

@@ -13,7 +13,7 @@ sockets are refused before they are opened.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -27,13 +27,17 @@ from mlbench.image.other_formats import file_kind
 from mlbench.models.checkpoint_formats import ALLOWED_GLOBALS, FileFacts, load_pickled, load_safetensors
 from mlbench.models.pickle_scan import scan_pickle
 
-__all__ = ["ALLOWED_GLOBALS", "BLOCKING", "FileFacts", "sniff_checkpoint", "inspect_file", "unwrap", "strip_prefix",
-           "split_wrapper", "StateDictRead", "read_state_dict"]
+__all__ = ["ALLOWED_GLOBALS", "BLOCKING", "PREFIX_ORIGINS", "FileFacts", "sniff_checkpoint", "inspect_file", "unwrap",
+           "strip_prefix", "split_wrapper", "StateDictRead", "read_state_dict"]
 
 _WRAPPERS = ("model_state_dict", "state_dict", "model", "net", "weights")
 _EMA_WRAPPERS = ("ema_state_dict", "state_dict_ema", "model_ema", "ema")
 """Where training code keeps exponential-moving-average weights (timm, Lightning callbacks, YOLO)."""
-_PREFIXES = ("module.", "model.", "net.", "_orig_mod.")
+PREFIX_ORIGINS = {"module.": "DataParallel/DistributedDataParallel",
+                  "model.": "a wrapper module (a Lightning module's model)", "net.": "a wrapper module (its net)",
+                  "_orig_mod.": "a torch.compile'd model"}
+"""The usual wrapper prefixes of state-dict keys, in the order they are tried, and what each was saved from."""
+_PREFIXES = tuple(PREFIX_ORIGINS)
 BLOCKING = frozenset({"missing", "not_a_file", "empty", "truncated", "not_a_checkpoint", "lfs_pointer", "torchscript",
                       "unreadable", "code_execution", "unsafe_globals", "unreadable_pickle", "over_budget",
                       "load_failed", "no_state_dict", "unsupported_tensor", "no_keys_match", "key_mismatch",
@@ -193,8 +197,8 @@ def strip_prefix(state_dict: Mapping[str, Any], known_keys: Collection[str] = ()
     known = set(known_keys)
     while out:
         prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in out)), None)
-        fit = sum(k in known for k in out) if prefix is not None and known else 0
-        if fit and fit >= sum(k[len(prefix):] in known for k in out):
+        fit = _known(out, known) if prefix is not None and known else 0
+        if fit and fit >= _known(out, known, prefix):
             break  # the keys fit the model as they are (its own attribute is called net or model)
         if prefix is None and known_keys:
             prefix = _shared_wrapper(out, known_keys)
@@ -220,9 +224,14 @@ def split_wrapper(state_dict: Mapping[str, Any], known_keys: Collection[str] = (
         if not outside or len(outside) > min(OUTSIDE_WRAPPER_MOST, len(state_dict) // 10):
             continue
         inside = OrderedDict((k, v) for k, v in state_dict.items() if k.startswith(prefix))
-        if sum(k[len(prefix):] in known for k in inside) > sum(k in known for k in state_dict):
+        if _known(inside, known, prefix) > _known(state_dict, known):
             return inside, outside
     return state_dict, []
+
+
+def _known(keys: Iterable[str], known: Collection[str], prefix: str = "") -> int:
+    """How many of ``keys``, ``prefix`` cut off, are ``known`` keys."""
+    return sum(key[len(prefix):] in known for key in keys)
 
 
 def _shared_wrapper(state_dict: Mapping[str, Any], known_keys: Collection[str]) -> str | None:
@@ -232,9 +241,7 @@ def _shared_wrapper(state_dict: Mapping[str, Any], known_keys: Collection[str]) 
         return None
     prefix = first.pop() + "."
     known = set(known_keys)
-    before = sum(key in known for key in state_dict)
-    after = sum(key[len(prefix):] in known for key in state_dict)
-    return prefix if after > max(before, len(state_dict) // 2) else None
+    return prefix if _known(state_dict, known, prefix) > max(_known(state_dict, known), len(state_dict) // 2) else None
 
 
 @dataclass

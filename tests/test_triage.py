@@ -996,3 +996,14 @@ def test_fastapis_request_model_keeps_the_request_fix_and_a_sentences_full_stop_
     assert "cause" not in request.numbers and "multipart" in request.fix
     d = triage("ModuleNotFoundError: No module named skimage.", casebook=False)
     assert d.numbers["module"] == "skimage" and "pip install scikit-image" in d.fix
+
+
+@pytest.mark.parametrize("text, status", [
+    ("requests.exceptions.HTTPError: 500 Server Error: Internal Server Error for url: http://localhost:8000/segment", "500"),
+    ("urllib.error.HTTPError: HTTP Error 501: Not Implemented", "501"),
+])
+def test_a_bare_server_error_sends_the_user_to_the_servers_log(text, status):
+    d = triage(text, casebook=False)
+    assert d.failure_class == "unknown"
+    assert f"the server answered {status}" in d.explanation and "server.log" in d.fix
+    assert "server answered" not in triage("ValueError: something else", casebook=False).explanation

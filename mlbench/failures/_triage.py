@@ -339,8 +339,21 @@ def _unknown(text: str, reading: Reading) -> Diagnosis:
     else:
         first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")[:120]
         reason = f"no known error pattern in {len(text.splitlines())} line(s) ({note}); first line: {first!r}"
+        server = _SERVER_ERROR.search(text)
+        if server:
+            status = server.group("code") or server.group("code2") or "500"
+            reason = (f"the server answered {status}: the error happened inside the server, so its cause is in the "
+                      f"server's log or the response body, not in this text; {reason}")
+            fix = (f"find the server's log lines at the time of this request (its request id, if the answer had one) "
+                   f"and triage them (`mlbench triage server.log`), or print the response body "
+                   f"(`response.text`); then {fix}")
     return Diagnosis("unknown", "", f"{meaning}: {reason}", fix, notebook, {"reason": reason}, 0.0, 0, 1, "",
                      input_note=reading.note)
+
+
+# A 5xx answer that no other rule explains: an error inside the server, whose text is not here.
+_SERVER_ERROR = re.compile(r"\b(?P<code>50[0-9])\b\W{0,3}(?:Server Error|Internal Server Error|Internal Error)"
+                           r"|HTTP Error (?P<code2>50[0-9])\b|Internal Server Error", re.IGNORECASE)
 
 
 # ---- command line -------------------------------------------------------------------------

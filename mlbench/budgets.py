@@ -54,7 +54,8 @@ class Budgets:
         together (``torch.save`` stores them uncompressed, so this is about the file size); also
         the tensor storage a pickle may declare; default 2 GiB.
     max_pickle_ops : int
-        Opcodes in one pickle; default 2,000,000 (a training dict with optimizer state has about 200,000).
+        Opcodes in one pickle; default 4,000,000: a state dict takes about 30 per tensor, so
+        ``max_tensors`` of them fit (a training dict with optimizer state has about 200,000).
     max_pickle_depth : int
         Nesting depth of containers in a pickle (a tuple in a tuple ...); default 100 (checkpoints use under 10).
     max_pickle_objects : int
@@ -96,7 +97,7 @@ class Budgets:
     max_pixels: int = 64_000_000
     max_decoded_bytes: int = 256 * _MIB
     max_decompressed_bytes: int = 2 * _GIB
-    max_pickle_ops: int = 2_000_000
+    max_pickle_ops: int = 4_000_000
     max_pickle_depth: int = 100
     max_pickle_objects: int = 10_000_000
     max_pickle_memo: int = 1_000_000

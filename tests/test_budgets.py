@@ -265,3 +265,21 @@ def test_a_missing_path_says_what_is_wrong_with_it(tmp_path, monkeypatch, given,
 def test_read_image_names_its_argument_when_it_is_no_path():
     with pytest.raises(mb.OptionsError, match=r"got ndarray \(an array is decoded already: pass it to mb.segment"):
         mb.read_image(np.zeros((4, 4), np.uint8))
+
+
+def test_a_state_dict_of_max_tensors_tensors_fits_the_opcode_budget_and_shared_storages_count_once():
+    """``max_tensors`` is the budget a large state dict meets, not the opcode count before it; a
+    storage that two tensors share (tied weights) counts its bytes once."""
+    from mlbench.models.pickle_scan import scan_pickle
+
+    shared = torch.zeros(10)
+    state = {f"layer{i}.weight": torch.zeros(2) for i in range(1000)}
+    state.update({"tied.a": shared, "tied.b": shared[2:]})
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    archive = zipfile.ZipFile(buffer)
+    data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    scan = scan_pickle(io.BytesIO(data), Budgets(), Deadline(30, mb.WeightsError))
+    assert scan.tensors == 1002 and scan.storage_bytes == 1000 * 2 * 4 + 10 * 4
+    limits = Budgets()
+    assert scan.ops / scan.tensors * limits.max_tensors < limits.max_pickle_ops

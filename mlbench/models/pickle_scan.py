@@ -73,6 +73,7 @@ class _Machine:
         self.memo: dict[int | str, _Node] = {}
         self.globals: set[str] = set()
         self.storages: dict[str, int] = {}
+        self.storage_bytes = 0
         self.tensor_calls = self.depth = self.objects = 0
         self.cap = limits.max_pickle_objects + 1
 
@@ -148,12 +149,13 @@ class _Machine:
         values = [item.value for item in items]
         if len(values) >= 5 and values[0] == "storage" and isinstance(values[4], int):
             kind = str(values[1]).rpartition(".")[2].removesuffix("Storage")
-            self.storages[str(values[2])] = max(0, values[4]) * _ELEMENT_BYTES.get(kind, 8)
+            key, size = str(values[2]), max(0, values[4]) * _ELEMENT_BYTES.get(kind, 8)
+            self.storage_bytes += size - self.storages.get(key, 0)  # a running total: summing each time is quadratic
+            self.storages[key] = size
             self.count_tensors(len(self.storages))
-            total = sum(self.storages.values())
-            if total > self.limits.max_decompressed_bytes:
+            if self.storage_bytes > self.limits.max_decompressed_bytes:
                 raise budget_error(WeightsError, "max_decompressed_bytes", self.limits.max_decompressed_bytes,
-                                   "the tensor storage the pickle declares", total, " bytes")
+                                   "the tensor storage the pickle declares", self.storage_bytes, " bytes")
         self.push(_Node("obj", 1, 1))
 
 
@@ -305,5 +307,5 @@ def scan_pickle(stream: io.BufferedIOBase, limits: Budgets, deadline: Deadline) 
     except Exception as exc:  # genops: unknown opcode, truncated argument, bad protocol
         raise _malformed(f"{type(exc).__name__}: {exc}") from None
     tensors = max(machine.tensor_calls, len(machine.storages))
-    return PickleScan(tuple(sorted(machine.globals)), tensors, sum(machine.storages.values()), ops, machine.depth,
+    return PickleScan(tuple(sorted(machine.globals)), tensors, machine.storage_bytes, ops, machine.depth,
                       machine.objects)

@@ -92,12 +92,12 @@ _MACHINE_PATHS = re.compile(r" ?\((?:absolute path tried|working directory)[^)]*
 def format_bytes(nbytes: float) -> str:
     """A byte count in binary units with three significant digits.
 
-    >>> format_bytes(1536), format_bytes(2 * 1024**3), format_bytes(512)
-    ('1.5 KiB', '2 GiB', '512 B')
+    >>> format_bytes(1536), format_bytes(2 * 1024**3), format_bytes(512), format_bytes(1020 * 1024**2)
+    ('1.5 KiB', '2 GiB', '512 B', '1020 MiB')
     """
     value = float(nbytes)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(value) < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.3g} {unit}"
+            return f"{value:.0f} {unit}" if unit == "B" or abs(value) >= 999.5 else f"{value:.3g} {unit}"
         value /= 1024
     return f"{value:.3g} TiB"

@@ -1007,3 +1007,52 @@ def test_a_bare_server_error_sends_the_user_to_the_servers_log(text, status):
     assert d.failure_class == "unknown"
     assert f"the server answered {status}" in d.explanation and "server.log" in d.fix
     assert "server answered" not in triage("ValueError: something else", casebook=False).explanation
+
+
+# ---- round 7: GUI logs, Jupyter exports, Java and R wrappers, detectron2, OpenMMLab, gRPC ---------------------------
+REAL7 = _load("triage_real7")
+
+
+def test_real_set_round7_is_new_labelled_and_sourced():
+    assert len(REAL7) >= 80  # 84 texts
+    _assert_new_and_sourced(REAL7, REAL + REAL2 + REAL3 + REAL4 + REAL5 + REAL6 + CORPUS)
+
+
+def test_real_issue_texts_round7_accuracy():
+    _assert_accurate_with_held_out_third(REAL7)
+
+
+@pytest.mark.parametrize("text, expected, cause, says", [
+    ("GUI_INFO: normalization checked: computing saturation levels\n{'normalize': True, 'norm3D': True}\n"
+     "ERROR: 'weights_only' is an invalid keyword argument for Unpickler()", "missing_dependency", None, "version"),
+    ('AssertionError: Checkpoint /data/models/model_final.pkl not found!', "weights_missing", None, ""),
+    ("KeyError: 'EncoderDecoderX is not in the models registry'", "missing_dependency", "registry", "custom_imports"),
+    ("RuntimeError: No such operator image::decode_jpeg", "missing_dependency", None, ""),
+    ("tritonclient.utils.InferenceServerException: [StatusCode.UNAVAILABLE] failed to connect to all addresses",
+     "queue_timeout", "nothing_listening", "nothing is listening"),
+    ("cv2.error: OpenCV(4.1.0) convhull.cpp:137: error: (-215:Assertion failed) total >= 0 && (depth == CV_32F || "
+     "depth == CV_32S) in function 'cv::convexHull'", "postprocessing", None, ""),
+    ("Could not load library libcudnn_ops_infer.so.8. Error: libcudnn_ops_infer.so.8: cannot open shared object file: "
+     "No such file or directory", "missing_dependency", "cuda_library", "LD_LIBRARY_PATH"),
+    ("[2022-09-14 15:26:39 +0000] [7] [CRITICAL] WORKER TIMEOUT (pid:8)", "queue_timeout", "worker_timeout", "--preload"),
+    ("ConnectionResetError: [Errno 104] Connection reset by peer", "queue_timeout", "connection_reset", "server's log"),
+    ("[shapely.geos][ERROR] - TopologyException: Input geom 1 is invalid: Self-intersection at or near point 220 235",
+     "postprocessing", "invalid_geometry", "make_valid"),
+    ("RuntimeError: Unsupported image file. Only jpeg and png are currently supported.", "image_format", None, ""),
+])
+def test_round7_wordings_and_causes(text, expected, cause, says):
+    d = triage(text, casebook=False)
+    assert (d.failure_class, d.numbers.get("cause")) == (expected, cause)
+    assert says in d.fix
+
+
+def test_an_oom_with_plenty_free_is_not_blamed_on_the_models_size_and_sizes_print_plainly():
+    d = triage("torch.OutOfMemoryError: HIP out of memory. Tried to allocate 2.00 MiB. GPU 7 has a total capacity of "
+               "287.98 GiB of which 203.49 GiB is free.", casebook=False)
+    assert d.failure_class == "cuda_oom" and "fragmented" in d.fix and "expandable_segments" in d.fix
+    tight = triage("RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total capacity; "
+                   "1.10 GiB free)", casebook=False)
+    assert "fragmented" not in tight.fix
+    big = triage("RuntimeError: [enforce fail at alloc_cpu.cpp:81] data. DefaultCPUAllocator: not enough memory: "
+                 "you tried to allocate 1069547520 bytes.", casebook=False)
+    assert "e+" not in big.explanation

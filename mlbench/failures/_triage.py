@@ -232,6 +232,7 @@ def make_diagnosis(failure_class: str, evidence: str = "") -> Diagnosis:
 _LOG_LEVEL = r"^\W{0,3}(?:\d{4}-\d\d-\d\d[\d:,.T ]{0,16}\W{0,3})?(?:\w{1,20}_)?"
 _INFO_LINE = re.compile(_LOG_LEVEL + r"(?:INFO|DEBUG|TRACE)\b")
 _ERROR_LINE = re.compile(_LOG_LEVEL + r"(?:ERROR|CRITICAL|FATAL)\b")
+_SETTINGS_LINE = re.compile(r"^\s*\{'\w+': ")  # a printed Python dict of options ({'normalize': True, ...})
 
 
 def _line_factor(line: str, previous: str, has_message: bool) -> float:
@@ -239,8 +240,8 @@ def _line_factor(line: str, previous: str, has_message: bool) -> float:
     when the traceback was cut before its message, so the frames are all there is)."""
     if exception_name(line) or _ERROR_LINE.match(line):
         return 1.25
-    if _INFO_LINE.match(line):
-        return 0.4  # a log line at INFO or DEBUG level reports progress, not the failure
+    if _INFO_LINE.match(line) or _SETTINGS_LINE.match(line):
+        return 0.4  # a log line at INFO or DEBUG level reports progress, a printed dict of options settings
     if is_frame(line):
         return 0.3 if has_message else 0.6
     if previous and is_frame_header(previous):

@@ -27,7 +27,9 @@ CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
      "num_workers=0"),
     ("cuda_oom", "killed_by_host", r"OOMKilled(?![\"':\s]{0,3}false)|oom-kill|oom_reaper|Out of memory: Kill|exit ?code\W{0,3}137"
      r"|Exited \(137\)|exit status 137|signal 9|SIGKILL|killed by signal: Killed|^[^\S\n]*Killed[^\S\n]*$",
-     "the kernel's OOM killer stopped the process: host RAM or the container's memory limit ran out, not the GPU; "
+     "the process was killed with SIGKILL (exit code 137), almost always by the kernel's OOM killer because host "
+     "RAM or the container's memory limit ran out, not the GPU (dmesg | grep -i oom, or docker inspect --format "
+     "'{{.State.OOMKilled}}', confirms it): "
      "raise the memory limit, lower the batch, the input size or the number of workers, and check the need with "
      "mb.estimate_memory(model, input_shape, device='cpu')"),
     ("cuda_oom", "windows_paging_file", r"WinError 1455|paging file is too small|页面文件太小"
@@ -147,6 +149,11 @@ CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
      r"\(expected 3, got 2\)",
      "cv2.findContours returns (contours, hierarchy) in OpenCV 4 but (image, contours, hierarchy) in OpenCV 3: take "
      "the last two, contours, hierarchy = cv2.findContours(mask, mode, method)[-2:], which works with both"),
+    ("postprocessing", "invalid_geometry", r"TopologyException|Self-intersection|Ring Self-intersection|IllegalArgumentException"
+     r"|Invalid polygon|is not valid",
+     "a polygon is invalid (a self-intersecting ring, as a traced contour that touches itself makes): repair it "
+     "before the geometry operation with shapely.make_valid(polygon) (or polygon.buffer(0)), drop what is empty "
+     "after, and check the polygons with mb.check_polygons"),
     ("validation_error", "proxy_body_limit", r"<center>nginx|client intended to send too large body|client_max_body_size"
      r"|LimitRequestBody",
      "a proxy in front of the service (nginx: client_max_body_size, 1 MB by default; Apache: LimitRequestBody) "
@@ -156,6 +163,17 @@ CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
      "(input_value=None where a number was required): where that model is built, give each field the type it names or "
      "make it Optional where None is valid; raised inside a server on its response model, it is a server bug (an "
      "HTTP 500), not the client's request"),
+    ("missing_dependency", "cuda_library", r"lib(cudnn|cublas|cublasLt|cudart|nvrtc|cufft|curand|cusparse|cusolver|nccl"
+     r"|nvinfer|nvJitLink|nvToolsExt)\w{0,30}\.so|Could not load library cudnn",
+     "a CUDA library (cuDNN, cuBLAS, the CUDA runtime) that torch, onnxruntime or TensorFlow was built against is "
+     "not found, or another version is: install the version the package names (pip install nvidia-cudnn-cu12 "
+     "or nvidia-cublas-cu12 at the major version in the file name, or a torch wheel that bundles them), or put "
+     "its folder on LD_LIBRARY_PATH (PATH on Windows); do not install OpenCV or libGL packages for it"),
+    ("missing_dependency", "registry", r"is not in the [\w:]+ registry",
+     "the class the config names is not registered: the module that defines it was not imported, or the installed "
+     "OpenMMLab package (mmcv, mmengine, mmseg, mmdet) is another version than the config was written for: add "
+     "its module to custom_imports in the config (or import it before building), or install the versions the "
+     "project pins"),
     ("missing_dependency", "system_library", r"lib[\w.+-]{1,60}\.so[\d.]{0,12}: cannot open shared object file"
      r"|Error loading shared library lib[\w.+-]{1,60}\.so",
      "a system library is missing, not a Python package: install it with the OS package manager (libGL: "
@@ -176,7 +194,18 @@ CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
     ("queue_timeout", "tls", r"CERTIFICATE_VERIFY_FAILED|SSLCertVerificationError|SSLError|WRONG_VERSION_NUMBER",
      "the TLS handshake failed: pass the CA bundle that signed the service's certificate (verify='/path/ca.pem'), "
      "or use http:// for a service that does not speak TLS (WRONG_VERSION_NUMBER); do not turn verification off"),
-    ("queue_timeout", "nothing_listening", r"Connection refused|Errno 111|ECONNREFUSED|Failed to establish a new connection",
+    ("queue_timeout", "worker_timeout", r"WORKER TIMEOUT",
+     "gunicorn killed a worker that did not report back within its --timeout (30 s by default): a model loaded at "
+     "the worker's start, or one long request, outlasted it: raise --timeout, load the model once before the "
+     "workers fork (--preload) or in a startup hook, keep long work out of the request, and in Docker pass "
+     "--worker-tmp-dir /dev/shm (a slow disk there delays the heartbeat)"),
+    ("queue_timeout", "connection_reset", r"Connection reset by peer|RemoteDisconnected|Server disconnected"
+     r"|upstream prematurely closed|ECONNRESET",
+     "the server closed the connection without answering: its worker most likely died during the request (a "
+     "crash, or killed for memory) or was restarted: read the server's log at that time for a traceback, a "
+     "'WORKER TIMEOUT' or an OOM kill (dmesg, docker inspect --format '{{.State.OOMKilled}}') before retrying"),
+    ("queue_timeout", "nothing_listening", r"Connection refused|Errno 111|ECONNREFUSED|Failed to establish a new connection"
+     r"|StatusCode\.UNAVAILABLE|failed to connect to all addresses",
      "nothing is listening at that address (the service, or its queue's broker: Redis, RabbitMQ): start it or wait "
      "until its startup and model loading finish, check the host and port, and from another container use the "
      "service's name instead of localhost"),

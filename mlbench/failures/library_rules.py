@@ -36,7 +36,7 @@ LIBRARY_RULES: tuple[tuple[str, float, str], ...] = (
     ("weights_missing", 5.5, r"(?:pretrained|weights?|checkpoint)" + _G + r"(?:URL is invalid|do(?:es)? not exist|not (?:available|found))" + _G
                              + r"random initiali[sz]ation|\busing random initiali[sz]ation"),
     # ---- missing_dependency: an API of another version, an optional reader not installed ------
-    ("missing_dependency", 5.5, r"got an unexpected keyword argument"),
+    ("missing_dependency", 5.5, r"got an unexpected keyword argument|is an invalid keyword argument for"),
     ("missing_dependency", 5, r"cannot find a suitable reader|no suitable (?:reader|backend|plugin) (?:found|available)"),
     ("missing_dependency", 6, r"serializ(?:ed|ation)[^\n]{0,40}engine" + _G + r"(?:mismatch|does not match)|(?:mismatch|does not match)" + _G
                               + r"serializ(?:ed|ation)[^\n]{0,40}engine"),  # a TensorRT engine built by another version

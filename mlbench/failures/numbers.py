@@ -307,6 +307,12 @@ def specific_fix(failure_class: str, numbers: dict[str, Any]) -> str | None:
     if failure_class == "weights_mismatch" and "unsafe_global" in n:
         return (f"if you trust the file: with torch.serialization.safe_globals([{n['unsafe_global']}]): torch.load(path); "
                 "better, re-save only the state_dict as safetensors")
+    if failure_class == "cuda_oom" and n.get("free_bytes", 0) >= max(1 << 30, 10 * n.get("requested_bytes", 1 << 62)):
+        return (f"the device reported {format_bytes(n['free_bytes'])} free, far more than the "
+                f"{format_bytes(n['requested_bytes'])} asked for, so the model's size is not what failed: the free memory is "
+                "fragmented (set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before the process starts), this "
+                "process is capped (torch.cuda.set_per_process_memory_fraction, a MIG slice, a container limit), or the "
+                "driver failed (ROCm/HIP: update it, check dmesg); torch.cuda.memory_summary() shows reserved vs allocated")
     if failure_class == "shape_mismatch" and "size_a" in n and _off_by_downsampling(n["size_a"], n["size_b"]):
         return "resize or pad the input so height and width are multiples of 16 (or 32), or use a model with a size guard"
     if failure_class == "shape_mismatch" and "size_a" in n and frozenset((n["size_a"], n["size_b"])) in _CHANNELS:

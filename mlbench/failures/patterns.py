@@ -190,8 +190,14 @@ def _failing_calls(lines: list[str], depth: int = 4) -> list[str]:
 _CV_ASSERT = re.compile(r"(?:Assertion failed|error: \(-\d+(?::[^)\n]{0,300})?\))[^\n]{0,300}?in function '?(?:cv::)?(\w{1,200})", re.I)
 _CV_FUNCTIONS = (
     ("image_format", re.compile(r"imshow|imread|imwrite|imdecode|imencode|cvtColor|CvtHelper|resize|warpAffine|VideoCapture", re.I)),
-    ("postprocessing", re.compile(r"\w*[Cc]ontours?\w*|approxPolyDP|connectedComponents\w*|threshold|fillPoly|polylines", re.I)),
+    ("postprocessing", re.compile(r"\w*[Cc]ontours?\w*|approxPolyDP|connectedComponents\w*|threshold|fillPoly|polylines"
+                                  r"|convexHull|convexityDefects|arcLength|moments|boundingRect|minAreaRect|fitEllipse\w*"
+                                  r"|pointPolygonTest|minEnclosingCircle", re.I)),
 )
+# Functions of point sets (a contour): their depth checks fail on an empty or malformed contour far
+# more often than on a wrong dtype, so the stage decides, not the condition.
+_CV_POINT_SETS = re.compile(r"\w*[Cc]ontours?\w*|approxPolyDP|convexHull|convexityDefects|arcLength|moments|boundingRect"
+                            r"|minAreaRect|fitEllipse\w*|pointPolygonTest|minEnclosingCircle|fillPoly|polylines", re.I)
 _CV_TYPE_CHECK = re.compile(r"depth\(\)|CV_\d+[USF]|type\(\) ==|data type", re.I)
 
 
@@ -200,7 +206,7 @@ def _opencv_stage(text: str) -> str | None:
     match = _CV_ASSERT.search(text)
     if not match:
         return None
-    if _CV_TYPE_CHECK.search(match.group(0)):
+    if _CV_TYPE_CHECK.search(match.group(0)) and not _CV_POINT_SETS.fullmatch(match.group(1)):
         return "dtype_mismatch"
     return next((cls for cls, rx in _CV_FUNCTIONS if rx.fullmatch(match.group(1))), None)
 

@@ -59,7 +59,8 @@ RULES: tuple[tuple[str, float, str], ...] = (
     ("weights_missing", 4, r"^[^\S\n]*EOFError[^\S\n]*:?[^\S\n]*$"),  # blanks, not \s: \s* from each of many blank lines is quadratic
     ("weights_missing", 5, r"Error while deserializing header|HeaderTooLarge|HeaderTooSmall|MetadataIncompleteBuffer|InvalidHeaderDeserialization"),
     ("weights_missing", 5, r"(No such file|does not exist|not found|cannot find|can't find|missing)" + _G + r"\.(pth|pt|ckpt|safetensors|onnx|h5|pkl|bin|weights|tar)\b"),
-    ("weights_missing", 5, r"\.(pth|pt|ckpt|safetensors|onnx|h5)['\"]?" + _G + r"(No such file|does not exist|not found)"),
+    ("weights_missing", 5, r"\.(pth|pt|ckpt|safetensors|onnx|h5|pkl|bin|tar)['\"]?" + _G + r"(No such file|does not exist|not found)"),
+    ("weights_missing", 5.5, r"Checkpoint " + _G + r" not found!|Checkpoint \{\} not found"),  # detectron2's checkpointer
     ("weights_missing", 4, r"(checkpoint|weights?|model) (file )?(not found|is missing|does not exist|missing)"),
     ("weights_missing", 4, r"no file named (pytorch_model\.bin|model\.safetensors|diffusion_pytorch_model)"),
     ("weights_missing", 4, r"Can't load (the )?(model|weights|config|tokenizer) for"),
@@ -210,7 +211,7 @@ RULES: tuple[tuple[str, float, str], ...] = (
     ("image_format", 5, r"'NoneType' object has no attribute '(shape|copy|astype|ndim|size)'"),
     ("image_format", 5, r"can't open/read file|imread_\(|Corrupt JPEG data|libpng (error|warning)|Not a JPEG file|IHDR|iCCP: known incorrect sRGB"),
     ("image_format", 5, r"broken data stream when reading image file|image file could not be (read|opened|decoded)|Could not (read|decode|open) (the )?image"),
-    ("image_format", 5, r"(unsupported|invalid|unknown) (image )?(file )?(format|extension)(?! or combination)|file (type|extension) (not allowed|is not supported|not supported)"),
+    ("image_format", 5, r"unsupported image (file|type)\b|(unsupported|invalid|unknown) (image )?(file )?(format|extension)(?! or combination)|file (type|extension) (not allowed|is not supported|not supported)"),
     ("image_format", 5, r"(No such file|does not exist|not found|cannot find)" + _G + r"\.(png|jpe?g|tiff?|bmp|gif|webp)\b"),
     ("image_format", 5, r"\.(png|jpe?g|tiff?|bmp|gif|webp)['\"]?" + _G + r"(No such file|does not exist|not found)"),
     ("image_format", 4, r"images? (must|should) (be|have) (RGB|grayscale|3 channels|\d+ channels)|(grayscale|RGBA|CMYK|palette|16-bit|12-bit) (image|input)"),
@@ -244,7 +245,8 @@ RULES: tuple[tuple[str, float, str], ...] = (
     ("nan_output", 3, r"fp16 overflow|Gradient overflow|loss scale|GradScaler"),
     ("nan_output", 5, r"\b(detected|found|encountered|got|produced?s?) (a |an )?(nan|inf)\b|\bdiff: nan\b"),
     # ---- postprocessing -----------------------------------------------------------------
-    ("postprocessing", 6, r"find_contours|findContours|drawContours|approxPolyDP|contourArea"),
+    ("postprocessing", 6, r"find_contours|findContours|drawContours|approxPolyDP|contourArea"
+     r"|in function '?(cv::)?(convexHull|convexityDefects|arcLength|moments|boundingRect|minAreaRect|fitEllipse\w*)"),
     ("postprocessing", 6, r"\bLinearRing\b|LinearRing must have at least \d+ coordinate|TopologyException|Invalid polygon|self-intersection|is_valid"),
     ("postprocessing", 5, r"\bpolygons?\b|\bcontours?\b|\bshapely\b|pycocotools|frPyObjects|(?-i:\bRLE\b)|mask_to_polygons"),
     ("postprocessing", 5, r"No polygons detected|zero polygons|no contours (found|detected)"),
@@ -276,6 +278,7 @@ RULES: tuple[tuple[str, float, str], ...] = (
     ("queue_timeout", 5, r"is currently loading|\"estimated_time\": ?\d"),
     ("queue_timeout", 5, r"queue (is )?full|QueueFull|queue\.Full|overloaded|server is (busy|overloaded)|too many (pending|concurrent) (requests|tasks|jobs)"),
     ("queue_timeout", 4, r"backlog|too many (pending|concurrent)|backpressure|max(imum)? concurrency"),
+    ("queue_timeout", 5, r"StatusCode\.UNAVAILABLE|failed to connect to all addresses"),  # gRPC (Triton, TF Serving)
     ("queue_timeout", 4, r"Connection refused|Failed to establish a new connection|Max retries exceeded|Cannot connect to (redis|amqp)|ConnectionError|Error \d+ connecting to"),
     ("queue_timeout", 4, r"kombu\.exceptions|OperationalError" + _G + r"(redis|amqp|broker)|broker connection|heartbeat"),
     ("queue_timeout", 3, r"Waiting for (application|background tasks|connections) to close|Shutting down|health check (failed|timed out)"),
@@ -287,7 +290,11 @@ RULES: tuple[tuple[str, float, str], ...] = (
     ("missing_dependency", 6, r"(?<![\w.+-])[\w.+-]+\.so(\.[\d.]+)?: cannot open shared object file"),  # from a name's start only
     ("missing_dependency", 6, r"compiled using NumPy 1\.x cannot be run in|numpy\.(_?core)\.multiarray failed to import|multiarray numpy extension module failed|compiled against API version|was removed in (the )?NumPy 2|_ARRAY_API not found|numpy\.dtype size changed, may indicate binary incompatibility"),
     ("missing_dependency", 6, r"undefined symbol: \w+|DLL load failed|ImportError: DLL|symbol not found in flat namespace|Library not loaded"),
-    ("missing_dependency", 5, r"operator \w+::\w+ does not exist|Couldn't load custom C\+\+ ops|No operator found for"),
+    ("missing_dependency", 5, r"operator \w+::\w+ does not exist|No such operator \w+::\w+|Couldn't load custom C\+\+ ops"
+     r"|No operator found for"),
+    ("missing_dependency", 5, r"not compiled with lib\w+ support|Failed to load the native TensorFlow runtime"),
+    ("missing_dependency", 5.5, r"is not in the [\w:]+ registry"),  # OpenMMLab: the module that registers it was not imported
+    ("missing_dependency", 6, r"requires the 'imagecodecs' package"),  # a bare 'cannot decompress LZW' stays image_format
     ("missing_dependency", 5, r"specified module could not be found|Error loading \"[^\"\n]{1,200}\.dll\"|or one of its dependencies|Could not import module"),
     ("missing_dependency", 5, r"\b(sh|bash|zsh)(: \d+)?: [\w.-]+: (command )?not found|GLIBC\w*_[\d.]+' not found"),
     ("missing_dependency", 6, r"requires the ['\"]?\w+['\"]? (package|library|module)|requires ['\"]?[\w-]+['\"]? to be installed|to be installed\.? ?(pip|run|Please)"),

@@ -466,3 +466,77 @@ def test_a_plain_pickle_is_named_not_called_damaged(tmp_path):
     (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"w": [1.0]}, protocol=2))
     message = check_weights(tmp_path / "plain.pkl").problems[0].message
     assert "plain pickle (pickle.dump, joblib)" in message and "Restore a good copy" not in message
+
+
+def test_a_state_dict_one_level_further_down_is_found(tmp_path, state_dict):
+    """{"model": {"state_dict": ...}} and {"model": <state dict with an epoch in it>} load; the report says where."""
+    torch.save({"model": {"state_dict": state_dict}, "epoch": 1}, tmp_path / "two_levels.pth")
+    report = check_weights(tmp_path / "two_levels.pth", model="ma_resunet")
+    assert codes(report) == [] and "under 'model'" in report.container and "'state_dict'" in report.container
+    torch.save({"model": {**state_dict, "epoch": 3}, "optimizer": {}}, tmp_path / "noted.pth")
+    report = check_weights(tmp_path / "noted.pth", model="ma_resunet")
+    assert codes(report) == [] and "'epoch' (int)" in report.container
+    mb.load_model(tmp_path / "noted.pth", model="ma_resunet")
+
+
+def test_nested_and_complex_tensors_are_checked_not_crashed_on(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # nested tensors are a prototype
+        torch.save({"a.weight": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])}, tmp_path / "nested.pth")
+    report = check_weights(tmp_path / "nested.pth")
+    assert "unsupported_tensor" in codes(report) and "nested tensor" in report.problems[0].message
+    with pytest.raises(mb.WeightsError, match="nested tensor"):
+        mb.load_model(tmp_path / "nested.pth", model="ma_resunet")
+    torch.save({"a.weight": torch.tensor([1 + 1j, complex(float("nan"), 0)])}, tmp_path / "complex.pth")
+    assert "nonfinite" in codes(check_weights(tmp_path / "complex.pth"))
+
+
+def test_safetensors_headers_in_other_spellings_and_formats_it_refuses(tmp_path, state_dict):
+    """A header pretty-printed or after a newline is valid safetensors; one with a non-string metadata value
+    is refused with the reason, not called truncated."""
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp_path / "plain.safetensors")
+    data = (tmp_path / "plain.safetensors").read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header, body = json.loads(data[8:8 + length]), data[8 + length:]
+
+    def write(name: str, text: bytes) -> str:
+        (tmp_path / name).write_bytes(struct.pack("<Q", len(text)) + text + body)
+        return tmp_path / name
+
+    indented = write("indented.safetensors", b"\n" + json.dumps(header, indent=2).encode())
+    assert codes(check_weights(indented, model="ma_resunet")) == []
+    meta = write("meta.safetensors", json.dumps({**header, "__metadata__": {"epoch": 3}}).encode())
+    report = check_weights(meta)
+    assert codes(report) == ["load_failed"] and "metadata values must be strings" in report.problems[0].message
+    assert "truncated" not in report.problems[0].message
+
+
+def test_text_zeros_and_appended_bytes_are_named(tmp_path, state_dict):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 10}, "weight_map": {"a.weight": "model-00001-of-00002.safetensors"}}))
+    report = check_weights(tmp_path / "model.safetensors.index.json")
+    assert codes(report) == ["not_a_checkpoint"] and "sharded checkpoint" in report.problems[0].message
+    (tmp_path / "zeros.pth").write_bytes(bytes(4096))
+    assert "all zero" in check_weights(tmp_path / "zeros.pth").problems[0].message
+    torch.save(state_dict, tmp_path / "sd.pth")
+    whole = (tmp_path / "sd.pth").read_bytes()
+    (tmp_path / "appended.pth").write_bytes(whole + b"<html>error</html>" * 10_000)
+    report = check_weights(tmp_path / "appended.pth")
+    assert codes(report)[:1] == ["load_failed"] and f"end of the zip archive at byte {len(whole):,}" in report.problems[0].message
+    (tmp_path / "cut.pth").write_bytes(whole[: len(whole) * 3 // 4])
+    assert codes(check_weights(tmp_path / "cut.pth"))[:1] == ["truncated"]
+
+
+def test_a_partial_is_judged_by_what_it_wraps(tmp_path):
+    """timm's partial(nn.LayerNorm, eps=1e-6) in a pickled model is not code (still not on the allowlist); a
+    partial of os.system is."""
+    import functools
+
+    class WrapsSystem:
+        def __reduce__(self):
+            return (functools.partial(os.system, "true"), ())
+
+    torch.save({"norm": functools.partial(torch.nn.LayerNorm, eps=1e-6)}, tmp_path / "partial.pth")
+    assert codes(check_weights(tmp_path / "partial.pth"))[:1] == ["unsafe_globals"]
+    torch.save({"a": WrapsSystem()}, tmp_path / "system.pth")
+    assert "code_execution" in codes(check_weights(tmp_path / "system.pth"))

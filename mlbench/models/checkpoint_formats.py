@@ -78,9 +78,11 @@ buffers), which is not on torch's allowlist but runs nothing (``unsafe_globals``
 _DATA_CLASSES = frozenset({"pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.PurePosixPath", "pathlib.PureWindowsPath",
                            "pathlib.Path", "pathlib._local.PosixPath", "pathlib._local.WindowsPath",
                            "pathlib._local.PurePosixPath", "pathlib._local.PureWindowsPath", "types.SimpleNamespace",
-                           "argparse.Namespace"})
+                           "argparse.Namespace", "functools.partial"})
 """Classes whose pickled instances only hold values (a path in the hyper-parameters, a namespace of
-options): not on torch's allowlist (``unsafe_globals``), but building one runs nothing."""
+options): not on torch's allowlist (``unsafe_globals``), but building one runs nothing. A
+``functools.partial`` (timm's ``partial(nn.LayerNorm, eps=1e-6)``) only calls what another global of
+the file names, and each of those is judged on its own."""
 
 
 def is_code_global(name: str) -> bool:
@@ -110,6 +112,13 @@ def _central_directory(handle: BinaryIO, size: int, limits: Budgets) -> None:
     """Refuse a zip whose central directory lists too many members, before ``zipfile`` parses it."""
     record = zipfile._EndRecData(handle)  # the end-of-central-directory record only
     if record is None:
+        end = _archive_end(handle, size)
+        if end is not None:
+            raise refusal("load_failed", f"{size - end:,} bytes follow the end of the zip archive at byte {end:,} "
+                          "(PyTorch reports 'failed finding central directory'): something was appended to the "
+                          "file, a second save into the same file or a download's error text. Copy it again from "
+                          f"its source, or keep its first {end:,} bytes (head -c {end} FILE > fixed.pth) and check "
+                          "that copy")
         raise refusal("truncated", f"the zip archive is incomplete ({size:,} bytes, no end of central directory): "
                       "PyTorch reports 'failed finding central directory'. The copy or download stopped early: "
                       "copy it again")
@@ -117,6 +126,34 @@ def _central_directory(handle: BinaryIO, size: int, limits: Budgets) -> None:
     if members > limits.max_tensors + 16:
         raise budget_error(WeightsError, "max_tensors", limits.max_tensors,
                            "the members of the zip archive (one per tensor storage)", members)
+
+
+_APPENDED_SEARCH = 64 << 20
+"""How far from the end :func:`_archive_end` looks for an archive's end record (bytes)."""
+
+
+def _archive_end(handle: BinaryIO, size: int) -> int | None:
+    """Where a zip archive ends when bytes were appended after it (its end record is then further
+    from the file's end than ``zipfile`` looks), else None. Searches the last 64 MiB, backwards."""
+    chunk, position = 1 << 20, size
+    while position > max(0, size - _APPENDED_SEARCH):
+        start = max(0, position - chunk - 21)
+        handle.seek(start)
+        block = handle.read(position - start)
+        found = block.rfind(b"PK\x05\x06")
+        while found >= 0:
+            record = block[found:found + 22]
+            if len(record) == 22:
+                _, _, _, _, entries, directory_size, directory_offset, comment = struct.unpack("<4s4H2LH", record)
+                end = start + found + 22 + comment
+                zip64 = block[max(0, found - 20):found].startswith(b"PK\x06\x07")  # torch.save writes zip64 records
+                if (zip64 or entries and directory_offset + directory_size == start + found) and end < size:
+                    return end
+            found = block.rfind(b"PK\x05\x06", 0, found)
+        if start == 0:
+            break
+        position = start + 21  # a record cut by the block's start is read whole by the next block
+    return None
 
 
 def _members(archive: zipfile.ZipFile, limits: Budgets) -> list[zipfile.ZipInfo]:
@@ -362,7 +399,12 @@ def load_safetensors(handle: BinaryIO, path: Path, size: int, limits: Budgets, f
     try:
         obj = load_file(descriptor if os.path.exists(descriptor) else str(path))
     except Exception as exc:
-        facts.problems.append(("load_failed", f"safetensors could not read it ({exc}); the file is truncated or damaged"))
+        why = ("its header does not follow the format the installed safetensors reads: a tool other than the "
+               "safetensors library wrote it (metadata values must be strings), or a newer safetensors did (a dtype "
+               "this one does not know: pip install -U safetensors); re-save the tensors with "
+               "safetensors.torch.save_file(tensors, path, metadata={k: str(v) for k, v in meta.items()})"
+               if "header" in str(exc) else "the file is truncated or damaged; copy it again")
+        facts.problems.append(("load_failed", f"safetensors could not read it ({exc}): {why}"))
         return None
     facts.load, facts.devices = "safetensors (no code possible)", ("cpu",)
     return obj

@@ -46,19 +46,25 @@ BLOCKING = frozenset({"missing", "not_a_file", "empty", "truncated", "not_a_chec
 
 
 def sniff_checkpoint(head: bytes, size: int) -> str:
-    """Format from the first bytes: zip, safetensors, legacy_pickle, git_lfs_pointer, html, empty or unknown."""
+    """Format from the first bytes: zip, safetensors, legacy_pickle, git_lfs_pointer, html, json, zeros,
+    empty or unknown."""
     if size == 0:
         return "empty"
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return "zip"
-    if len(head) >= 10 and head[8:10] in (b'{"', b"{}", b"{ "):  # 8-byte header length, then JSON
-        return "safetensors"
+    if len(head) >= 10 and 2 <= int.from_bytes(head[:8], "little") < 1 << 32 and head[8:].lstrip()[:1] == b"{":
+        return "safetensors"  # an 8-byte header length, then a JSON object (any JSON whitespace before it)
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "legacy_pickle"
     if head.startswith(b"version https://git-lfs"):
         return "git_lfs_pointer"
-    if head.lstrip()[:1] == b"<":
+    text = head.removeprefix(b"\xef\xbb\xbf").lstrip()  # a UTF-8 byte order mark, then blanks
+    if text[:1] == b"<":
         return "html"
+    if text[:1] in (b"{", b"["):
+        return "json"
+    if not head.strip(b"\x00"):
+        return "zeros"
     return "unknown"
 
 
@@ -66,6 +72,11 @@ _IMPOSTORS = {
     "empty": ("empty", "the file is empty (0 bytes): the copy or download failed; copy it again"),
     "git_lfs_pointer": ("lfs_pointer", "this is a git-lfs pointer, not the weights: run `git lfs pull`"),
     "html": ("not_a_checkpoint", "this is text/HTML (an error page saved as the checkpoint?); download it again"),
+    "json": ("not_a_checkpoint", "this is JSON text, not weights: a download's error body, a config, or the index of "
+             "a sharded checkpoint (*.index.json maps each key to its shard file: load the shards it names, each "
+             "with torch.load or safetensors, and merge them); open it in a text editor to see which"),
+    "zeros": ("not_a_checkpoint", "the file's first bytes are all zero: space reserved by a copy or download that "
+              "never wrote the data (a full disk, an interrupted sync); copy it again from its source"),
     "unknown": ("not_a_checkpoint", "not a PyTorch zip, legacy pickle or safetensors file; check how it was produced"),
 }
 
@@ -146,13 +157,15 @@ def _is_state_dict(obj: Any) -> bool:
             and all(isinstance(v, torch.Tensor) for v in obj.values()))
 
 
-def unwrap(obj: Any, key: str | None = None) -> tuple[Mapping[str, torch.Tensor] | None, str]:
+def unwrap(obj: Any, key: str | None = None, _depth: int = 0) -> tuple[Mapping[str, torch.Tensor] | None, str]:
     """The state dict inside ``obj`` and a description of where it was found.
 
     ``obj`` itself when it is one; else the training dict's ``key`` when given, else its first of
     ``model_state_dict``, ``state_dict`` (Lightning), ``model``, ``net``, ``weights``, else its EMA
     weights (``ema_state_dict``, ``state_dict_ema``, ``model_ema``, ``ema``) when those are all
     there is. The description names what else the dict holds (an EMA copy that was *not* used, too).
+    Without ``key``, a dict with none of them is searched one level further, under its wrapper
+    names (``{"model": {"state_dict": ...}}``, or a state dict with a note such as ``epoch`` in it).
     """
     if _is_state_dict(obj) and key is not None:
         return None, (f"a plain state dict, with no entry {key!r} (its {len(obj)} tensors are the weights themselves): "
@@ -181,6 +194,11 @@ def unwrap(obj: Any, key: str | None = None) -> tuple[Mapping[str, torch.Tensor]
         if tensors and len(tensors) >= 0.9 * len(obj):  # a state dict with a few notes saved into it
             dropped = sorted(f"{k!r} ({type(v).__name__})" for k, v in obj.items() if k not in tensors)
             return tensors, f"a state dict with {len(dropped)} entries that are not tensors, left out: {', '.join(dropped[:6])}"
+        for name in [*_WRAPPERS, *_EMA_WRAPPERS] if _depth == 0 else ():
+            inner, how = unwrap(obj.get(name), None, 1) if isinstance(obj.get(name), Mapping) else (None, "")
+            if inner is not None:
+                others = sorted(str(k) for k in obj if k != name)
+                return inner, f"a training dict: under {name!r} (also {others}), {how}"
     wanted = f"no state dict under {key!r}" if key is not None else "no state dict"
     return None, f"a dict with keys {sorted(str(k) for k in obj)[:8]} but {wanted}"
 
@@ -301,11 +319,13 @@ _FINITE_CHECKED = frozenset({torch.float16, torch.bfloat16, torch.float32, torch
 
 def _tensor_checks(state_dict: Mapping[str, torch.Tensor], facts: FileFacts) -> None:
     """Tensors a model cannot take (meta, sparse, quantized), then NaN/Inf in the plain ones."""
-    odd = {k: v for k, v in state_dict.items() if v.layout != torch.strided or v.is_meta or v.is_quantized}
+    odd = {k: v for k, v in state_dict.items()
+           if v.layout != torch.strided or v.is_meta or v.is_quantized or v.is_nested}
     if odd:
         key, tensor = next(iter(odd.items()))
         what = ("on meta, the device of shapes without data: saved from a model never materialised" if tensor.is_meta
-                else "quantized" if tensor.is_quantized else f"{tensor.layout}")
+                else "quantized" if tensor.is_quantized
+                else "a nested tensor (a list of tensors of different shapes)" if tensor.is_nested else f"{tensor.layout}")
         facts.problems.append(("unsupported_tensor", f"{len(odd)} tensor(s) are not plain dense tensors (first: {key}, "
                                f"{what}): load_state_dict cannot copy them into a model; re-save the weights as plain "
                                "tensors"))
@@ -317,8 +337,8 @@ def _tensor_checks(state_dict: Mapping[str, torch.Tensor], facts: FileFacts) -> 
                                f"{str(tensor.dtype).replace('torch.', '')}): quantised weights without their scales; "
                                "load_state_dict would cast the raw integers to float and the model output garbage. "
                                "Load them with the quantisation tool that wrote them, or save the float weights"))
-    counts = {k: int((~torch.isfinite(v if v.dtype in _FINITE_CHECKED else v.float())).sum())  # float8: via float32
-              for k, v in state_dict.items() if v.is_floating_point() and k not in odd}
+    counts = {k: int((~torch.isfinite(v if v.dtype in _FINITE_CHECKED or v.is_complex() else v.float())).sum())
+              for k, v in state_dict.items() if (v.is_floating_point() or v.is_complex()) and k not in odd}  # float8: via float32
     bad = {k: n for k, n in counts.items() if n}
     if bad:
         facts.problems.append(("nonfinite", f"{len(bad)} tensor(s) hold NaN or Inf, e.g. {next(iter(bad))} "

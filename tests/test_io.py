@@ -447,3 +447,94 @@ def test_each_page_is_read_with_its_own_tags_and_a_cut_stack_keeps_its_whole_pag
     assert np.array_equal(image, stack[0]) and report.problems[0].code == "pages_missing"
     with pytest.raises(mb.ImageError, match="page 15 requested, but the TIFF is truncated"):
         mb.read_image(data[:cut], page=15)
+
+
+def _tiff_bytes(array: np.ndarray, **options) -> bytes:
+    import tifffile
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 20, 30), (1, 1, 1, 20, 30), (1, 20, 30, 1), (1, 1, 20, 30, 3)])
+def test_a_tiff_with_axes_of_length_one_reads_as_the_image_they_hold(shape):
+    """A model's output saved as (1, 1, H, W) is an image, not a damaged header."""
+    array = np.random.default_rng(0).integers(0, 4000, shape).astype(np.uint16)
+    image, report = mb.read_image(_tiff_bytes(array))
+    assert image.shape == tuple(n for n in shape if n != 1) and np.array_equal(image, array.reshape(image.shape))
+    assert not any(p.code == "channels_first" for p in report.problems)
+
+
+def test_rgb_with_extra_samples_is_rgb_and_a_stack_of_one_channel_is_not_channels_first():
+    rgb = np.random.default_rng(1).integers(0, 255, (20, 30, 5), dtype=np.uint8)
+    image, report = mb.read_image(_tiff_bytes(rgb, photometric="rgb", extrasamples=[0, 0]))
+    assert np.array_equal(image, rgb[..., :3]) and [p.code for p in report.problems] == ["extra_samples_dropped"]
+    stack = np.random.default_rng(2).integers(0, 255, (3, 1, 20, 30), dtype=np.uint8)
+    image, report = mb.read_image(_tiff_bytes(stack, imagej=True, metadata={"axes": "ZCYX"}), page=1)
+    assert np.array_equal(image, stack[1, 0]) and [p.code for p in report.problems] == ["multi_page"]
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding():
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    last_scan = data[data.rfind(b"\xff\xda"):-2]
+    start = time.perf_counter()
+    with pytest.raises(mb.ImageError, match=r"holds 1,00\d scans"):
+        mb.read_image(data[:-2] + last_scan * 1000 + b"\xff\xd9")
+    assert time.perf_counter() - start < 5
+    assert mb.read_image(data)[0].shape == (64, 64)  # a progressive JPEG of its usual scans reads
+
+
+def test_sub_byte_grey_png_scaling_and_an_animated_webps_partial_frame_are_said():
+    import zlib as _zlib
+
+    rows = b"".join(b"\x00" + bytes([0b00011011, 0b00011011]) for _ in range(4))  # 2-bit grey, 8 x 4: 0 1 2 3 ...
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", _zlib.crc32(kind + body))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 4, 2, 0, 0, 0, 0))
+           + chunk(b"IDAT", _zlib.compress(rows)) + chunk(b"IEND", b""))
+    image, report = mb.read_image(png)
+    assert sorted(np.unique(image)) == [0, 85, 170, 255] and "samples_scaled" in [p.code for p in report.problems]
+    from PIL import Image
+
+    frames = [Image.fromarray(np.full((30, 40, 3), v, np.uint8)) for v in (50, 200)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    assert "webp_partial_frame" not in [p.code for p in mb.read_image(buffer.getvalue())[1].problems]
+    from mlbench.image.integrity import webp_frame_problems
+
+    data = bytearray(buffer.getvalue())
+    anmf = data.find(b"ANMF") + 8
+    data[anmf + 6:anmf + 9] = (11).to_bytes(3, "little")  # the first frame says 12 px wide on a 40 px canvas
+    assert [p.code for p in webp_frame_problems(bytes(data))] == ["webp_partial_frame"]
+
+
+def test_a_page_that_is_no_whole_number_and_text_starting_bm_get_clear_errors():
+    path = mb.load_sample("spheroids_8bit").path
+    for page in (1.0, "1", True):
+        with pytest.raises(mb.OptionsError, match="page=..."):
+            mb.read_image(path, page=page)
+    with pytest.raises(mb.ImageError, match="not a recognised image.*looks like text"):
+        mb.read_image(b"BMI table for patients, version 2\n" * 4)
+
+
+def test_a_sparse_tiff_block_and_one_inside_the_header_are_named():
+    import tifffile
+
+    data = bytearray(_tiff_bytes(np.arange(32 * 32, dtype=np.uint8).reshape(32, 32), tile=(16, 16)))
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
+        offsets, counts = tif.pages[0].tags["TileOffsets"], tif.pages[0].tags["TileByteCounts"]
+        offsets_at, counts_at = offsets.valueoffset, counts.valueoffset
+        offset_size, count_size = ({3: 2, 4: 4, 16: 8}[int(tag.dtype)] for tag in (offsets, counts))  # SHORT, LONG, LONG8
+    header = bytes(data)
+    data[offsets_at + 3 * offset_size:offsets_at + 4 * offset_size] = bytes(offset_size)  # tile 3 at byte 0
+    with pytest.raises(mb.ImageError, match="tile 3 at byte 0"):
+        mb.read_image(bytes(data))
+    data = bytearray(header)
+    data[offsets_at + 3 * offset_size:offsets_at + 4 * offset_size] = bytes(offset_size)
+    data[counts_at + 3 * count_size:counts_at + 4 * count_size] = bytes(count_size)  # and 0 bytes: GDAL's sparse block
+    with pytest.raises(mb.ImageError, match="sparse.*SPARSE_OK"):
+        mb.read_image(bytes(data))

@@ -26,7 +26,8 @@ from mlbench.budgets import Budgets, Deadline
 from mlbench.errors import ImageError
 from mlbench.findings import Problem
 from mlbench.image.formats import ImageHeader, bytes_io, check_header, pil_header, read_header, tiff_header
-from mlbench.image.integrity import check_png, gif_frame_problems, jpeg_fill_problems, tiff_damage
+from mlbench.image.integrity import (check_jpeg_scans, check_png, gif_frame_problems, jpeg_fill_problems, tiff_damage,
+                                     webp_frame_problems)
 
 __all__ = ["decode", "decode_tiff", "decode_pil"]
 
@@ -45,6 +46,8 @@ def decode(source: bytes | BinaryIO, fmt: str, name: str, page: int, limits: Bud
             check_header(name, header, limits)
         if page != 0:
             raise ImageError(f"{name}: page {page} requested but a {fmt.upper()} file has one page; pass page=0")
+    if fmt == "jpeg" and isinstance(source, bytes):
+        check_jpeg_scans(source, name)
     if fmt == "png":
         return _decode_png(source, name, limits)
     if fmt == "tiff":
@@ -54,6 +57,8 @@ def decode(source: bytes | BinaryIO, fmt: str, name: str, page: int, limits: Bud
         info["problems"] += jpeg_fill_problems(source, array, info["orientation"])
     elif fmt == "gif":
         info["problems"] += gif_frame_problems(source)
+    elif fmt == "webp" and isinstance(source, bytes):
+        info["problems"] += webp_frame_problems(source)
     return array, info
 
 
@@ -69,6 +74,13 @@ def _decode_png(data: bytes, name: str, limits: Budgets) -> tuple[np.ndarray, di
         checking.result()
         raise
     checking.result()
+    bits, colour_type = (data[24], data[25]) if len(data) > 25 else (8, 0)
+    if colour_type == 0 and bits in (2, 4):  # grey below a byte: PIL (the service's reader) rescales it
+        step = 255 // (2 ** bits - 1)
+        decoded[1]["problems"].append(Problem("samples_scaled", f"{bits}-bit grey samples scaled to 0..255 by the "
+                                              f"decoder, as PIL and the service read them: 0..{2 ** bits - 1} became "
+                                              f"multiples of {step}; for a label image divide by {step} to get the "
+                                              "labels back"))
     return decoded
 
 
@@ -185,7 +197,16 @@ def _read_tiff(tif, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, 
         keys = _plane_keys(axes, shape, channel, page)
         array = series.asarray(key=keys if len(keys) > 1 else keys[0])
         axes = "".join(a for a in axes if a in "YXS" or a == channel)
-    if channel == "C" and axes.index("C") < axes.index("Y"):
+    if len(axes) != array.ndim:  # tifffile left out an axis of length 1 (a plane of a Z x 1 x Y x X stack)
+        single_axes = {a for a, n in zip(series.axes if len(tif.series) == 1 else axes, shape) if n == 1}
+        axes = "".join(a for a in axes if a in "YX" or a not in single_axes)
+    if len(axes) == array.ndim and array.ndim > 2:  # (1, 1, H, W) as models' outputs are saved: the 1s say nothing
+        kept = [i for i, (a, n) in enumerate(zip(axes, array.shape)) if n != 1 or a in "YX"]
+        array, axes = array.reshape([array.shape[i] for i in kept]), "".join(axes[i] for i in kept)
+    if len(axes) != array.ndim:
+        raise ImageError(f"{name}: the TIFF's axes {axes!r} do not match the shape {array.shape} its page decodes to: the "
+                         "file's metadata (ImageJ or OME) disagrees with its pages; export the image again")
+    if channel == "C" and "C" in axes and axes.index("C") < axes.index("Y"):
         problems.append(Problem("channels_first", f"{array.shape[axes.index('C')]} channels stored first (axes "
                                 f"{series.axes}), moved last; PIL and the service see only the first channel"))
     return array, {"axes": axes, "planes": planes, "page_index": full[page] if len(tif.series) > 1 else 0}, problems
@@ -284,6 +305,10 @@ def decode_tiff(source: bytes | BinaryIO, name: str, page: int, limits: Budgets)
         array = np.ascontiguousarray(_apply_orientation(array, orientation))
         problems.append(Problem("exif_rotated", f"TIFF Orientation tag {orientation} applied; the service ignores it "
                                 "and sees the image as stored"))
+    if colour["photometric"] == "RGB" and colour["extra"] >= 2 and array.ndim == 3 and array.shape[2] > 4:
+        problems.append(Problem("extra_samples_dropped", f"{array.shape[2] - 3} extra samples after red, green and "
+                                "blue (ExtraSamples) dropped: the image is RGB, as PIL and the service read it"))
+        array = np.ascontiguousarray(array[..., :3])
     array, alpha = _drop_alpha(array, known_alpha=info["alpha"])
     if alpha:
         problems.append(Problem("alpha_dropped", "an alpha channel was present and dropped"))

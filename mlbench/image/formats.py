@@ -35,6 +35,8 @@ _MAGIC = [
     (b"GIF87a", "gif"),
     (b"GIF89a", "gif"),
 ]
+_BMP_INFO_SIZES = {struct.pack("<I", n) for n in (12, 16, 40, 52, 56, 64, 108, 124)}
+"""The sizes a BMP's info header has (bytes 14..18): what tells a BMP from text that begins with "BM"."""
 STREAMED = frozenset({"tiff", "bmp"})
 """Formats that :func:`mlbench.read_image` decodes straight from the open file: uncompressed, so
 large, and nothing checks their bytes as a whole (a PNG's chunks are, a JPEG's markers are).
@@ -46,7 +48,7 @@ EXTENSIONS = {"png": {".png"}, "jpeg": {".jpg", ".jpeg", ".jpe"}, "tiff": {".tif
 def sniff_format(head: bytes) -> str | None:
     """The image format from its first bytes, or None when they match no known format."""
     for magic, fmt in _MAGIC:
-        if head.startswith(magic):
+        if head.startswith(magic) and (fmt != "bmp" or len(head) < 18 or head[14:18] in _BMP_INFO_SIZES):
             return fmt
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"

@@ -32,7 +32,8 @@ from mlbench.budgets import Deadline
 from mlbench.errors import ImageError
 from mlbench.findings import Problem
 
-__all__ = ["check_png", "tiff_damage", "jpeg_fill_problems", "gif_frame_problems"]
+__all__ = ["check_png", "tiff_damage", "check_jpeg_scans", "jpeg_fill_problems", "gif_frame_problems",
+           "webp_frame_problems"]
 
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 _PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
@@ -169,8 +170,16 @@ def tiff_damage(tif, name: str, decoded: Collection[int] | None = None) -> list[
                              "last rows would be invented; copy or export the file again")
         if needed != present:
             found = f"needs {needed:,} strips or tiles, but the file lists {present:,}"
+        elif 0 in counts and int(page.dataoffsets[counts.index(0)]) == 0:
+            block = counts.index(0)
+            raise ImageError(f"{name}: TIFF page {page.index} is sparse: strip or tile {block} is absent (offset 0, 0 "
+                             "bytes), as GDAL writes empty blocks with SPARSE_OK=TRUE, to be read as zeros. This reader "
+                             "does not invent them: rewrite the file dense (gdal_translate -co SPARSE_OK=FALSE in.tif "
+                             "out.tif) or read it with GDAL")
         elif 0 in counts:
             found = f"lists an empty strip or tile (number {counts.index(0)})"
+        elif 0 in [int(o) for o in page.dataoffsets]:
+            found = f"puts strip or tile {[int(o) for o in page.dataoffsets].index(0)} at byte 0, inside the file's header"
         elif raw is not None and not raw <= sum(counts) <= max(raw, _full_strips_bytes(page)) + len(counts):
             found = f"needs {raw:,} bytes of uncompressed pixel data, but its strips or tiles hold {sum(counts):,}"
         else:
@@ -231,6 +240,22 @@ def _may_end_in_fill(image: np.ndarray) -> bool:
     return abs(luma - 128) <= 2 or bool(np.any((last == 0) | (last == 255)))
 
 
+JPEG_MOST_SCANS = 500
+"""The most scans a JPEG may hold: encoders write 1 (baseline) to about 10 (progressive, per component
+a few more); each scan of a progressive JPEG passes over the whole image again, so a 329 KB file of
+20,000 repeated scans took 40 s to decode (libjpeg-turbo's scan limit guards the same way)."""
+
+
+def check_jpeg_scans(data: bytes, name: str) -> None:
+    """Refuse a JPEG with more than :data:`JPEG_MOST_SCANS` start-of-scan markers before decoding it
+    (an ``FF DA`` pair cannot occur inside entropy-coded data, which stuffs every ``FF`` byte)."""
+    scans = data.count(b"\xff\xda")
+    if scans > JPEG_MOST_SCANS:
+        raise ImageError(f"{name}: the JPEG holds {scans:,} scans, where encoders write 1 to about 10 and this reader "
+                         f"takes at most {JPEG_MOST_SCANS}: every scan decodes the whole image again, so it would take "
+                         "minutes; the file is broken or made to stall decoders. Export the image again")
+
+
 def jpeg_fill_problems(data: bytes, image: np.ndarray, orientation: int = 1) -> list[Problem]:
     """A problem when the last blocks of the scan are exact mid-grey: what libjpeg writes (silently)
     where the data ends before the rows the header announces."""
@@ -268,3 +293,24 @@ def gif_frame_problems(data: bytes) -> list[Problem]:
     return [Problem("gif_partial_frame", f"the GIF's screen is {width}x{height} but its first frame is "
                     f"{frame_width}x{frame_height} at ({left}, {top}): the rest of the image is background colour, "
                     "not data. The header was changed or the file was written oddly; export the image again")]
+
+
+def webp_frame_problems(data: bytes) -> list[Problem]:
+    """A problem when an animated WebP's first frame (its first ANMF chunk) does not cover the canvas
+    its VP8X chunk declares: the decoder fills the rest with the background, not data."""
+    canvas, pos = None, 12
+    while pos + 8 <= len(data):
+        kind, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        body = data[pos + 8:pos + 8 + min(size, 32)]
+        if kind == b"VP8X" and len(body) >= 10:
+            canvas = (int.from_bytes(body[4:7], "little") + 1, int.from_bytes(body[7:10], "little") + 1)
+        elif kind == b"ANMF" and len(body) >= 12 and canvas is not None:
+            left, top = 2 * int.from_bytes(body[0:3], "little"), 2 * int.from_bytes(body[3:6], "little")
+            frame = (int.from_bytes(body[6:9], "little") + 1, int.from_bytes(body[9:12], "little") + 1)
+            if (left, top, *frame) == (0, 0, *canvas):
+                return []
+            return [Problem("webp_partial_frame", f"the WebP's canvas is {canvas[0]}x{canvas[1]} but its first frame "
+                            f"is {frame[0]}x{frame[1]} at ({left}, {top}): the rest of the image is background colour, "
+                            "not data. Export the frame you need as a still image")]
+        pos += 8 + size + (size & 1)  # chunks are padded to an even size
+    return []

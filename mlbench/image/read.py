@@ -176,7 +176,7 @@ def read_image(source: ImageSource, *, page: int = 0, max_pixels: int | None = N
         For every file that cannot be read as it is (and only ImageError): missing, not a regular
         file, empty, not an image, over a budget, a header its data does not match, damaged.
     OptionsError
-        When ``source`` is neither a path nor bytes (an array, None ...).
+        When ``source`` is neither a path nor bytes (an array, None ...), or ``page`` is not a whole number.
 
     Examples
     --------
@@ -196,6 +196,9 @@ def read_image(source: ImageSource, *, page: int = 0, max_pixels: int | None = N
             source, np.ndarray) else ""
         raise OptionsError(f"read_image(source=...) takes a path or the file's bytes, got {type(source).__name__}"
                            f"{already}")
+    if isinstance(page, bool) or not isinstance(page, (int, np.integer)):
+        raise OptionsError(f"read_image(page=...) takes a whole number of pages from 0, got {page!r} "
+                           f"({type(page).__name__}); e.g. page=0 for the first")
     limits = budgets_in_force(budgets, **({} if max_pixels is None else {"max_pixels": max_pixels}))
     name = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
     if isolate_default() if isolate is None else isolate:
@@ -240,7 +243,9 @@ def _sniff(head: bytes, name: str) -> str:
         known = identify(head) or identify_by_name(name)
         if known:
             raise ImageError(f"{name}: not a recognised image (PNG, JPEG, TIFF, BMP, GIF, WebP); it is {known}")
-        hint = "it looks like text or HTML (an error page saved as an image?)" if head[:1] in b"<{ \t\r\n" else f"first bytes {head[:8]!r}"
+        text = len(head) >= 8 and all(32 <= b < 127 or b in b"\t\r\n" for b in head[:64])
+        hint = ("it looks like text or HTML (an error page saved as an image?)" if head[:1] in b"<{ \t\r\n"
+                else f"it looks like text, not pixels (first bytes {head[:8]!r})" if text else f"first bytes {head[:8]!r}")
         raise ImageError(f"{name}: not a recognised image (PNG, JPEG, TIFF, BMP, GIF, WebP); {hint}; check how the file was produced")
     return fmt
 

@@ -538,3 +538,20 @@ def test_a_sparse_tiff_block_and_one_inside_the_header_are_named():
     data[counts_at + 3 * count_size:counts_at + 4 * count_size] = bytes(count_size)  # and 0 bytes: GDAL's sparse block
     with pytest.raises(mb.ImageError, match="sparse.*SPARSE_OK"):
         mb.read_image(bytes(data))
+
+
+def test_an_imagej_stack_in_one_page_reads_every_plane():
+    """ImageJ writes stacks over 4 GB as one page whose planes follow one another (images=N): each plane
+    reads, none is called truncated."""
+    import tifffile
+
+    stack = np.random.default_rng(3).integers(0, 4096, (4, 24, 32)).astype(np.uint16)
+    data = bytearray(_tiff_bytes(stack, imagej=True, metadata={"axes": "ZYX"}))
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
+        next_ifd = tif.pages[0].offset + 2 + 12 * len(tif.pages[0].tags)  # where the first page's next-page link is
+    data[next_ifd:next_ifd + 4] = bytes(4)  # one page only, as ImageJ writes large stacks
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
+        assert len(tif.pages) == 1 and tif.series[0].shape == (4, 24, 32)
+    for page in range(4):
+        image, report = mb.read_image(bytes(data), page=page)
+        assert np.array_equal(image, stack[page]) and [p.code for p in report.problems] == ["multi_page"]

@@ -166,7 +166,8 @@ def _read_tiff(tif, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, 
         packed = not single and _holds_planes(tif.pages[0], axes, shape, channel)
         needed = int(np.prod([n for a, n in zip(axes, shape) if a not in "YXS"]))
         readable = min(len(series.pages), len(tif.pages))
-        if planes > 1 and readable < needed and not packed:
+        contiguous = planes > 1 and readable < needed and not packed and _contiguous(tif, series, axes, channel)
+        if planes > 1 and readable < needed and not packed and not contiguous:
             usable = readable * planes // needed  # the pages after the cut are lost
             if not 0 <= page < usable:
                 raise ImageError(f"{name}: page {page} requested, but the TIFF is truncated: it describes {planes} pages "
@@ -177,8 +178,9 @@ def _read_tiff(tif, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, 
             planes = usable
     if not 0 <= page < planes:
         raise ImageError(f"{name}: page {page} requested but the file has {planes} page(s); pass page=0..{planes - 1}")
+    contiguous = len(tif.series) == 1 and not single and contiguous
     whole = single or len(tif.series) > 1 or packed  # planes stored together are decoded together
-    decoded = ([full[page]] if len(tif.series) > 1 else None if whole else
+    decoded = ([full[page]] if len(tif.series) > 1 else [0] if contiguous else None if whole else
                [series.pages[key].index for key in _plane_keys(axes, shape, channel, page)])
     cut = _check_plane(tif, name, [(a, n) for a, n in zip(axes, shape) if whole or a in "YXS" or a == channel], limits,
                        decoded)
@@ -189,6 +191,13 @@ def _read_tiff(tif, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, 
         array, axes = tif.pages[full[page]].asarray(), tif.pages[full[page]].axes
     elif single:
         array = series.asarray()
+    elif contiguous:  # ImageJ's stacks over 4 GB: one page, the planes one after another behind it
+        kept = [(a, n) for a, n in zip(axes, shape) if a in "YXS" or a == channel]
+        count = int(np.prod([n for _, n in kept]))
+        dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
+        tif.filehandle.seek(series.dataoffset + page * count * dtype.itemsize)
+        array = tif.filehandle.read_array(dtype, count).reshape([n for _, n in kept]).astype(series.dtype)
+        axes = "".join(a for a, _ in kept)
     elif packed:  # a stack of N x 1 planes that tifffile packs into one page
         index = _plane_index(axes, shape, channel, page)
         array = series.asarray()[tuple(int(index[a]) if a in index else slice(None) for a in axes)]
@@ -210,6 +219,16 @@ def _read_tiff(tif, name: str, page: int, limits: Budgets) -> tuple[np.ndarray, 
         problems.append(Problem("channels_first", f"{array.shape[axes.index('C')]} channels stored first (axes "
                                 f"{series.axes}), moved last; PIL and the service see only the first channel"))
     return array, {"axes": axes, "planes": planes, "page_index": full[page] if len(tif.series) > 1 else 0}, problems
+
+
+def _contiguous(tif, series, axes: str, channel: str | None) -> bool:
+    """Whether a shaped series with fewer pages than planes holds them all one after another behind
+    its first page, uncompressed and whole (ImageJ writes stacks over 4 GB so, with one page and
+    ``images=N``); the planes' axes must come before the kept ones, so each plane is one run of bytes."""
+    first = tif.pages[0]
+    kept = [i for i, a in enumerate(axes) if a in "YXS" or a == channel]
+    return (bool(tif.is_imagej) and series.dataoffset is not None and int(first.compression) == 1
+            and series.dataoffset + series.nbytes <= tif.filehandle.size and kept == list(range(kept[0], len(axes))))
 
 
 def _plane_index(axes: str, shape: tuple[int, ...], channel: str | None, page: int) -> dict[str, int]:

@@ -540,3 +540,14 @@ def test_a_partial_is_judged_by_what_it_wraps(tmp_path):
     assert codes(check_weights(tmp_path / "partial.pth"))[:1] == ["unsafe_globals"]
     torch.save({"a": WrapsSystem()}, tmp_path / "system.pth")
     assert "code_execution" in codes(check_weights(tmp_path / "system.pth"))
+
+
+def test_two_saves_in_one_file_are_named(tmp_path, state_dict):
+    with open(tmp_path / "two.pth", "ab") as handle:
+        torch.save({"epoch": 1}, handle)
+        start = handle.tell()
+        torch.save(state_dict, handle)
+    report = check_weights(tmp_path / "two.pth")
+    assert codes(report)[:1] == ["load_failed"] and f"{start:,} bytes come before the zip archive" in report.problems[0].message
+    (tmp_path / "fixed.pth").write_bytes((tmp_path / "two.pth").read_bytes()[start:])
+    assert codes(check_weights(tmp_path / "fixed.pth", model="ma_resunet")) == []

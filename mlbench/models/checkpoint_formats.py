@@ -238,6 +238,12 @@ def scan_zip(handle: BinaryIO, size: int, limits: Budgets, deadline: Deadline) -
         with zipfile.ZipFile(handle) as archive:
             infos = _members(archive, limits)
             _refuse_foreign_zip([info.filename for info in infos])
+            first = min((info.header_offset for info in infos), default=0)
+            if first > 0:  # torch.save writes its first member at byte 0
+                raise refusal("load_failed", f"{first:,} bytes come before the zip archive that ends the file: two "
+                              "saves went into one file (torch.save to a file opened for appending), or data was put "
+                              "in front of it; torch.load reads neither. Copy it again from its source, or keep the "
+                              f"bytes from {first:,} on (tail -c +{first + 1} FILE > fixed.pth) and check that copy")
             for info in infos:
                 data = _read_member(archive, info, deadline)
                 if data is None and info.filename.endswith(".pkl"):

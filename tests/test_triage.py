@@ -1056,3 +1056,49 @@ def test_an_oom_with_plenty_free_is_not_blamed_on_the_models_size_and_sizes_prin
     big = triage("RuntimeError: [enforce fail at alloc_cpu.cpp:81] data. DefaultCPUAllocator: not enough memory: "
                  "you tried to allocate 1069547520 bytes.", casebook=False)
     assert "e+" not in big.explanation
+
+
+# ---- round 8: ONNX Runtime and TensorRT, Java hosts (QuPath, DJL), SageMaker and Triton, chained and localised ---------
+REAL8 = _load("triage_real8")
+
+
+def test_real_set_round8_is_new_labelled_and_sourced():
+    assert len(REAL8) >= 75  # 77 texts
+    _assert_new_and_sourced(REAL8, REAL + REAL2 + REAL3 + REAL4 + REAL5 + REAL6 + REAL7 + CORPUS)
+
+
+def test_real_issue_texts_round8_accuracy():
+    _assert_accurate_with_held_out_third(REAL8)
+
+
+@pytest.mark.parametrize("text, expected, cause", [
+    ('[E:onnxruntime:Default, provider_bridge_ort.cc:1744 TryGetProviderInfo_CUDA] LoadLibrary failed with error 126 "" '
+     'when trying to load "C:\\ort\\onnxruntime_providers_cuda.dll"', "missing_dependency", "onnxruntime_provider"),
+    ("[TRT] [E] 1: [stdArchiveReader.cpp::StdArchiveReader::40] Error Code 1: Serialization (Serialization assertion "
+     "stdVersionRead == serializationVersion failed.Version tag does not match.)", "missing_dependency", "tensorrt_engine"),
+    ("RuntimeError: CUDA failure 700: an illegal memory access was encountered ; GPU=0", "device_mismatch",
+     "asynchronous_kernel_error"),
+    ("java.lang.NoSuchMethodError: 'qupath.lib.roi.interfaces.ROI qupath.lib.roi.ROIs.createRectangle(double, double, "
+     "double, double)'\n    at qupath.ext.stardist.StarDist2D.detectObjects(StarDist2D.java:598)", "missing_dependency",
+     "jvm_extension"),
+    ("E0423 model_repository_manager.cc:1234] failed to load 'cellseg' version 1: Internal: no version is available",
+     "weights_missing", "model_repository"),
+    ("onnxruntime.capi.onnxruntime_pybind11_state.InvalidArgument: [ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid "
+     "dimensions for input: images for the following indices\n index: 2 Got: 480 Expected: 640", "shape_mismatch",
+     "fixed_input_size"),
+])
+def test_round8_runtimes_and_their_causes(text, expected, cause):
+    d = triage(text, casebook=False)
+    assert (d.failure_class, d.numbers.get("cause")) == (expected, cause)
+    assert "pip install" not in d.fix or cause == "onnxruntime_provider"
+
+
+def test_hint_words_in_frames_do_not_outvote_a_message_that_says_what_failed():
+    text = ('Traceback (most recent call last):\n  File "/srv/app/load.py", line 469, in load\n'
+            '    session = ort.InferenceSession(path)\n'
+            "onnxruntime.capi.onnxruntime_pybind11_state.NoSuchFile: [ONNXRuntimeError] : 3 : NO_SUCHFILE : Load model "
+            "from model.onnx failed:Load model model.onnx failed. File doesn't exist")
+    assert triage(text, casebook=False).failure_class == "weights_missing"
+    werkzeug = ("500 Internal Server Error: The server encountered an internal error and was unable to complete your "
+                "request. Either the server is overloaded or there is an error in the application.")
+    assert triage(werkzeug, casebook=False).failure_class == "unknown"

@@ -258,6 +258,7 @@ def _classify(block: list[str], numbers: list[int], text: str, rules: list[Rule]
     best: dict[str, tuple[float, int, int]] = {}  # class -> (score, line index, hits)
     in_traceback = any(TB_START.search(line) or is_frame_header(line) for line in block[:60])
     has_message = any(exception_name(line) for line in block)
+    says_what = has_message and _message_says_what(block)
     for rule in rules:
         for n, match in enumerate(rule.finditer(text)):
             if n == 4:
@@ -265,6 +266,8 @@ def _classify(block: list[str], numbers: list[int], text: str, rules: list[Rule]
             idx = bisect_right(starts, match.start()) - 1
             if rule.weak and not in_traceback and not _ERRORISH.search(block[idx]):
                 continue
+            if rule.weak and says_what and _code_line(block[idx], block[idx - 1] if idx else ""):
+                continue  # a hint word in a path, a frame or its source line, where the message says what failed
             score = rule.weight * _line_factor(block[idx], block[idx - 1] if idx else "", has_message)
             old = best.get(rule.failure_class, (0.0, 0, 0))
             best[rule.failure_class] = (max(old[0], score), idx if score > old[0] else old[1], old[2] + 1)
@@ -276,6 +279,20 @@ def _classify(block: list[str], numbers: list[int], text: str, rules: list[Rule]
         return None
     cls, (score, idx, hits) = max(best.items(), key=lambda kv: (kv[1][0] + 0.05 * min(kv[1][2], 6), -kv[1][1]))
     return _make(cls, block[idx].strip()[:400], text, score, numbers[idx], exc_type)
+
+
+def _message_says_what(block: list[str]) -> bool:
+    """Whether the block's last exception line has words after its type (``ValueError: all the input
+    arrays ...``, not a bare ``ValueError`` or ``SystemExit: 1``)."""
+    line = next((line for line in reversed(block) if exception_name(line)), "")
+    message = line.strip()[len(exception_name(line.strip())):]
+    return len(re.findall(r"[A-Za-z]{2,}", message)) >= 2
+
+
+def _code_line(line: str, previous: str) -> bool:
+    """A stack frame, or the source line printed under a frame header (not an exception line that
+    follows a frame directly, as in a REPL or compiled code)."""
+    return is_frame(line) or (bool(previous) and is_frame_header(previous) and not exception_name(line.strip()))
 
 
 def _exception_type(block: list[str]) -> str:

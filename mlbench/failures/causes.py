@@ -71,9 +71,10 @@ CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
      "a CUDA build of torch for the GPU (the command at pytorch.org/get-started for your CUDA), then `mlbench doctor`"),
     ("device_mismatch", "no_gpu_driver", r"Found no NVIDIA driver|no CUDA-capable device is detected|NVIDIA-SMI has failed"
      r"|could not select device driver",
-     "this process sees no GPU: install the NVIDIA driver on the host; in Docker run with --gpus all (the NVIDIA "
-     "container toolkit); check CUDA_VISIBLE_DEVICES; or run on the CPU (device='cpu'); `mlbench doctor` shows what "
-     "is visible"),
+     "this process sees no NVIDIA GPU: on a Mac or with an AMD GPU there is none to use (run on device='cpu', or "
+     "'mps' on Apple silicon); on Colab switch the runtime to a GPU; on a Linux host install the NVIDIA driver, in "
+     "Docker run with --gpus all (the NVIDIA container toolkit); check CUDA_VISIBLE_DEVICES; `mlbench doctor` shows "
+     "what is visible"),
     ("device_mismatch", "driver_too_old", r"driver on your system is too old|driver version is insufficient",
      "the NVIDIA driver is older than this torch's CUDA needs: update the driver, or install a torch built for an "
      "older CUDA (pytorch.org/get-started/previous-versions); `mlbench doctor` prints both versions"),
@@ -169,6 +170,23 @@ CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
      "not found, or another version is: install the version the package names (pip install nvidia-cudnn-cu12 "
      "or nvidia-cublas-cu12 at the major version in the file name, or a torch wheel that bundles them), or put "
      "its folder on LD_LIBRARY_PATH (PATH on Windows); do not install OpenCV or libGL packages for it"),
+    ("shape_mismatch", "fixed_input_size", r"Got invalid dimensions for input",
+     "the ONNX model was exported for one input size, which the message gives (index, got, expected): resize or "
+     "pad the input to exactly that size, or export the model again with dynamic axes (torch.onnx.export(..., "
+     "dynamic_axes={'input': {2: 'height', 3: 'width'}}))"),
+    ("missing_dependency", "onnxruntime_provider", r"LoadLibrary failed with error \d+|Failed to create (CUDA|TensorRT)"
+     r"ExecutionProvider|onnxruntime_providers_\w+\.(dll|so)",
+     "onnxruntime-gpu could not load its CUDA provider: the CUDA and cuDNN versions it was built for are not on PATH "
+     "(LD_LIBRARY_PATH on Linux): install those (onnxruntime-gpu 1.19 and later: CUDA 12 and cuDNN 9, e.g. pip "
+     "install nvidia-cudnn-cu12), or import torch first, which loads its own; else run with the CPU provider"),
+    ("missing_dependency", "tensorrt_engine", r"Version tag does not match|Engine deserialization failed|serialized engine",
+     "a TensorRT engine runs only on the TensorRT version (and GPU) that built it: rebuild the engine from the ONNX "
+     "model on the machine that runs it (trtexec --onnx=model.onnx --saveEngine=model.engine); pip cannot fix this"),
+    ("missing_dependency", "jvm_extension", r"java\.lang\.\w+Error|java\.lang\.ClassNotFoundException|ai\.djl\."
+     r"|Error loading a Deep Learning engine|native library",
+     "a Java extension or its deep-learning engine does not match the application loading it: install the extension "
+     "release built for your QuPath, Fiji or ImageJ version, and let DJL download the engine it names (or point "
+     "it to one, with the matching CUDA); pip cannot fix this"),
     ("missing_dependency", "registry", r"is not in the [\w:]+ registry",
      "the class the config names is not registered: the module that defines it was not imported, or the installed "
      "OpenMMLab package (mmcv, mmengine, mmseg, mmdet) is another version than the config was written for: add "
@@ -194,6 +212,10 @@ CAUSES: tuple[tuple[str | tuple[str, ...], str, str, str], ...] = (
     ("queue_timeout", "tls", r"CERTIFICATE_VERIFY_FAILED|SSLCertVerificationError|SSLError|WRONG_VERSION_NUMBER",
      "the TLS handshake failed: pass the CA bundle that signed the service's certificate (verify='/path/ca.pem'), "
      "or use http:// for a service that does not speak TLS (WRONG_VERSION_NUMBER); do not turn verification off"),
+    ("weights_missing", "model_repository", r"no version is available|failed to poll model|not found in any model repository",
+     "the inference server found no loadable version of the model in its repository: check the layout "
+     "<repository>/<model>/<version number>/model.<ext> with its config.pbtxt, and the server's startup log for "
+     "why the version did not load"),
     ("queue_timeout", "worker_timeout", r"WORKER TIMEOUT",
      "gunicorn killed a worker that did not report back within its --timeout (30 s by default): a model loaded at "
      "the worker's start, or one long request, outlasted it: raise --timeout, load the model once before the "

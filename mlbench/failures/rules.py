@@ -61,6 +61,8 @@ RULES: tuple[tuple[str, float, str], ...] = (
     ("weights_missing", 5, r"(No such file|does not exist|not found|cannot find|can't find|missing)" + _G + r"\.(pth|pt|ckpt|safetensors|onnx|h5|pkl|bin|weights|tar)\b"),
     ("weights_missing", 5, r"\.(pth|pt|ckpt|safetensors|onnx|h5|pkl|bin|tar)['\"]?" + _G + r"(No such file|does not exist|not found)"),
     ("weights_missing", 5.5, r"Checkpoint " + _G + r" not found!|Checkpoint \{\} not found"),  # detectron2's checkpointer
+    ("weights_missing", 5, r"\bNO_SUCHFILE\b|Load model from " + _G + r"failed" + _G + r"(doesn't|does not) exist"),  # ONNX Runtime
+    ("weights_missing", 5, r"no version is available|failed to poll model|not found in any model repository"),  # Triton
     ("weights_missing", 4, r"(checkpoint|weights?|model) (file )?(not found|is missing|does not exist|missing)"),
     ("weights_missing", 4, r"no file named (pytorch_model\.bin|model\.safetensors|diffusion_pytorch_model)"),
     ("weights_missing", 4, r"Can't load (the )?(model|weights|config|tokenizer) for"),
@@ -122,6 +124,7 @@ RULES: tuple[tuple[str, float, str], ...] = (
     ("device_mismatch", 5, r"CUBLAS_STATUS_(NOT_INITIALIZED|EXECUTION_FAILED|INTERNAL_ERROR|NOT_SUPPORTED|ARCH_MISMATCH|INVALID_VALUE)"),
     ("device_mismatch", 5, r"NCCL (error|WARN)|ncclUnhandledCudaError|ncclSystemError|ncclInternalError|ncclInvalidUsage|ProcessGroupNCCL"),
     ("device_mismatch", 4, r"device-side assert(ion)? triggered|CUDA kernel errors might be asynchronously reported"),
+    ("device_mismatch", 5, r"an illegal memory access was encountered|cudaErrorIllegalAddress|cudaErrorMisalignedAddress"),
     ("device_mismatch", 5, r"No space left on device|\[Errno 28\]|\bENOSPC\b|Disk quota exceeded"),
     # torch.save onto a full disk: the zip writer's own words, with no errno (a reader's errors are weights_missing)
     ("device_mismatch", 5.5, r"PytorchStreamWriter failed writing|unexpected pos \d+ vs \d+"),
@@ -276,7 +279,7 @@ RULES: tuple[tuple[str, float, str], ...] = (
     ("queue_timeout", 5, r"ReadTimeout|ConnectTimeout|PoolTimeout|WriteTimeout|TimeoutException|Read timed out|Connection timed out|timed out|\btime ?out\b|TimeoutError|DeadlineExceeded|deadline exceeded"),
     ("queue_timeout", 5, _http(502, "Bad") + r"|Bad Gateway|upstream prematurely closed|Connection reset by peer|RemoteDisconnected|Server disconnected"),
     ("queue_timeout", 5, r"is currently loading|\"estimated_time\": ?\d"),
-    ("queue_timeout", 5, r"queue (is )?full|QueueFull|queue\.Full|overloaded|server is (busy|overloaded)|too many (pending|concurrent) (requests|tasks|jobs)"),
+    ("queue_timeout", 5, r"queue (is )?full|QueueFull|queue\.Full|overloaded(?! or there is an error in the application)|server is busy|too many (pending|concurrent) (requests|tasks|jobs)"),
     ("queue_timeout", 4, r"backlog|too many (pending|concurrent)|backpressure|max(imum)? concurrency"),
     ("queue_timeout", 5, r"StatusCode\.UNAVAILABLE|failed to connect to all addresses"),  # gRPC (Triton, TF Serving)
     ("queue_timeout", 4, r"Connection refused|Failed to establish a new connection|Max retries exceeded|Cannot connect to (redis|amqp)|ConnectionError|Error \d+ connecting to"),
@@ -293,7 +296,13 @@ RULES: tuple[tuple[str, float, str], ...] = (
     ("missing_dependency", 5, r"operator \w+::\w+ does not exist|No such operator \w+::\w+|Couldn't load custom C\+\+ ops"
      r"|No operator found for"),
     ("missing_dependency", 5, r"not compiled with lib\w+ support|Failed to load the native TensorFlow runtime"),
-    ("missing_dependency", 5.5, r"is not in the [\w:]+ registry"),  # OpenMMLab: the module that registers it was not imported
+    ("missing_dependency", 5.5, r"is not in the [\w:]+ registry"),
+    ("missing_dependency", 5.5, r"LoadLibrary failed with error \d+|Failed to create (CUDA|TensorRT)ExecutionProvider"
+     r"|onnxruntime_providers_\w+\.(dll|so)"),  # ONNX Runtime's GPU provider
+    ("missing_dependency", 5.5, r"java\.lang\.(NoSuchMethodError|NoClassDefFoundError|UnsatisfiedLinkError|ClassNotFoundException)"
+     r"|ai\.djl\.engine\.EngineException|Error loading a Deep Learning engine|Failed to load \w+ native library"),
+    ("missing_dependency", 5.5, r"Version tag does not match|Engine deserialization failed|serialized engine" + _G
+     + r"(version|incompatible)"),  # a TensorRT engine built elsewhere  # OpenMMLab: the module that registers it was not imported
     ("missing_dependency", 6, r"requires the 'imagecodecs' package"),  # a bare 'cannot decompress LZW' stays image_format
     ("missing_dependency", 5, r"specified module could not be found|Error loading \"[^\"\n]{1,200}\.dll\"|or one of its dependencies|Could not import module"),
     ("missing_dependency", 5, r"\b(sh|bash|zsh)(: \d+)?: [\w.-]+: (command )?not found|GLIBC\w*_[\d.]+' not found"),
@@ -383,4 +392,5 @@ PIP_NAMES: dict[str, str] = {
     "yaml": "pyyaml", "pynvml": "nvidia-ml-py", "multipart": "python-multipart", "safetensors": "safetensors",
     "segmentation_models_pytorch": "segmentation-models-pytorch", "albumentations": "albumentations",
     "tifffile": "tifffile", "imagecodecs": "imagecodecs", "torchvision": "torchvision", "timm": "timm",
+    "jpype": "JPype1",
 }

@@ -10,7 +10,9 @@
   ``--model NAME`` it must be that architecture); ``--weights`` may repeat where a command takes
   several models, each one model named by its card;
 - ``--card JSON`` (a JSON object, or ``@file.json``): card fields (``{"input_size": 512}``) over
-  what the weights or the manifest say, for the checkpoint or the named model.
+  what the weights or the manifest say, for the checkpoint or the named model;
+- ``--model path/file.py:callable`` (or ``package.module:callable``): your own architecture, built by
+  that factory; with ``--weights`` the checkpoint is loaded into it (as ``mb.load_model(path, model=...)``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from mlbench.errors import OptionsError
 from mlbench.models import list_models, resolve_name
 from mlbench.models.cards import ModelCard, attach_card, card, card_fields_from_text
 from mlbench.models.loading import load_model
+from mlbench.studies.golden_identity import call_factory, is_factory
 
 __all__ = ["ModelOptions", "add_model_options", "resolve_model_options", "read_card"]
 
@@ -63,7 +66,8 @@ def add_model_options(parser: argparse.ArgumentParser, options: ModelOptions) ->
         weights = "checkpoint file to run next to --models (repeatable; each is one model, named by its card)"
     else:
         weights = "checkpoint file (.pth, .pt, .safetensors): architecture and widths read from its tensors; " \
-                  "with a model name it must be that architecture"
+                  "with a model name it must be that architecture; for your own architecture give its factory, " \
+                  "--model path/file.py:callable"
     parser.add_argument("--weights", metavar="PATH", action="append" if options.many else "store",
                         help=weights + (f"; {options.note}" if options.note else ""))
     parser.add_argument("--card", metavar="JSON", help=_CARD_HELP + ("; for every model" if options.many else ""))
@@ -92,6 +96,11 @@ def resolve_model_options(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _one(args: argparse.Namespace, options: ModelOptions, user: ModelCard | None) -> torch.nn.Module | str:
+    if isinstance(args.model, str) and is_factory(args.model):  # your own architecture
+        built = call_factory(args.model)
+        if args.weights:
+            return load_model(Path(args.weights), model=built, card=user)
+        return built if user is None else _carded(built, user)
     if args.weights:
         return load_model(Path(args.weights), model=args.model, card=user)
     name = args.model or args.model_default
@@ -104,8 +113,16 @@ def _one(args: argparse.Namespace, options: ModelOptions, user: ModelCard | None
 def _several(args: argparse.Namespace, options: ModelOptions, user: ModelCard | None) -> list[torch.nn.Module | str]:
     weights = args.weights or []
     names = args.models or ([] if weights else list(args.model_default or list_models()))
-    models = [name if user is None else _carded(options.build(args, name), user) for name in names]
+    models = [_named(args, options, user, name) for name in names]
     return _distinct(models + [load_model(Path(path), card=user) for path in weights])
+
+
+def _named(args: argparse.Namespace, options: ModelOptions, user: ModelCard | None, name: str) -> torch.nn.Module | str:
+    """One model of ``--models``: a factory's module, else the name (built now only when a card applies)."""
+    if is_factory(name):
+        built = call_factory(name)
+        return built if user is None else _carded(built, user)
+    return name if user is None else _carded(options.build(args, name), user)
 
 
 def _carded(model: torch.nn.Module, user: ModelCard) -> torch.nn.Module:

@@ -172,3 +172,36 @@ def test_help_documents_the_flags(capsys):
     with pytest.raises(SystemExit, match="0"):
         main(["check-weights", "--help"])
     assert "--card" not in capsys.readouterr().out
+
+
+def test_your_own_architecture_by_its_factory_on_segment_and_tiles(files, capsys, tmp_path):
+    """--model path/file.py:callable builds a user's architecture; --weights loads a checkpoint into it."""
+    (tmp_path / "mine.py").write_text(
+        "import torch\n"
+        "class Grey(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = torch.nn.Conv2d(3, 1, 3, padding=1)\n"
+        "    def forward(self, x):\n"
+        "        return self.conv(x)\n"
+        "def make():\n"
+        "    return Grey()\n")
+    torch.manual_seed(0)
+    weights = {"conv.weight": torch.full((1, 3, 3, 3), 0.1), "conv.bias": torch.tensor([-0.5])}
+    torch.save(weights, tmp_path / "grey.pth")
+    image, factory = files / "images" / "s0.png", f"{tmp_path / 'mine.py'}:make"
+    assert main(["segment", str(image), "--model", factory, "--weights", str(tmp_path / "grey.pth"),
+                 "--card", '{"input_size": 128, "normalization": "x/255"}', "--json"]) == 0
+    response = _json(capsys)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("mine_direct", tmp_path / "mine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.make()
+    model.load_state_dict(weights)
+    direct = mb.segment(image, mb.attach_card(model.eval(), mb.ModelCard(input_size=128, normalization="x/255")))
+    assert response["polygons"] == direct.polygons
+    assert main(["tiles", str(image), "--model", factory, "--tiles", "64", "--overlap", "8"]) in (0, 1)
+    assert "mask IoU" in capsys.readouterr().out
+    assert main(["segment", str(image), "--model", f"{tmp_path / 'absent.py'}:make"]) == 2
+    assert "absent.py is not a file" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import mlbench as mb
-from mlbench.errors import OptionsError
+from mlbench.errors import ModelError, OptionsError
 from mlbench.metrics import pixel_scores
 from mlbench.paths import data_dir
 from mlbench.probes import record_memory
@@ -149,8 +149,9 @@ def test_oom_everywhere_raises():
 
 
 def test_other_errors_propagate_and_bad_arguments():
-    with pytest.raises(RuntimeError, match="3 channels"):
+    with pytest.raises(ModelError, match="batch of tiles.*3 channels.*fix: convert the image to 3 channels") as failed:
         predict_tiled(LocalNet(), torch.rand(1, 2, 40, 40), tile=32, overlap=8)
+    assert isinstance(failed.value.__cause__, RuntimeError)  # the model's own error, explained
     with pytest.raises(OptionsError, match="overlap < tile / 2"):
         predict_tiled(LocalNet(), torch.rand(1, 3, 40, 40), tile=32, overlap=16)
     with pytest.raises(OptionsError, match="rounded down to the model's input multiple 8: 96"):
@@ -285,7 +286,7 @@ def test_pooled_passes_that_do_not_settle_warn_and_errors_restore_the_norms():
     model = NormNet()
     with pytest.warns(RuntimeWarning, match=r"norm_stats='pooled'\): the last of 2 passes at tile 32 still changed"):
         predict_tiled(model, x, tile=32, overlap=12, norm_stats="pooled", max_passes=2, tolerance=1e-6)
-    with pytest.raises(RuntimeError, match="3 channels"):
+    with pytest.raises(ModelError, match="3 channels"):
         predict_tiled(model, x[:, :2], tile=32, overlap=12, norm_stats="image")
     assert all("forward" not in vars(m) for m in model.modules())
     with warnings.catch_warnings():

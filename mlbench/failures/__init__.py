@@ -2,7 +2,9 @@
 
 ``rules``, ``library_rules``, ``patterns``, ``log_formats``, ``numbers``, ``causes`` (the fix for a named cause), ``blocks``, ``matching``
 (linear-time rule matching) and ``stream`` (capped reading) are the parts of :func:`triage`;
-``case_index`` is the read-only index of past cases it searches.
+``case_index`` is the read-only index of past cases it searches. ``forward_errors`` explains an
+exception a forward pass raised, with the model and the input at hand (:func:`explain_error`, exported
+by :mod:`mlbench.probes`), for the probes, tiling and the pipeline's stage errors alike.
 """
 
 from __future__ import annotations

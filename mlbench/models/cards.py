@@ -42,10 +42,11 @@ side to ``input_size`` and pads the rest; ``pad`` pads to a multiple of ``input_
 image's own size; ``downscale`` shrinks (aspect kept) only above ``max_side``, then pads to the
 multiple; ``none`` feeds the image as it is."""
 INTERPOLATIONS = ("area", "lanczos", "bilinear", "bilinear-antialias")
-OUTPUTS = ("sigmoid", "softmax", "fg_bg", "argmax")
+OUTPUTS = ("sigmoid", "softmax", "fg_bg", "argmax", "probability")
 """``sigmoid``: one channel of logits; ``softmax``: K class logits, the foreground probability is
 the sum over ``foreground``; ``fg_bg``: two logits (background, foreground); ``argmax``: K class
-logits, a pixel is foreground when its top class is in ``foreground`` (no threshold)."""
+logits, a pixel is foreground when its top class is in ``foreground`` (no threshold);
+``probability``: one channel already through the model's own sigmoid, values in [0, 1]."""
 ORIGINS = ("user", "checkpoint", "manifest", "architecture", "case", "default")
 
 _CHOICES = {"resize": RESIZES, "interpolation": INTERPOLATIONS, "output": OUTPUTS}
@@ -129,7 +130,7 @@ class ModelCard(ReportText):
     def output_channels(self) -> int | None:
         """The channels the head must emit: 1 for sigmoid, 2 for fg_bg, ``classes`` otherwise
         (None: any number from 2, read from the output)."""
-        return {"sigmoid": 1, "fg_bg": 2}.get(self.output, self.classes)
+        return {"sigmoid": 1, "probability": 1, "fg_bg": 2}.get(self.output, self.classes)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (a callable normalisation by its name) and their origins."""
@@ -249,8 +250,22 @@ def card(model: torch.nn.Module) -> ModelCard:
         raise OptionsError(f"mb.card expects an nn.Module, got {type(model).__name__}; load one with mb.load_model")
     attached = getattr(model, "mlbench_card", None)
     if isinstance(attached, ModelCard):
+        if attached.origin("channels") == "default" and _first_conv_channels(model) == 1 != attached.channels:
+            grey = {k: v for k, v in (("mean", GREY_MEAN), ("std", GREY_STD)) if attached.origin(k) == "default"}
+            return attached.changed("architecture", channels=1, **grey)  # a card that did not say; the model does
         return attached
     return architecture_card(model)
+
+
+def input_multiple(model: torch.nn.Module) -> int:
+    """The multiple the model's input sides must be: its card's or its class's, whichever is larger."""
+    return max(1, int(getattr(model, "input_multiple", 1)), card(model).input_multiple)
+
+
+def _first_conv_channels(model: torch.nn.Module) -> int | None:
+    """The input channels of the model's first 2-D convolution (None without one)."""
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return None if first is None else first.in_channels
 
 
 def architecture_card(model: torch.nn.Module) -> ModelCard:
@@ -266,8 +281,7 @@ def architecture_card(model: torch.nn.Module) -> ModelCard:
     for key in ("input_multiple", "min_input_size"):
         if isinstance(getattr(type(model), key, None), int):
             values[key] = getattr(type(model), key)
-    first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
-    if first is not None and first.in_channels == 1:  # a grey model: fed 3 channels, its first conv would refuse them
+    if _first_conv_channels(model) == 1:  # a grey model: fed 3 channels, its first conv would refuse them
         values.update(channels=1, mean=GREY_MEAN, std=GREY_STD)
     return ModelCard().changed("architecture", **values)
 

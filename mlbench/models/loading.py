@@ -31,13 +31,13 @@ from mlbench.errors import MlbenchWarning, ModelError, OptionsError, WeightsErro
 from mlbench.models.cards import IMAGENET_MEAN, IMAGENET_STD, ModelCard, architecture_card, attach_card, card
 from mlbench.models.checkpoint_io import read_state_dict
 from mlbench.models.fitting import diff_keys, known_keys, rank_architectures
-from mlbench.models.registry import ALIASES, build_model, config_from_state_dict, list_models, resolve_name
+from mlbench.models.registry import ALIASES, REGISTERED, build_model, config_from_state_dict, list_models, resolve_name
 from mlbench.paths import data_dir, sha256_file
 
 __all__ = ["load_model", "load_checkpoint", "load_trained", "register_model", "registered_models", "load_manifest",
            "weights_path", "manifest_card", "shared_model", "clear_shared_models", "file_sha256", "SHARED_MAX"]
 
-_REGISTERED: dict[str, tuple[Callable[[], torch.nn.Module], ModelCard | None]] = {}
+
 
 
 def register_model(name: str, factory: Callable[[], torch.nn.Module], card: ModelCard | None = None) -> None:
@@ -55,12 +55,12 @@ def register_model(name: str, factory: Callable[[], torch.nn.Module], card: Mode
     if not callable(factory):
         raise OptionsError(f"register_model({name!r}, factory): factory must be callable returning an nn.Module, "
                            f"got {type(factory).__name__}")
-    _REGISTERED[name] = (factory, card)
+    REGISTERED[name] = (factory, card)
 
 
 def registered_models() -> list[str]:
     """Names given to :func:`register_model`, sorted."""
-    return sorted(_REGISTERED)
+    return sorted(REGISTERED)
 
 
 def load_manifest(weights_dir: Path | None = None) -> dict[str, Any]:
@@ -183,7 +183,7 @@ def load_checkpoint(path: str | Path, *, model: str | torch.nn.Module | None = N
     if kind != "regular":
         raise WeightsError(f"checkpoint {given!r} is not a regular file: it {words}; refused before opening it "
                            "(reading it could block or never end); pass the path of the checkpoint file itself")
-    registered = _REGISTERED.get(model) if isinstance(model, str) else None
+    registered = REGISTERED.get(model) if isinstance(model, str) else None
     read = read_state_dict(path, path.stat().st_size, known_keys(None if registered else model), key, budgets)
     if read.state_dict is None or read.blocking:
         problems = "; ".join(f"[{code}] {message}" for code, message in read.problems if code in read.blocking)

@@ -18,6 +18,8 @@ from mlbench.models import cbam_resunet, hrnet, ma_resunet
 from mlbench.models.blocks import SegmentationNet
 
 ALIASES: dict[str, str] = {"resunet_small": "cbam_resunet", "resunet_advanced": "ma_resunet"}
+REGISTERED: dict[str, tuple[Callable[[], torch.nn.Module], Any]] = {}
+"""Users' architectures, name -> (factory, card or None): :func:`mlbench.models.loading.register_model` fills it."""
 """Service model ids and the canonical names they stand for."""
 SIZES = ("small", "full")
 
@@ -55,6 +57,10 @@ def resolve_name(name: str) -> str:
     key = name.strip().lower() if isinstance(name, str) else name
     key = ALIASES.get(key, key)
     if key not in _SPECS:
+        if name in REGISTERED:
+            raise ModelError(f"{name!r} is an architecture you registered (mb.register_model), which has no weights "
+                             f"of its own: load them with model = mb.load_model(path, model={name!r}) and pass the "
+                             "model instead of its name")
         aliases = ", ".join(f"{alias!r} -> {target!r}" for alias, target in ALIASES.items())
         raise ModelError(
             f"unknown model {name!r}; expected one of {list_models()} "

@@ -10,6 +10,7 @@ A head that does not fit its card is an error naming both, never a silent channe
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -198,6 +199,9 @@ def read_head(output: torch.Tensor, card: ModelCard, rule: str = "always") -> He
     ModelError
         When the output's channels do not fit the card's head (both named, and the card to pass).
     """
+    if output.dim() == 3 and output.shape[0] == 1:
+        raise ModelError(f"the model returned shape {tuple(output.shape)}, maps without a channel axis; expected "
+                         "(1, C, H, W): wrap it in a module whose forward returns model(x).unsqueeze(1)")
     if output.dim() != 4 or output.shape[0] != 1:
         raise ModelError(f"the model returned shape {tuple(output.shape)}; expected (1, C, H, W) maps: a model "
                          "that returns a dict or tuple needs a wrapper returning the main map")
@@ -205,9 +209,20 @@ def read_head(output: torch.Tensor, card: ModelCard, rule: str = "always") -> He
     channels, expected = values.shape[0], card.output_channels
     if (expected is not None and channels != expected) or (expected is None and channels < 2):
         raise ModelError(_head_mismatch(channels, card))
+    if card.output == "probability":
+        low, high = float(values.min()), float(values.max())
+        if low < -1e-6 or high > 1 + 1e-6:
+            raise ModelError(f"the card says the model outputs probabilities, but its output runs from {low:.4g} to "
+                             f"{high:.4g}, outside [0, 1]: these are logits; use ModelCard(output='sigmoid')")
+        return Head(values[0].clamp(0, 1).numpy().copy(), sigmoid_applied=False)
     if card.output == "sigmoid":
         outside = bool(values.min() < 0 or values.max() > 1)
         apply = rule == "always" or outside
+        if apply and not outside and values.numel() >= 64 and float(values.max() - values.min()) > 0.5:
+            warnings.warn(f"the model's output lies in [0, 1] ({float(values.min()):.3f} to {float(values.max()):.3f}) "
+                          "and spans most of it, as probabilities do, and the card's head puts a sigmoid on it: if "
+                          "the model ends in a sigmoid, a second one makes every pixel foreground; pass "
+                          "ModelCard(output='probability') for such a model", UserWarning, stacklevel=3)
         return Head((torch.sigmoid(values[0]) if apply else values[0]).numpy().copy(), sigmoid_applied=apply)
     if card.output == "fg_bg":
         return Head(torch.sigmoid(values[1] - values[0]).numpy().copy(), sigmoid_applied=True)

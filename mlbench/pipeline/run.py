@@ -202,9 +202,24 @@ class Run:
         if name:
             exc = self.records[name].error
             raise StageError(
-                f"stage {name!r} failed: {type(exc).__name__}: {exc} (input: {self.records[name].input_summary})", name
+                f"stage {name!r} failed: {type(exc).__name__}: {exc} (input: {self.records[name].input_summary})"
+                f"{self._forward_hint(name, exc)}", name
             ) from exc
         return self
+
+    def _forward_hint(self, name: str, exc: BaseException) -> str:
+        """What :func:`mlbench.explain_error` says of a failed forward pass: its cause and fix, when it
+        knows them (the raw torch message alone names neither)."""
+        if name != "forward" or isinstance(exc, MlbenchError):
+            return ""
+        from mlbench.failures.forward_errors import explain_error
+
+        x = self.records["preprocess"].output
+        try:
+            why = explain_error(exc, model=self.pipeline.model, input_shape=tuple(x.shape), input_dtype=x.dtype)
+        except Exception:  # the explanation is a help; the error it explains is raised either way
+            return ""
+        return "".join(f"; {label}: {text}" for label, text in (("cause", why.cause), ("fix", why.fix)) if text)
 
     def with_options(self, **changes: Any) -> "Run":
         """A new Run with changed options that reuses every stage those options cannot affect.

@@ -25,6 +25,7 @@ from mlbench.pipeline.postprocess import postprocess_output
 from mlbench.pipeline.preprocess import normalize_tensor, preprocess_array
 from mlbench.pipeline.recipe import normalize_unit
 from mlbench.pipeline.train_mode import evaluating
+from mlbench.models.materialised import check_materialised
 
 __all__ = ["StageContext", "Decoded", "STAGES", "STAGE_NAMES", "default_input_size", "describe"]
 
@@ -186,8 +187,14 @@ def forward(ctx: StageContext) -> torch.Tensor:
     (its flags restored afterwards) unless ``train_mode="keep"``."""
     model = ctx.model
     device = torch.device(ctx.options.device)
+    x = ctx.outputs["preprocess"].to(device)
+    check_materialised(model)
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is not None and weight.dtype != x.dtype:
+        x = x.to(weight.dtype)  # a float16 or bfloat16 checkpoint: the input follows the weights
+        ctx.notes.append(f"input cast to {str(weight.dtype).replace('torch.', '')}, the dtype of the model's weights")
     with torch.inference_mode(), evaluating(model, ctx.options.train_mode != "keep"):
-        output = model(ctx.outputs["preprocess"].to(device))
+        output = model(x)
     if not isinstance(output, torch.Tensor):
         keys = f" with keys {list(output)[:6]}" if isinstance(output, dict) else ""
         raise ModelError(f"{type(model).__name__} returned a {type(output).__name__}{keys}, not one tensor; the "

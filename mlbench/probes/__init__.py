@@ -6,7 +6,7 @@
 """
 
 from mlbench.probes.estimate import MemoryEstimate, estimate_memory, max_input_size
-from mlbench.probes.explain import Explanation, explain_error, explain_output_size, size_chain, valid_sides
+from mlbench.failures.forward_errors import Explanation, explain_error, explain_output_size, size_chain, valid_sides
 from mlbench.probes.memory import MemoryPeak, MemoryTimeline, limit_memory, note, record_memory
 from mlbench.probes.shapes import ModuleCall, ShapeTrace, trace_shapes
 

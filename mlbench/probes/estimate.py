@@ -21,7 +21,7 @@ from torch import nn
 
 from mlbench.errors import ModelError, OptionsError
 from mlbench.findings import ReportText, format_bytes
-from mlbench.models.cards import card
+from mlbench.models.cards import card, input_multiple
 from mlbench.probes._hooks import check_module
 from mlbench.probes.accounting import CUDA_BLOCK, DISPATCH_AVAILABLE, LiveTensorCounter, ModuleStack
 
@@ -120,13 +120,21 @@ def _run_meta(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, roun
 
 
 def _forward_failed(model: nn.Module, shape: tuple[int, ...], exc: Exception) -> ModelError:
-    from mlbench.probes.explain import explain_error
+    from mlbench.failures.forward_errors import explain_error
 
     explanation = explain_error(exc, model=model, input_shape=shape)
     return ModelError(
         f"cannot estimate memory: the forward pass of {_name(model)} fails for input {shape}: "
         f"{type(exc).__name__}: {exc}\n{explanation!r}"
     )
+
+
+def _refuse_scripted(model: nn.Module) -> None:
+    """A TorchScript module cannot run on the meta device, which the estimates need."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise OptionsError(f"{type(model).__name__} is a TorchScript module; memory is estimated by running the "
+                           "model on the meta device, which TorchScript cannot: pass the plain nn.Module it was "
+                           "scripted or traced from (mb.load_model(weights, model=MyModel()))")
 
 
 def _name(model: nn.Module) -> str:
@@ -151,7 +159,8 @@ def estimate_memory(
         Any model, on any device (also ``meta``: ``mb.build_model(name, "full", device="meta")``).
         It is not modified; its parameters are replaced by meta tensors for the count.
     input_shape : int or tuple of int
-        Square side, (H, W), (C, H, W) or (N, C, H, W); channels default to 3, batch to 1.
+        Square side, (H, W), (C, H, W) or (N, C, H, W); channels default to the model card's (3 unless
+        the card or the model's first convolution says 1), batch to 1.
     dtype : torch.dtype
         Dtype of the input and of the floating-point parameters.
     device : str or torch.device
@@ -180,7 +189,8 @@ def estimate_memory(
     ('1.45 GiB', 'decoder1.1.attention.stage2')
     """
     model = check_module(model)
-    shape = input_shape_of(input_shape)
+    _refuse_scripted(model)
+    shape = input_shape_of(input_shape, card(model).channels)
     round_to = _round_to(device)
     try:
         counter, out, method = _run_meta(model, shape, dtype, round_to)
@@ -221,13 +231,17 @@ def _fit_peak(model: nn.Module, channels: int, dtype: torch.dtype, device: str |
     """Fit the live total after every op as ``a + b T + c T**2`` from three meta runs.
 
     Returns a function side -> predicted peak bytes, or None when the runs differ in their
-    op sequence (data-dependent control flow), in which case callers search with estimates.
+    op sequence (data-dependent control flow) or one of them fails (a model that takes one size
+    only), in which case callers search with estimates (whose failure is explained).
     """
     start = max(2, math.ceil(getattr(model, "min_input_size", 1) / base))
     sides = [base * k for k in (start, start + 1, start + 2)]
     curves = []
     for side in sides:
-        counter, _, _ = _run_meta(model, (1, channels, side, side), dtype, _round_to(device), record=True)
+        try:
+            counter, _, _ = _run_meta(model, (1, channels, side, side), dtype, _round_to(device), record=True)
+        except Exception:
+            return None
         curves.append(counter.curve)
     if len({len(curve) for curve in curves}) != 1 or not curves[0]:
         return None
@@ -250,7 +264,7 @@ def max_input_size(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cuda",
-    channels: int = 3,
+    channels: int | None = None,
     max_side: int = 65536,
 ) -> int:
     """The largest square side (a multiple of ``model.input_multiple``) whose forward fits.
@@ -262,8 +276,8 @@ def max_input_size(
     budget_bytes : float
         Memory available to the forward pass, in bytes (e.g. ``8 * 1024**3``).
     dtype, device : see :func:`estimate_memory`.
-    channels : int
-        Input channels.
+    channels : int, optional
+        Input channels; default the model card's.
     max_side : int
         Upper end of the search.
 
@@ -279,11 +293,14 @@ def max_input_size(
         If the budget is not positive or too small for the smallest input the model accepts.
     """
     model = check_module(model)
+    _refuse_scripted(model)
     if not isinstance(budget_bytes, (int, float)) or budget_bytes <= 0:
         raise OptionsError(f"budget_bytes must be a positive number of bytes, got {budget_bytes!r}; "
                            "e.g. 8 * 1024**3 for an 8 GiB GPU.")
-    multiple = max(1, int(getattr(model, "input_multiple", 1)))
-    low = multiple * math.ceil(max(getattr(model, "min_input_size", 1), multiple) / multiple)
+    model_card = card(model)
+    channels = model_card.channels if channels is None else channels
+    multiple = input_multiple(model)
+    low = multiple * math.ceil(max(getattr(model, "min_input_size", 1), model_card.min_input_size, multiple) / multiple)
     fitted = _fitted_peak(model, channels, dtype, device, math.lcm(multiple, 32))
 
     def fits(side: int, budget: float = budget_bytes) -> bool:

@@ -22,7 +22,7 @@ from mlbench.models.cards import card
 from mlbench.probes._hooks import module_paths
 from mlbench.probes._values import stat_fields
 from mlbench.probes.accounting import tensors_in
-from mlbench.probes.explain import Explanation, explain_error, explain_output_size
+from mlbench.failures.forward_errors import Explanation, explain_error, explain_output_size
 
 __all__ = ["ModuleCall", "ShapeTrace", "shape_of", "shape_text"]
 

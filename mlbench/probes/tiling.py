@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlbench.errors import OptionsError
+from mlbench.errors import MlbenchError, ModelError, OptionsError
+from mlbench.models.cards import input_multiple
 from mlbench.probes.pooled_norms import NormPrior, PooledNorms, pooled_norm_modules
+from mlbench.models.materialised import check_materialised
 from mlbench.probes._hooks import check_module
 from mlbench.probes.memory import note
 from mlbench.probes.spatial_maps import MapProbe, probe_maps
@@ -185,7 +187,7 @@ def _check_args(model: nn.Module, x: torch.Tensor, tile: int, overlap: int) -> t
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise OptionsError(f"x must be a (N, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}; "
                            "add the batch axis with x[None].")
-    multiple = int(getattr(model, "input_multiple", 1))
+    multiple = input_multiple(model)
     rounded = tile // multiple * multiple if isinstance(tile, int) else 0
     if rounded < max(multiple, 2) or not isinstance(overlap, int) or not 0 <= overlap < rounded // 2:
         as_run = f" (rounded down to the model's input multiple {multiple}: {rounded})" if rounded != tile else ""
@@ -328,6 +330,7 @@ def run_tiled(
     reached: the tile size, batch and device that produced it after any out-of-memory retries, and
     the passes it took."""
     model = check_module(model)
+    check_materialised(model)
     multiple, tile = _check_args(model, x, tile, overlap)
     _warn_training(model)
     if (norm_stats not in NORM_STATS or not isinstance(tile_batch, int) or tile_batch < 1
@@ -352,11 +355,25 @@ def run_tiled(
                 else:
                     out, passes, settled = _image_stats(run, x, attempt.tile, norm_stats, max_passes, tolerance)
             return TiledRun(out, attempt.tile, overlap_now, attempt.device, passes, settled, batch)
-        except Exception as exc:  # only out-of-memory is handled; anything else propagates
-            if not is_oom(exc):
+        except Exception as exc:  # only out-of-memory is retried; anything else is explained
+            if isinstance(exc, MlbenchError):
                 raise
+            if not is_oom(exc):
+                raise _tiles_failed(model, exc, (batch, x.shape[1], attempt.tile, attempt.tile), x.dtype) from exc
             free_memory(attempt.device)
             attempt = after_oom(model, exc, asked, attempt, batch, multiple, min_tile, overlap, fallback)
+
+
+def _tiles_failed(model: nn.Module, exc: Exception, shape: tuple[int, ...], dtype: torch.dtype) -> ModelError:
+    """The model's own error on a batch of tiles, with :func:`mlbench.explain_error`'s cause and fix."""
+    from mlbench.failures.forward_errors import explain_error
+
+    why = explain_error(exc, model=model, input_shape=shape, input_dtype=dtype)
+    hints = ("; if the model takes one input size only, tile at that size (tile=that side); "
+             "mb.trace_shapes(model, x).table shows every module's shapes" if why.failure_class == "unknown" else
+             "".join(f"; {label}: {text}" for label, text in (("cause", why.cause), ("fix", why.fix)) if text))
+    return ModelError(f"the model fails on a batch of tiles {shape} {str(dtype).replace('torch.', '')} "
+                      f"({type(exc).__name__}: {str(exc)[:300]}){hints}")
 
 
 predict_tiled.__signature__ = inspect.signature(run_tiled).replace(return_annotation=torch.Tensor)  # for help()

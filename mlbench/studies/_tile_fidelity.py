@@ -23,15 +23,19 @@ from torch import nn
 from mlbench.errors import OptionsError
 from mlbench.findings import ReportText
 from mlbench.metrics import pixel_scores
+from mlbench.models.cards import card, input_multiple
 from mlbench.probes._hooks import check_module
-from mlbench.probes.tiling import NORM_STATS, map_output, run_device, run_tiled
+from mlbench.probes.tiling import NORM_STATS, map_output, pad_to_multiple, run_device, run_tiled
 
 __all__ = ["TileFidelity", "tile_fidelity", "logits_to_mask", "mask_iou"]
 
 
-def logits_to_mask(output: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) model output -> (N, H, W) mask: logit > 0 for one channel, else the arg-max class."""
-    return output[:, 0] > 0 if output.shape[1] == 1 else output.argmax(1)
+def logits_to_mask(output: torch.Tensor, probabilities: bool = False) -> torch.Tensor:
+    """(N, C, H, W) model output -> (N, H, W) mask: logit > 0 for one channel (probability > 0.5 for a
+    model that outputs probabilities, ``ModelCard(output='probability')``), else the arg-max class."""
+    if output.shape[1] == 1:
+        return output[:, 0] > (0.5 if probabilities else 0)
+    return output.argmax(1)
 
 
 def mask_iou(whole: torch.Tensor, tiled: torch.Tensor) -> float:
@@ -135,18 +139,21 @@ def tile_fidelity(model: nn.Module, x: torch.Tensor, tiles: list[int] | None = N
         raise OptionsError(f"norm_stats must be one or more of {', '.join(map(repr, NORM_STATS))}, got {norm_stats!r}.")
     if not 0 < target <= 1:
         raise OptionsError(f"target is a mask IoU in (0, 1], got {target!r}; e.g. target=0.99.")
-    multiple = int(getattr(model, "input_multiple", 1))
+    multiple = input_multiple(model)
     if tiles is None:
         tiles = _default_tiles(min(x.shape[-2:]), overlap, multiple)
         if not tiles:
             raise OptionsError(f"the {tuple(x.shape[-2:])} image is too small to tile with overlap {overlap}: "
                                "pass tiles=[...] and a smaller overlap.")
     device = run_device(model, options.get("device"))
+    probabilities = card(model).output == "probability"
     whole_s = float("inf")
     for _ in range(2):  # the faster of two: the first call also pays one-off allocations
         start = time.perf_counter()
         with torch.no_grad():
-            whole = logits_to_mask(map_output(model, model(x.to(device))).float().cpu())
+            padded, (height, width) = pad_to_multiple(x, multiple)  # as predict_tiled pads, then crops
+            output = map_output(model, model(padded.to(device)))[..., :height, :width]
+            whole = logits_to_mask(output.float().cpu(), probabilities)
         whole_s = min(whole_s, time.perf_counter() - start)
     rows = []
     for tile in sorted(tiles):
@@ -157,7 +164,7 @@ def tile_fidelity(model: nn.Module, x: torch.Tensor, tiles: list[int] | None = N
                                         category=RuntimeWarning)
                 run = run_tiled(model, x, tile, overlap, norm_stats=mode, **options)
             seconds = time.perf_counter() - start
-            iou = mask_iou(whole, logits_to_mask(run.output))
+            iou = mask_iou(whole, logits_to_mask(run.output, probabilities))
             rows.append({"tile": run.tile, "norm_stats": mode, "iou": round(iou, 4), "passes": run.passes,
                          "settled": run.settled, "time_ratio": round(seconds / max(whole_s, 1e-9), 1)})
     return TileFidelity(pd.DataFrame(rows), target, tuple(x.shape[-2:]))
@@ -184,7 +191,6 @@ def _tiles(args) -> int:
     """Exit 0 when some measured tile is faithful in the last mode asked for, else 1."""
     import json
 
-    from mlbench.models.cards import card
     from mlbench.models.loading import load_model
     from mlbench.pipeline.run import Pipeline
 

@@ -65,8 +65,12 @@ def measure(fn: Callable[[], Any], interval: float = 0.002) -> tuple[Any, float,
 def _models(models: Iterable[Any] | Mapping[str, torch.nn.Module] | None) -> dict[str, torch.nn.Module]:
     from mlbench.models.loading import load_model
 
-    if isinstance(models, Mapping):
-        return dict(models)
+    if isinstance(models, Mapping):  # {label: module or name}
+        bad = {label: type(m).__name__ for label, m in models.items() if not isinstance(m, (str, torch.nn.Module))}
+        if bad:
+            raise OptionsError(f"models={{label: model}} takes modules or bundled names as values, got {bad}; e.g. "
+                               "{'mine': my_model, 'cbam': 'cbam_resunet'}")
+        return {str(label): load_model(m) if isinstance(m, str) else m for label, m in models.items()}
     out = {}
     for model in (list_models() if models is None else models):
         if isinstance(model, str):

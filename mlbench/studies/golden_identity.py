@@ -28,7 +28,7 @@ from mlbench.errors import OptionsError
 from mlbench.models.cards import ModelCard, attach_card, card as card_of
 from mlbench.models.loading import load_model
 
-__all__ = ["ModelSpec", "is_factory", "card_fields", "state_sha256", "model_identity", "environment", "DISTRIBUTIONS"]
+__all__ = ["ModelSpec", "is_factory", "call_factory", "card_fields", "state_sha256", "model_identity", "environment", "DISTRIBUTIONS"]
 
 DISTRIBUTIONS = ("torch", "numpy", "pillow", "opencv-python-headless", "opencv-python", "tifffile", "imagecodecs",
                  "scipy", "safetensors", "mlbench")
@@ -63,7 +63,7 @@ class ModelSpec:
         """
         user = ModelCard.from_dict(self.card) if self.card else None
         if is_factory(self.model):
-            net = _call_factory(self.model)
+            net = call_factory(self.model)
             if self.weights:
                 return load_model(Path(self.weights), model=net, card=user)
             return attach_card(net, card_of(net).merged(user))
@@ -124,7 +124,9 @@ def is_factory(text: str) -> bool:
     return target.endswith(".py") or all(part.isidentifier() for part in target.split("."))
 
 
-def _call_factory(text: str) -> torch.nn.Module:
+def call_factory(text: str) -> torch.nn.Module:
+    """The module a factory ``"package.module:callable"`` or ``"path/file.py:callable"`` returns (its weights
+    are the factory's: pass --weights or mb.load_model(path, model=...) for a checkpoint)."""
     target, _, name = text.rpartition(":")
     if target.endswith(".py"):
         path = Path(target)

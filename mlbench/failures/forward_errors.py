@@ -188,12 +188,22 @@ def _explain_broadcast(text, exc, name, multiple, minimum, shape, dtype):
             "make the image 3-channel before normalising: PIL .convert('RGB'), or a card with channels=1 for a grey model", ())
 
 
+_WEIGHT_TYPE = re.compile(r"(?:bias|weight) type \(([\w:.]+)\)")
+
+
 def _explain_dtype(text, exc, name, multiple, minimum, shape, dtype):
     match = _DTYPE.search(text)
     if not match:
         return None
     found = match.group(1) or match.group(3) or match.group(5) or (str(dtype) if dtype is not None else "another dtype")
     scale = " and divide by 255 (or the bit depth's maximum)" if "Byte" in found or "uint8" in str(dtype) else ""
+    weights = _WEIGHT_TYPE.search(text)
+    if weights and re.search(r"Half|BFloat16|Double", weights.group(1)):  # a float16/bfloat16/float64 model
+        kind = weights.group(1).rpartition(":")[2].rpartition(".")[2]
+        return ("dtype_mismatch", f"the input is {found} but the model's weights are {kind}",
+                "convolutions need the input and the weights in the same dtype",
+                "cast the input to the weights' dtype (x = x.to(next(model.parameters()).dtype)), or run the model "
+                "in float32 (model.float()); mb.segment does the first itself", ())
     return ("dtype_mismatch", f"the input is {found} but the model's weights are float32",
             "convolutions need the input and the weights in the same dtype",
             f"convert the input: x = x.float(){scale}; or model.to(x.dtype) for a deliberate choice", ())

@@ -46,6 +46,10 @@ class Explanation(ReportText):
         """A JSON-ready dict of every field."""
         return asdict(self)
 
+    def hints(self) -> str:
+        """``"; cause: ...; fix: ..."`` (the parts known), to follow another error's message."""
+        return "".join(f"; {label}: {text}" for label, text in (("cause", self.cause), ("fix", self.fix)) if text)
+
     def text(self) -> str:
         lines = [f"{self.failure_class}: {self.summary}"]
         lines += [f"  evidence: {item}" for item in self.evidence]

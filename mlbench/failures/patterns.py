@@ -188,16 +188,15 @@ def _failing_calls(lines: list[str], depth: int = 4) -> list[str]:
 
 # ---- an OpenCV assertion: the function names the stage, the condition may name a type ------
 _CV_ASSERT = re.compile(r"(?:Assertion failed|error: \(-\d+(?::[^)\n]{0,300})?\))[^\n]{0,300}?in function '?(?:cv::)?(\w{1,200})", re.I)
-_CV_FUNCTIONS = (
-    ("image_format", re.compile(r"imshow|imread|imwrite|imdecode|imencode|cvtColor|CvtHelper|resize|warpAffine|VideoCapture", re.I)),
-    ("postprocessing", re.compile(r"\w*[Cc]ontours?\w*|approxPolyDP|connectedComponents\w*|threshold|fillPoly|polylines"
-                                  r"|convexHull|convexityDefects|arcLength|moments|boundingRect|minAreaRect|fitEllipse\w*"
-                                  r"|pointPolygonTest|minEnclosingCircle", re.I)),
-)
 # Functions of point sets (a contour): their depth checks fail on an empty or malformed contour far
 # more often than on a wrong dtype, so the stage decides, not the condition.
-_CV_POINT_SETS = re.compile(r"\w*[Cc]ontours?\w*|approxPolyDP|convexHull|convexityDefects|arcLength|moments|boundingRect"
-                            r"|minAreaRect|fitEllipse\w*|pointPolygonTest|minEnclosingCircle|fillPoly|polylines", re.I)
+_POINT_SET_NAMES = (r"\w*[Cc]ontours?\w*|approxPolyDP|convexHull|convexityDefects|arcLength|moments|boundingRect"
+                    r"|minAreaRect|fitEllipse\w*|pointPolygonTest|minEnclosingCircle|fillPoly|polylines")
+_CV_POINT_SETS = re.compile(_POINT_SET_NAMES, re.I)
+_CV_FUNCTIONS = (
+    ("image_format", re.compile(r"imshow|imread|imwrite|imdecode|imencode|cvtColor|CvtHelper|resize|warpAffine|VideoCapture", re.I)),
+    ("postprocessing", re.compile(_POINT_SET_NAMES + r"|connectedComponents\w*|threshold", re.I)),
+)
 _CV_TYPE_CHECK = re.compile(r"depth\(\)|CV_\d+[USF]|type\(\) ==|data type", re.I)
 
 

@@ -157,9 +157,9 @@ def tiff_damage(tif, name: str, decoded: Collection[int] | None = None) -> list[
     for index in range(min(16, len(tif.pages))):
         page = tif.pages[index].aspage()  # a TiffFrame holds only offsets and counts
         needed, present = int(np.prod(page.chunked)), len(page.dataoffsets)
-        counts = [int(c) for c in page.databytecounts]
+        counts, offsets = [int(c) for c in page.databytecounts], [int(o) for o in page.dataoffsets]
         raw = _tiff_raw_bytes(page) if int(page.compression) == 1 else None
-        ends = [int(o) + c for o, c in zip(page.dataoffsets, counts)]
+        ends = [o + c for o, c in zip(offsets, counts)]
         if ends and max(ends) > size and decoded is not None and page.index not in decoded:
             cut.append(page.index)
             continue
@@ -170,7 +170,7 @@ def tiff_damage(tif, name: str, decoded: Collection[int] | None = None) -> list[
                              "last rows would be invented; copy or export the file again")
         if needed != present:
             found = f"needs {needed:,} strips or tiles, but the file lists {present:,}"
-        elif 0 in counts and int(page.dataoffsets[counts.index(0)]) == 0:
+        elif 0 in counts and offsets[counts.index(0)] == 0:
             block = counts.index(0)
             raise ImageError(f"{name}: TIFF page {page.index} is sparse: strip or tile {block} is absent (offset 0, 0 "
                              "bytes), as GDAL writes empty blocks with SPARSE_OK=TRUE, to be read as zeros. This reader "
@@ -178,8 +178,8 @@ def tiff_damage(tif, name: str, decoded: Collection[int] | None = None) -> list[
                              "out.tif) or read it with GDAL")
         elif 0 in counts:
             found = f"lists an empty strip or tile (number {counts.index(0)})"
-        elif 0 in [int(o) for o in page.dataoffsets]:
-            found = f"puts strip or tile {[int(o) for o in page.dataoffsets].index(0)} at byte 0, inside the file's header"
+        elif 0 in offsets:
+            found = f"puts strip or tile {offsets.index(0)} at byte 0, inside the file's header"
         elif raw is not None and not raw <= sum(counts) <= max(raw, _full_strips_bytes(page)) + len(counts):
             found = f"needs {raw:,} bytes of uncompressed pixel data, but its strips or tiles hold {sum(counts):,}"
         else:

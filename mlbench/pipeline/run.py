@@ -219,7 +219,7 @@ class Run:
             why = explain_error(exc, model=self.pipeline.model, input_shape=tuple(x.shape), input_dtype=x.dtype)
         except Exception:  # the explanation is a help; the error it explains is raised either way
             return ""
-        return "".join(f"; {label}: {text}" for label, text in (("cause", why.cause), ("fix", why.fix)) if text)
+        return why.hints()
 
     def with_options(self, **changes: Any) -> "Run":
         """A new Run with changed options that reuses every stage those options cannot affect.

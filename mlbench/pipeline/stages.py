@@ -188,8 +188,7 @@ def forward(ctx: StageContext) -> torch.Tensor:
     model = ctx.model
     device = torch.device(ctx.options.device)
     x = ctx.outputs["preprocess"].to(device)
-    check_materialised(model)
-    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    weight = check_materialised(model)
     if weight is not None and weight.dtype != x.dtype:
         x = x.to(weight.dtype)  # a float16 or bfloat16 checkpoint: the input follows the weights
         ctx.notes.append(f"input cast to {str(weight.dtype).replace('torch.', '')}, the dtype of the model's weights")

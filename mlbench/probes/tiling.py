@@ -371,7 +371,7 @@ def _tiles_failed(model: nn.Module, exc: Exception, shape: tuple[int, ...], dtyp
     why = explain_error(exc, model=model, input_shape=shape, input_dtype=dtype)
     hints = ("; if the model takes one input size only, tile at that size (tile=that side); "
              "mb.trace_shapes(model, x).table shows every module's shapes" if why.failure_class == "unknown" else
-             "".join(f"; {label}: {text}" for label, text in (("cause", why.cause), ("fix", why.fix)) if text))
+             why.hints())
     return ModelError(f"the model fails on a batch of tiles {shape} {str(dtype).replace('torch.', '')} "
                       f"({type(exc).__name__}: {str(exc)[:300]}){hints}")
 
